@@ -1,0 +1,29 @@
+//! Paddock's storage: content-addressed blob stores and action caches.
+//!
+//! Every blob store implements one trait, [`BlobStore`], and is either a backend
+//! ([`MemoryStore`], [`DiskStore`]) or a layer that wraps another store and adds one
+//! behaviour ([`SizeBounded`] for LRU eviction, [`Verifying`] for hash checks,
+//! [`WithEmptyBlob`] for the blob every REAPI server must hold). [`open_cas`] stacks
+//! them as the configuration asks. Action caches follow the same pattern behind
+//! [`ActionCache`], with [`CompletenessChecking`] refusing results whose blobs are gone.
+
+mod action_cache;
+mod blob;
+mod disk;
+mod empty;
+mod memory;
+mod size_bounded;
+mod stack;
+mod verify;
+
+pub use action_cache::{
+    referenced_blobs, ActionCache, ActionKey, CompletenessChecking, DiskActionCache,
+    MemoryActionCache,
+};
+pub use blob::{read_all, BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
+pub use disk::DiskStore;
+pub use empty::WithEmptyBlob;
+pub use memory::MemoryStore;
+pub use size_bounded::SizeBounded;
+pub use stack::{open_action_cache, open_cas};
+pub use verify::Verifying;

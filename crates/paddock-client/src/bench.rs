@@ -1,0 +1,263 @@
+//! Benchmarks that drive a REAPI server through its public API, so the same figures
+//! can be taken from Paddock and from any other server.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use paddock_reapi::proto::re::{
+    ActionResult, ExecutedActionMetadata, FindMissingBlobsRequest, GetActionResultRequest,
+    OutputFile, UpdateActionResultRequest,
+};
+use paddock_reapi::Digest;
+use rand::RngCore;
+
+use crate::{ClientError, Remote};
+
+/// What the CAS benchmark measures, and how much of it.
+#[derive(Debug, Clone)]
+pub struct CasBenchOptions {
+    /// Size of the blob streamed through ByteStream.
+    pub large_blob: usize,
+    /// How many times the large blob is written and read (a fresh blob each time).
+    pub rounds: usize,
+    /// How many small blobs BatchUpdateBlobs uploads.
+    pub small_blobs: usize,
+    /// Size of each small blob.
+    pub small_blob_size: usize,
+    /// How many FindMissingBlobs calls (each with every small digest) are timed.
+    pub find_missing_calls: usize,
+    /// How many GetActionResult calls are timed.
+    pub action_result_calls: usize,
+}
+
+impl Default for CasBenchOptions {
+    fn default() -> Self {
+        CasBenchOptions {
+            large_blob: 100 << 20,
+            rounds: 3,
+            small_blobs: 10_000,
+            small_blob_size: 256,
+            find_missing_calls: 50,
+            action_result_calls: 2_000,
+        }
+    }
+}
+
+/// The figures the CAS benchmark took.
+#[derive(Debug, Clone)]
+pub struct CasBenchReport {
+    pub target: String,
+    pub options: CasBenchOptions,
+    pub write_mib_s: Vec<f64>,
+    pub read_mib_s: Vec<f64>,
+    pub batch_update_blobs_s: f64,
+    pub find_missing: Latencies,
+    pub get_action_result: Latencies,
+}
+
+/// Latency percentiles of many timed calls.
+#[derive(Debug, Clone, Default)]
+pub struct Latencies {
+    pub count: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl Latencies {
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        let at = |q: f64| {
+            samples
+                .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or_default()
+        };
+        Latencies {
+            count: samples.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn random_bytes(len: usize) -> Bytes {
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    Bytes::from(data)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs the CAS benchmark against `remote`.
+pub async fn cas(remote: &Remote, options: CasBenchOptions) -> Result<CasBenchReport, ClientError> {
+    let mut write_mib_s = Vec::new();
+    let mut read_mib_s = Vec::new();
+    let mib = options.large_blob as f64 / (1 << 20) as f64;
+    for _ in 0..options.rounds {
+        let data = random_bytes(options.large_blob);
+        let digest = Digest::of(&data);
+        let started = Instant::now();
+        remote.write_blob(&digest, data).await?;
+        write_mib_s.push(mib / started.elapsed().as_secs_f64());
+
+        let started = Instant::now();
+        let mut stream = std::pin::pin!(remote.read_stream(&digest, 0).await?);
+        let mut received = 0usize;
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            received += chunk?.len();
+        }
+        read_mib_s.push(mib / started.elapsed().as_secs_f64());
+        if received != options.large_blob {
+            return Err(ClientError::Protocol(format!(
+                "read {received} of {} bytes",
+                options.large_blob
+            )));
+        }
+    }
+
+    let small: Vec<(Digest, Bytes)> = (0..options.small_blobs)
+        .map(|_| {
+            let data = random_bytes(options.small_blob_size);
+            (Digest::of(&data), data)
+        })
+        .collect();
+    let digests: Vec<Digest> = small.iter().map(|(d, _)| *d).collect();
+    let started = Instant::now();
+    remote.upload(small).await?;
+    let batch_update_blobs_s = options.small_blobs as f64 / started.elapsed().as_secs_f64();
+
+    // The request is built once: the figure is the server's and the wire's, not the
+    // cost of this client formatting ten thousand digests.
+    let request = FindMissingBlobsRequest {
+        instance_name: remote.instance().to_owned(),
+        blob_digests: digests.iter().map(Digest::to_proto).collect(),
+        digest_function: 0,
+    };
+    let requests = vec![request; options.find_missing_calls];
+    let mut cas = remote.cas();
+    let mut samples = Vec::new();
+    for request in requests {
+        let started = Instant::now();
+        let missing = cas.find_missing_blobs(request).await?.into_inner();
+        samples.push(started.elapsed());
+        if !missing.missing_blob_digests.is_empty() {
+            return Err(ClientError::Protocol(format!(
+                "{} freshly uploaded blobs are reported missing",
+                missing.missing_blob_digests.len()
+            )));
+        }
+    }
+    let find_missing = Latencies::of(samples);
+
+    let action = Digest::of(random_bytes(64).as_ref());
+    let result = ActionResult {
+        output_files: digests
+            .iter()
+            .take(10)
+            .enumerate()
+            .map(|(i, d)| OutputFile {
+                path: format!("out/file{i}"),
+                digest: Some(d.to_proto()),
+                ..Default::default()
+            })
+            .collect(),
+        execution_metadata: Some(ExecutedActionMetadata {
+            worker: "bench".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    remote
+        .action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            instance_name: remote.instance().to_owned(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        })
+        .await?;
+    let mut client = remote.action_cache();
+    let mut samples = Vec::new();
+    for _ in 0..options.action_result_calls {
+        let started = Instant::now();
+        client
+            .get_action_result(GetActionResultRequest {
+                instance_name: remote.instance().to_owned(),
+                action_digest: Some(action.to_proto()),
+                ..Default::default()
+            })
+            .await?;
+        samples.push(started.elapsed());
+    }
+
+    Ok(CasBenchReport {
+        target: String::new(),
+        options,
+        write_mib_s,
+        read_mib_s,
+        batch_update_blobs_s,
+        find_missing,
+        get_action_result: Latencies::of(samples),
+    })
+}
+
+impl fmt::Display for CasBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.options;
+        writeln!(f, "CAS benchmark against {}", self.target)?;
+        writeln!(
+            f,
+            "  ByteStream write, {} MiB blob:  median {:.0} MiB/s  (rounds: {})",
+            o.large_blob >> 20,
+            median(&self.write_mib_s),
+            self.write_mib_s
+                .iter()
+                .map(|v| format!("{v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(
+            f,
+            "  ByteStream read,  {} MiB blob:  median {:.0} MiB/s  (rounds: {})",
+            o.large_blob >> 20,
+            median(&self.read_mib_s),
+            self.read_mib_s
+                .iter()
+                .map(|v| format!("{v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+        writeln!(
+            f,
+            "  BatchUpdateBlobs, {} blobs of {} B:  {:.0} blobs/s",
+            o.small_blobs, o.small_blob_size, self.batch_update_blobs_s
+        )?;
+        writeln!(
+            f,
+            "  FindMissingBlobs, {} digests:  p50 {}  p99 {}  ({} calls)",
+            o.small_blobs,
+            ms(self.find_missing.p50),
+            ms(self.find_missing.p99),
+            self.find_missing.count
+        )?;
+        write!(
+            f,
+            "  GetActionResult:  p50 {}  p99 {}  max {}  ({} calls)",
+            ms(self.get_action_result.p50),
+            ms(self.get_action_result.p99),
+            ms(self.get_action_result.max),
+            self.get_action_result.count
+        )
+    }
+}

@@ -1,0 +1,8 @@
+//! A REAPI client, for Paddock's command line, its workers, its tests and its
+//! benchmarks. It speaks only the public protocol, so everything here works against
+//! any REAPI server, not just Paddock.
+
+pub mod bench;
+mod remote;
+
+pub use remote::{hash_file, ClientError, Remote};

@@ -1,0 +1,138 @@
+//! ActionCache: cached ActionResults, per instance name.
+
+use paddock_cas::{read_all, ActionKey};
+use paddock_reapi::digest::check_digest_function;
+use paddock_reapi::proto::re::{
+    action_cache_server::ActionCache, ActionResult, GetActionResultRequest,
+    UpdateActionResultRequest,
+};
+use paddock_reapi::{validate, Digest};
+use tonic::{Request, Response, Status};
+
+use crate::{invalid, Storage};
+
+/// The most bytes inlined into one GetActionResult answer; REAPI lets servers inline
+/// less than asked, and must when a message would grow too large.
+const INLINE_BUDGET: u64 = 1 << 20;
+
+pub struct ActionCacheService {
+    storage: Storage,
+}
+
+impl ActionCacheService {
+    pub fn new(storage: Storage) -> Self {
+        ActionCacheService { storage }
+    }
+}
+
+/// Fills in the contents a client asked to have inlined, within [`INLINE_BUDGET`].
+pub(crate) async fn inline_outputs(
+    storage: &Storage,
+    result: &mut ActionResult,
+    stdout: bool,
+    stderr: bool,
+    files: &[String],
+) {
+    let mut budget = INLINE_BUDGET;
+    let mut fetch = |digest: Option<Digest>| {
+        let fits = digest.is_some_and(|d| d.size() <= budget);
+        if let (true, Some(d)) = (fits, digest) {
+            budget -= d.size();
+        }
+        digest.filter(|_| fits)
+    };
+    let stdout_digest = stdout
+        .then(|| {
+            result
+                .stdout_digest
+                .as_ref()
+                .and_then(|d| Digest::from_proto(Some(d)).ok())
+        })
+        .flatten();
+    let stderr_digest = stderr
+        .then(|| {
+            result
+                .stderr_digest
+                .as_ref()
+                .and_then(|d| Digest::from_proto(Some(d)).ok())
+        })
+        .flatten();
+    if let Some(d) = fetch(stdout_digest) {
+        if let Ok(Some(data)) = read_all(storage.cas.as_ref(), &d).await {
+            result.stdout_raw = data.to_vec();
+        }
+    }
+    if let Some(d) = fetch(stderr_digest) {
+        if let Ok(Some(data)) = read_all(storage.cas.as_ref(), &d).await {
+            result.stderr_raw = data.to_vec();
+        }
+    }
+    for file in result.output_files.iter_mut() {
+        if !files.contains(&file.path) {
+            continue;
+        }
+        let digest = file
+            .digest
+            .as_ref()
+            .and_then(|d| Digest::from_proto(Some(d)).ok());
+        if let Some(d) = fetch(digest) {
+            if let Ok(Some(data)) = read_all(storage.cas.as_ref(), &d).await {
+                file.contents = data.to_vec();
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let request = request.into_inner();
+        check_digest_function(request.digest_function).map_err(invalid)?;
+        let action = Digest::from_proto(request.action_digest.as_ref())
+            .map_err(|e| invalid(format!("action_digest: {e}")))?;
+        let key = ActionKey {
+            instance: request.instance_name,
+            action,
+        };
+        let Some(mut result) = self.storage.action_cache.get(&key).await? else {
+            metrics::counter!("paddock_action_cache_requests_total", "outcome" => "miss")
+                .increment(1);
+            return Err(Status::not_found(format!(
+                "no cached result for action {action}"
+            )));
+        };
+        metrics::counter!("paddock_action_cache_requests_total", "outcome" => "hit").increment(1);
+        inline_outputs(
+            &self.storage,
+            &mut result,
+            request.inline_stdout,
+            request.inline_stderr,
+            &request.inline_output_files,
+        )
+        .await;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let request = request.into_inner();
+        check_digest_function(request.digest_function).map_err(invalid)?;
+        let action = Digest::from_proto(request.action_digest.as_ref())
+            .map_err(|e| invalid(format!("action_digest: {e}")))?;
+        let result = request
+            .action_result
+            .ok_or_else(|| invalid("action_result is missing"))?;
+        validate::action_result(&result).map_err(invalid)?;
+        let key = ActionKey {
+            instance: request.instance_name,
+            action,
+        };
+        self.storage.action_cache.put(&key, &result).await?;
+        Ok(Response::new(result))
+    }
+}

@@ -1,0 +1,4 @@
+#pragma once
+
+extern const int squares[];
+extern const int squares_count;

@@ -1,0 +1,3 @@
+#pragma once
+
+long add(long a, long b);

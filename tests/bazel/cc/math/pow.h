@@ -1,0 +1,3 @@
+#pragma once
+
+long power(long base, int exponent);

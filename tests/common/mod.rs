@@ -1,0 +1,169 @@
+//! The test harness: real `paddock` processes on loopback, and clients for them.
+#![allow(dead_code)] // each test binary uses its own share of the harness
+
+pub mod bazel;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use paddock_client::Remote;
+
+/// The `paddock` binary that cargo built for these tests.
+pub fn paddock_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_paddock"))
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A `paddock up` process with its own data directory, stopped when dropped.
+pub struct Farm {
+    child: Option<Child>,
+    pub url: String,
+    pub metrics_url: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Farm {
+    /// Starts `paddock up` on free ports with a fresh data directory and `args`.
+    pub fn start(args: &[&str]) -> Farm {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let mut farm = Farm {
+            child: None,
+            url: String::new(),
+            metrics_url: String::new(),
+            data_dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        farm.spawn();
+        farm
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.with_file_name("paddock.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut child = Command::new(paddock_bin())
+            .arg("up")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting paddock");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut url, mut metrics) = (None, None);
+        while url.is_none() || metrics.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                panic!(
+                    "paddock exited before it was ready; log:\n{}",
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            };
+            if let Some(u) = line.strip_prefix("paddock: serving REAPI on ") {
+                url = Some(u.trim().to_owned());
+            }
+            if let Some(m) = line.strip_prefix("paddock: metrics on ") {
+                metrics = Some(m.trim().to_owned());
+            }
+        }
+        // Keep draining stdout so the process never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.url = url.unwrap();
+        self.metrics_url = metrics.unwrap();
+        self.child = Some(child);
+    }
+
+    pub async fn remote(&self, instance: &str) -> Remote {
+        Remote::connect(&self.url, instance).await.unwrap()
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("paddock did not stop within 20 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the process again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts the process again after a crash.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the farm first");
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Fetches a URL over plain HTTP/1.1 (for the metrics endpoint).
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
