@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{http_get, Farm};
+use common::{config_file, http_get, Farm};
 use futures::StreamExt;
 use paddock_reapi::proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
 use paddock_reapi::proto::re::capabilities_client::CapabilitiesClient;
@@ -905,7 +905,7 @@ async fn blobs_and_results_survive_a_restart_but_corrupt_blobs_are_not_served() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_mid_upload_never_leaves_a_partial_blob() {
-    let mut farm = Farm::start(&["--config", &write_config("[storage]\nfsync = true\n")]);
+    let mut farm = Farm::start(&["--config", &config_file("[storage]\nfsync = true\n")]);
     let remote = farm.remote("").await;
     let blobs: Vec<(Digest, Bytes)> = (0..24).map(|i| blob((i % 6 + 1) << 20)).collect();
     let mut uploads = Vec::new();
@@ -939,18 +939,9 @@ async fn a_crash_mid_upload_never_leaves_a_partial_blob() {
     assert_eq!(leftovers, 0, "unfinished uploads are cleared at start-up");
 }
 
-fn write_config(text: &str) -> String {
-    let path = std::env::temp_dir().join(format!("paddock-test-{}.toml", uuid::Uuid::new_v4()));
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn eviction_keeps_the_store_under_its_bound() {
-    let farm = Farm::start(&[
-        "--config",
-        &write_config("[storage]\nmax_size = \"2MiB\"\n"),
-    ]);
+    let farm = Farm::start(&["--config", &config_file("[storage]\nmax_size = \"2MiB\"\n")]);
     let remote = farm.remote("").await;
     let blobs: Vec<(Digest, Bytes)> = (0..10).map(|_| blob(512 << 10)).collect();
     for (digest, data) in &blobs {

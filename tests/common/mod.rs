@@ -23,19 +23,37 @@ pub fn repo_root() -> PathBuf {
         .unwrap()
 }
 
-/// A `paddock up` process with its own data directory, stopped when dropped.
+/// A `paddock up` (or `paddock server`) process with its own data directory, stopped
+/// when dropped.
 pub struct Farm {
     child: Option<Child>,
     pub url: String,
     pub metrics_url: String,
     pub data_dir: PathBuf,
+    command: &'static str,
+    listen: String,
     args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
 }
 
 impl Farm {
     /// Starts `paddock up` on free ports with a fresh data directory and `args`.
     pub fn start(args: &[&str]) -> Farm {
+        Farm::launch("up", "127.0.0.1:0", args)
+    }
+
+    /// Starts `paddock server` (no workers of its own) on `listen`.
+    pub fn server(listen: &str, args: &[&str]) -> Farm {
+        Farm::launch("server", listen, args)
+    }
+
+    fn launch(command: &'static str, listen: &str, args: &[&str]) -> Farm {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut farm = Farm {
@@ -43,6 +61,8 @@ impl Farm {
             url: String::new(),
             metrics_url: String::new(),
             data_dir,
+            command,
+            listen: listen.to_owned(),
             args: args.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         };
@@ -61,8 +81,8 @@ impl Farm {
             .open(self.log_path())
             .unwrap();
         let mut child = Command::new(paddock_bin())
-            .arg("up")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg(self.command)
+            .args(["--listen", &self.listen, "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
@@ -150,6 +170,76 @@ impl Drop for Farm {
             let _ = child.wait();
         }
     }
+}
+
+/// A `paddock worker` process, killed when dropped.
+pub struct Worker {
+    child: Option<Child>,
+    pub name: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Worker {
+    /// Starts a worker named `name` for the scheduler at `url`, with `args`.
+    pub fn start(url: &str, name: &str, args: &[&str]) -> Worker {
+        let tmp = tempfile::tempdir().unwrap();
+        let child = Command::new(paddock_bin())
+            .args(["worker", "--scheduler", url, "--name", name])
+            .arg("--work-dir")
+            .arg(tmp.path().join("work"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("worker.log")).unwrap())
+            .spawn()
+            .expect("starting a paddock worker");
+        Worker {
+            child: Some(child),
+            name: name.to_owned(),
+            _tmp: tmp,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Freezes the process (SIGSTOP): it stays connected but sends nothing.
+    pub fn freeze(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
+    }
+
+    pub fn thaw(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._tmp.path().join("worker.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes a configuration file for a test and returns its path.
+pub fn config_file(text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("paddock-test-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
 }
 
 /// Fetches a URL over plain HTTP/1.1 (for the metrics endpoint).

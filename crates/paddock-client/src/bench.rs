@@ -261,3 +261,208 @@ impl fmt::Display for CasBenchReport {
         )
     }
 }
+
+/// What the execution benchmark measures, and how much of it.
+#[derive(Debug, Clone)]
+pub struct ExecBenchOptions {
+    /// The no-op command each action runs.
+    pub command: Vec<String>,
+    /// Sequential cache-miss actions timed one by one.
+    pub misses: usize,
+    /// Sequential cache hits timed one by one.
+    pub hits: usize,
+    /// Actions run by concurrent clients for the throughput figure.
+    pub parallel_actions: usize,
+    pub parallel_clients: usize,
+    /// Actions submitted at once to measure the scheduler with a deep queue.
+    pub burst: usize,
+}
+
+impl Default for ExecBenchOptions {
+    fn default() -> Self {
+        ExecBenchOptions {
+            command: vec!["/bin/true".into()],
+            misses: 200,
+            hits: 500,
+            parallel_actions: 400,
+            parallel_clients: 8,
+            burst: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecBenchReport {
+    pub target: String,
+    pub options: ExecBenchOptions,
+    pub miss: Latencies,
+    pub hit: Latencies,
+    pub parallel_per_second: f64,
+    pub burst_per_second: f64,
+}
+
+/// A unique no-op action: the nonce in its environment makes its digest new.
+fn noop(options: &ExecBenchOptions, run: &str, nonce: usize) -> crate::exec::ExecSpec {
+    crate::exec::ExecSpec {
+        arguments: options.command.clone(),
+        environment: vec![
+            ("PADDOCK_BENCH".into(), format!("{run}-{nonce}")),
+            ("PATH".into(), "/usr/bin:/bin".into()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// Uploads and runs one action, failing unless it succeeded.
+async fn run_once(remote: &Remote, spec: &crate::exec::ExecSpec) -> Result<bool, ClientError> {
+    let response = crate::exec::execute(remote, spec).await?;
+    let status = response.status.unwrap_or_default();
+    if status.code != 0 || response.result.as_ref().is_none_or(|r| r.exit_code != 0) {
+        return Err(ClientError::Protocol(format!(
+            "a benchmark action failed: {} {}",
+            status.code, status.message
+        )));
+    }
+    Ok(response.cached_result)
+}
+
+/// Runs the execution benchmark against `remote`, which must have workers.
+pub async fn exec(
+    remote: &Remote,
+    options: ExecBenchOptions,
+) -> Result<ExecBenchReport, ClientError> {
+    let run = uuid::Uuid::new_v4().to_string();
+    // Warm up connections and the worker's cache of the empty input root.
+    run_once(remote, &noop(&options, &run, usize::MAX)).await?;
+
+    let mut samples = Vec::new();
+    for i in 0..options.misses {
+        let spec = noop(&options, &run, i);
+        let started = Instant::now();
+        let cached = run_once(remote, &spec).await?;
+        samples.push(started.elapsed());
+        if cached {
+            return Err(ClientError::Protocol(
+                "a fresh action was a cache hit".into(),
+            ));
+        }
+    }
+    let miss = Latencies::of(samples);
+
+    // Hits: the same action again, already uploaded; time the Execute call alone.
+    let spec = noop(&options, &run, 0);
+    let prepared = crate::exec::prepare(&spec).await?;
+    let mut samples = Vec::new();
+    for _ in 0..options.hits {
+        let started = Instant::now();
+        let response = crate::exec::execute_digest(remote, &prepared.digest, &spec).await?;
+        samples.push(started.elapsed());
+        if !response.cached_result {
+            return Err(ClientError::Protocol(
+                "a repeated action was not a cache hit".into(),
+            ));
+        }
+    }
+    let hit = Latencies::of(samples);
+
+    let parallel_per_second = concurrent(
+        remote,
+        &options,
+        &run,
+        1_000_000,
+        options.parallel_actions,
+        options.parallel_clients,
+    )
+    .await?;
+    let burst_per_second = concurrent(
+        remote,
+        &options,
+        &run,
+        2_000_000,
+        options.burst,
+        options.burst,
+    )
+    .await?;
+
+    Ok(ExecBenchReport {
+        target: String::new(),
+        options,
+        miss,
+        hit,
+        parallel_per_second,
+        burst_per_second,
+    })
+}
+
+/// Runs `count` fresh actions from `clients` concurrent clients; returns actions/s.
+async fn concurrent(
+    remote: &Remote,
+    options: &ExecBenchOptions,
+    run: &str,
+    base: usize,
+    count: usize,
+    clients: usize,
+) -> Result<f64, ClientError> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients.max(1))
+        .map(|_| {
+            let (remote, options, run, next) = (
+                remote.clone(),
+                options.clone(),
+                run.to_owned(),
+                next.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<(), ClientError>(());
+                    }
+                    run_once(&remote, &noop(&options, &run, base + i)).await?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .map_err(|e| ClientError::Protocol(e.to_string()))??;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+impl fmt::Display for ExecBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.options;
+        writeln!(
+            f,
+            "Execution benchmark against {} (command: {})",
+            self.target,
+            o.command.join(" ")
+        )?;
+        writeln!(
+            f,
+            "  cache miss, end to end (upload + Execute):  p50 {}  p99 {}  ({} actions, one at a time)",
+            ms(self.miss.p50),
+            ms(self.miss.p99),
+            self.miss.count
+        )?;
+        writeln!(
+            f,
+            "  cache hit (Execute):  p50 {}  p99 {}  ({} calls)",
+            ms(self.hit.p50),
+            ms(self.hit.p99),
+            self.hit.count
+        )?;
+        writeln!(
+            f,
+            "  throughput, {} clients:  {:.0} actions/s  ({} actions)",
+            o.parallel_clients, self.parallel_per_second, o.parallel_actions
+        )?;
+        write!(
+            f,
+            "  burst of {} actions queued at once:  {:.0} actions/s",
+            o.burst, self.burst_per_second
+        )
+    }
+}

@@ -3,6 +3,8 @@
 //! any REAPI server, not just Paddock.
 
 pub mod bench;
+pub mod exec;
 mod remote;
+pub mod tree;
 
-pub use remote::{hash_file, ClientError, Remote};
+pub use remote::{hash_file, ClientError, Remote, Source};

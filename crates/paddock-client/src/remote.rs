@@ -54,6 +54,13 @@ impl ClientError {
     }
 }
 
+/// Where the bytes of a blob to upload come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Memory(Bytes),
+    File(std::path::PathBuf),
+}
+
 /// A REAPI server and an instance name on it.
 #[derive(Clone)]
 pub struct Remote {
@@ -112,12 +119,20 @@ impl Remote {
         &self.instance
     }
 
+    /// The same server and connection, under another instance name.
+    pub fn with_instance(&self, instance: &str) -> Remote {
+        Remote {
+            instance: instance.to_owned(),
+            ..self.clone()
+        }
+    }
+
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
 
-    /// The largest blob worth sending in a batch rather than a stream.
-    fn batch_budget(&self) -> u64 {
+    /// The largest blob (and batch) worth sending in one batch call rather than a stream.
+    pub fn batch_budget(&self) -> u64 {
         self.max_batch.saturating_sub(BATCH_OVERHEAD).max(1)
     }
 
@@ -169,13 +184,30 @@ impl Remote {
     }
 
     /// Uploads whichever of `blobs` the server lacks: small ones in batches, large ones
-    /// through ByteStream.
-    pub async fn upload_missing(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), ClientError> {
-        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
-        let missing: std::collections::HashSet<Digest> =
-            self.find_missing(&digests).await?.into_iter().collect();
-        let wanted = blobs.into_iter().filter(|(d, _)| missing.contains(d));
-        self.upload(wanted.collect()).await
+    /// streamed through ByteStream (from their files, without holding them in memory).
+    pub async fn upload_missing(&self, blobs: Vec<(Digest, Source)>) -> Result<(), ClientError> {
+        let mut unique: std::collections::HashMap<Digest, Source> = blobs.into_iter().collect();
+        let digests: Vec<Digest> = unique.keys().copied().collect();
+        let missing = self.find_missing(&digests).await?;
+        let budget = self.batch_budget();
+        let mut small = Vec::new();
+        for digest in missing {
+            let source = unique
+                .remove(&digest)
+                .expect("missing digests were asked about");
+            match source {
+                Source::Memory(data) if digest.size() <= budget => small.push((digest, data)),
+                Source::File(path) if digest.size() <= budget => {
+                    small.push((digest, Bytes::from(tokio::fs::read(&path).await?)))
+                }
+                Source::Memory(data) => self.write_blob(&digest, data).await?,
+                Source::File(path) => {
+                    let file = tokio::fs::File::open(&path).await?;
+                    self.write_stream(&digest, file_chunks(file)).await?
+                }
+            }
+        }
+        self.upload(small).await
     }
 
     /// Uploads `blobs` without asking what the server has.
@@ -362,6 +394,87 @@ impl Remote {
             )));
         }
         Ok(data)
+    }
+
+    /// Reads small blobs in as few BatchReadBlobs calls as the batch limit allows,
+    /// checking each digest. Each blob gets its own outcome.
+    pub async fn read_blobs(
+        &self,
+        digests: &[Digest],
+    ) -> Vec<(Digest, Result<Bytes, ClientError>)> {
+        let budget = self.batch_budget();
+        let mut batches: Vec<Vec<Digest>> = Vec::new();
+        let mut size = 0u64;
+        for digest in digests {
+            if batches.is_empty() || size + digest.size() > budget {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += digest.size();
+            batches
+                .last_mut()
+                .expect("a batch was just pushed")
+                .push(*digest);
+        }
+        let calls = batches.into_iter().map(|batch| async move {
+            let response = self
+                .cas()
+                .batch_read_blobs(BatchReadBlobsRequest {
+                    instance_name: self.instance.clone(),
+                    digests: batch.iter().map(Digest::to_proto).collect(),
+                    ..Default::default()
+                })
+                .await;
+            match response {
+                Err(status) => batch
+                    .into_iter()
+                    .map(|d| (d, Err(ClientError::Rpc(status.clone()))))
+                    .collect::<Vec<_>>(),
+                Ok(response) => {
+                    // Match answers by digest: REAPI does not promise to keep the order.
+                    let mut answers: std::collections::HashMap<Digest, _> = response
+                        .into_inner()
+                        .responses
+                        .into_iter()
+                        .filter_map(|r| Some((Digest::from_proto(r.digest.as_ref()).ok()?, r)))
+                        .collect();
+                    batch
+                        .into_iter()
+                        .map(|digest| {
+                            let outcome = match answers.remove(&digest) {
+                                None => {
+                                    Err(ClientError::Protocol(format!("no answer for {digest}")))
+                                }
+                                Some(blob) => {
+                                    let status = blob.status.unwrap_or_default();
+                                    if status.code == Code::NotFound as i32 {
+                                        Err(ClientError::NotFound(digest))
+                                    } else if status.code != Code::Ok as i32 {
+                                        Err(tonic::Status::new(
+                                            Code::from_i32(status.code),
+                                            status.message,
+                                        )
+                                        .into())
+                                    } else if Digest::of(&blob.data) != digest {
+                                        Err(ClientError::Protocol(format!(
+                                            "server sent wrong data for {digest}"
+                                        )))
+                                    } else {
+                                        Ok(Bytes::from(blob.data))
+                                    }
+                                }
+                            };
+                            (digest, outcome)
+                        })
+                        .collect()
+                }
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Streams a blob from `offset` through ByteStream, unchecked.

@@ -3,13 +3,16 @@
 //! out. Unknown keys are errors. Every part of Paddock takes its settings from the
 //! structs here, so the file, the flags and the code cannot drift apart.
 
+mod duration;
 mod size;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use duration::Span;
 pub use size::ByteSize;
 
 /// The whole configuration file.
@@ -18,6 +21,8 @@ pub use size::ByteSize;
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub scheduler: SchedulerConfig,
+    pub worker: WorkerConfig,
 }
 
 /// Where the server listens and keeps its state.
@@ -28,8 +33,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The HTTP address of the Prometheus `/metrics` endpoint.
     pub metrics_listen: SocketAddr,
-    /// Where storage lives; defaults to `$XDG_DATA_HOME/paddock`.
+    /// Where storage (and local workers' files) live; defaults to `$XDG_DATA_HOME/paddock`.
     pub data_dir: Option<PathBuf>,
+    /// How many workers `paddock up` starts in its own process.
+    pub local_workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +45,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8980".parse().expect("valid address"),
             metrics_listen: "127.0.0.1:8981".parse().expect("valid address"),
             data_dir: None,
+            local_workers: 1,
         }
     }
 }
@@ -91,6 +99,119 @@ impl Default for StorageConfig {
             verify_reads: ReadVerification::Once,
             action_cache_max_entries: 1_000_000,
             max_batch_size: ByteSize::mib(4),
+        }
+    }
+}
+
+/// How an action's platform property is matched against a worker's.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchPolicy {
+    /// The worker offers the same value (it may offer several for one key).
+    Exact,
+    /// The worker offers a number at least as large (sizes may carry units: `8GiB`).
+    Minimum,
+    /// The key does not constrain where the action runs.
+    Ignore,
+}
+
+/// Queueing, matching, retries and the life of operations.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// The timeout of actions that set none.
+    pub default_timeout: Span,
+    /// The longest timeout an action may ask for; longer ones are refused.
+    pub max_timeout: Span,
+    /// How many workers may lose an action (crash, disconnect) before it fails.
+    pub max_attempts: u32,
+    /// How often workers send heartbeats.
+    pub heartbeat_interval: Span,
+    /// A worker silent this long is lost, and its actions run elsewhere.
+    pub heartbeat_timeout: Span,
+    /// How long an action that no connected worker could ever run waits for one to join.
+    pub unsatisfiable_grace: Span,
+    /// How long an execution with no client waiting survives, for WaitExecution.
+    pub orphan_grace: Span,
+    /// How long a finished operation can still be fetched by name.
+    pub operation_retention: Span,
+    /// Matching policy per platform property name, over the built-in ones
+    /// (`cores`, `memory`: minimum; `pids`: ignore; anything else: exact).
+    pub property_policies: BTreeMap<String, MatchPolicy>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            default_timeout: Span::secs(3600),
+            max_timeout: Span::secs(4 * 3600),
+            max_attempts: 3,
+            heartbeat_interval: Span::secs(2),
+            heartbeat_timeout: Span::secs(10),
+            unsatisfiable_grace: Span::secs(30),
+            orphan_grace: Span::secs(10),
+            operation_retention: Span::secs(600),
+            property_policies: BTreeMap::new(),
+        }
+    }
+}
+
+/// One or several values of a worker property.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PropertyValues {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PropertyValues {
+    pub fn values(&self) -> Vec<String> {
+        match self {
+            PropertyValues::One(v) => vec![v.clone()],
+            PropertyValues::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// How a worker runs an action's command.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerKind {
+    /// A plain child process in its own process group and directory.
+    Process,
+}
+
+/// A worker: what it offers and where it keeps its files.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The scheduler (and CAS) a `paddock worker` connects to.
+    pub scheduler: String,
+    /// The worker's name in the fleet; defaults to the host name.
+    pub name: Option<String>,
+    /// Where the worker keeps its cache and action directories; defaults to
+    /// `{data_dir}/worker`.
+    pub work_dir: Option<PathBuf>,
+    /// How many actions run at once; defaults to the number of CPUs.
+    pub capacity: Option<usize>,
+    /// The bound of the worker's local blob cache.
+    pub cache_size: ByteSize,
+    /// Platform properties offered on top of the detected ones (OSFamily, ISA, cores,
+    /// memory).
+    pub properties: BTreeMap<String, PropertyValues>,
+    pub runner: RunnerKind,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            scheduler: "grpc://127.0.0.1:8980".into(),
+            name: None,
+            work_dir: None,
+            capacity: None,
+            cache_size: ByteSize::gib(10),
+            properties: BTreeMap::new(),
+            runner: RunnerKind::Process,
         }
     }
 }
@@ -150,6 +271,20 @@ mod tests {
             Config::parse("[storage]\nbackend = \"disk\"\nmax_sise = \"1GiB\"\n").unwrap_err();
         assert!(err.contains("max_sise"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn scheduler_and_worker_sections() {
+        let c = Config::parse(
+            "[scheduler]\ndefault_timeout = \"5m\"\n[scheduler.property_policies]\ngpu = \"minimum\"\n\
+             [worker]\ncapacity = 4\n[worker.properties]\nPool = \"fast\"\nzone = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.scheduler.default_timeout, Span::secs(300));
+        assert_eq!(c.scheduler.property_policies["gpu"], MatchPolicy::Minimum);
+        assert_eq!(c.worker.capacity, Some(4));
+        assert_eq!(c.worker.properties["zone"].values(), vec!["a", "b"]);
+        assert!(Config::parse("[scheduler]\nmax_timeout = \"forever\"\n").is_err());
     }
 
     #[test]

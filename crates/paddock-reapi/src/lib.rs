@@ -29,3 +29,21 @@ pub mod proto {
 pub const LOW_API_VERSION: (i32, i32) = (2, 0);
 /// The newest REAPI version Paddock implements in full.
 pub const HIGH_API_VERSION: (i32, i32) = (2, 3);
+
+/// The platform an action asks for, as (name, value) pairs: the Action's own (REAPI
+/// 2.2+, which servers should prefer) or else the Command's (older clients).
+#[allow(deprecated)] // Command.platform is how REAPI 2.0 and 2.1 clients send it.
+pub fn platform(action: &proto::re::Action, command: &proto::re::Command) -> Vec<(String, String)> {
+    action
+        .platform
+        .as_ref()
+        .filter(|p| !p.properties.is_empty())
+        .or(command.platform.as_ref())
+        .map(|p| {
+            p.properties
+                .iter()
+                .map(|prop| (prop.name.clone(), prop.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}

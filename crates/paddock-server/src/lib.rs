@@ -1,15 +1,18 @@
 //! Paddock's gRPC front: every REAPI service on one port.
 //!
 //! This crate is protocol code. It validates requests, translates them into calls on
-//! the stores (`paddock-cas`) and answers with the status codes the REAPI specifies;
-//! what to store, evict or schedule is decided elsewhere. [`serve`] runs the services
+//! the stores (`paddock-cas`) and the scheduler (`paddock-scheduler`), and answers with
+//! the status codes the REAPI specifies; what to store, evict or schedule is decided
+//! elsewhere. [`serve`] runs the services
 //! with per-RPC metrics until shutdown.
 
 mod action_cache;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod execution;
 mod rpc_metrics;
+mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +27,8 @@ pub use action_cache::ActionCacheService;
 pub use bytestream::ByteStreamService;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
+pub use execution::{ExecutionService, OperationsService};
+pub use workers::WorkerService;
 
 /// The stores behind the cache services.
 #[derive(Clone)]
@@ -74,6 +79,27 @@ pub fn cache_routes(storage: &Storage, limits: Limits, execution_enabled: bool) 
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     )
+}
+
+/// The execution services, over `scheduler`: Execution, Operations and the worker
+/// protocol.
+pub fn execution_routes(routes: Routes, scheduler: &paddock_scheduler::Scheduler) -> Routes {
+    routes
+        .add_service(re::execution_server::ExecutionServer::new(
+            ExecutionService::new(scheduler.clone()),
+        ))
+        .add_service(
+            paddock_reapi::proto::longrunning::operations_server::OperationsServer::new(
+                OperationsService::new(scheduler.clone()),
+            ),
+        )
+        .add_service(
+            paddock_proto::worker::v1::scheduler_server::SchedulerServer::new(WorkerService::new(
+                scheduler.clone(),
+            ))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        )
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets in-flight

@@ -4,17 +4,23 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use paddock_config::Config;
+use paddock_config::{Config, RunnerKind, WorkerConfig};
+use paddock_scheduler::Scheduler;
 use paddock_server::{Limits, Storage};
+use paddock_worker::WorkerOptions;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 /// The services, bound and ready to serve.
 struct Farm {
     listener: TcpListener,
     metrics_listener: TcpListener,
     routes: tonic::service::Routes,
+    scheduler: Scheduler,
 }
 
 impl Farm {
@@ -26,6 +32,7 @@ impl Farm {
             .context("opening the CAS")?;
         let action_cache = paddock_cas::open_action_cache(&config.storage, &data_dir, cas.clone())
             .context("opening the ActionCache")?;
+        let scheduler = Scheduler::new(config.scheduler.clone(), cas.clone(), action_cache.clone());
         let storage = Storage { cas, action_cache };
         let limits = Limits {
             max_batch_size: config.storage.max_batch_size.bytes(),
@@ -36,10 +43,15 @@ impl Farm {
         let metrics_listener = TcpListener::bind(config.server.metrics_listen)
             .await
             .with_context(|| format!("binding {}", config.server.metrics_listen))?;
+        let routes = paddock_server::execution_routes(
+            paddock_server::cache_routes(&storage, limits, true),
+            &scheduler,
+        );
         Ok(Farm {
             listener,
             metrics_listener,
-            routes: paddock_server::cache_routes(&storage, limits, false),
+            routes,
+            scheduler,
         })
     }
 
@@ -60,14 +72,55 @@ impl Farm {
                 let _ = metrics_stopped.await;
             },
         ));
+        let timers = tokio::spawn(self.scheduler.clone().run());
+        let scheduler = self.scheduler;
+        let shutdown = async move {
+            shutdown.await;
+            // Long-lived streams (workers, clients waiting on actions) would hold up a
+            // graceful shutdown: end them first.
+            scheduler.shutdown();
+        };
         let served = paddock_server::serve(self.listener, self.routes, shutdown).await;
+        timers.abort();
         let _ = stop_metrics.send(());
         let _ = metrics.await;
         served.context("serving gRPC")
     }
 }
 
-/// Runs the farm in the foreground until SIGINT or SIGTERM.
+/// The options of a worker as the configuration describes it; `data_dir` holds its
+/// files unless `work_dir` is set.
+pub fn worker_options(
+    config: &WorkerConfig,
+    scheduler: String,
+    name: String,
+    data_dir: PathBuf,
+) -> WorkerOptions {
+    let capacity = config.capacity.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let runner: Arc<dyn paddock_runner::Runner> = match config.runner {
+        RunnerKind::Process => Arc::new(paddock_runner::ProcessRunner),
+    };
+    WorkerOptions {
+        name,
+        scheduler,
+        work_dir: config.work_dir.clone().unwrap_or(data_dir),
+        capacity,
+        cache_size: config.cache_size.bytes(),
+        properties: config
+            .properties
+            .iter()
+            .flat_map(|(k, v)| v.values().into_iter().map(move |v| (k.clone(), v)))
+            .collect(),
+        runner,
+    }
+}
+
+/// Runs the farm in the foreground until SIGINT or SIGTERM, with
+/// `config.server.local_workers` workers in this process.
 pub async fn run(config: Config) -> Result<()> {
     let data_dir = config
         .server
@@ -83,8 +136,39 @@ pub async fn run(config: Config) -> Result<()> {
         farm.metrics_listener.local_addr()?
     );
     tracing::info!(data_dir = %data_dir.display(), backend = ?config.storage.backend, "paddock is up");
+    let stop_workers = CancellationToken::new();
+    let mut workers = Vec::new();
+    let host = paddock_worker::host_name();
+    for i in 0..config.server.local_workers {
+        let mut worker_config = config.worker.clone();
+        worker_config.work_dir = None;
+        let options = worker_options(
+            &worker_config,
+            farm.url(),
+            format!("{host}-local-{i}"),
+            data_dir.join("workers").join(i.to_string()),
+        );
+        workers.push(tokio::spawn(paddock_worker::run(
+            options,
+            stop_workers.clone(),
+        )));
+    }
     farm.serve(shutdown_signal()).await?;
+    stop_workers.cancel();
+    for worker in workers {
+        let _ = worker.await;
+    }
     tracing::info!("paddock stopped");
+    Ok(())
+}
+
+/// Runs one worker until SIGINT or SIGTERM.
+pub async fn run_worker(options: WorkerOptions) -> Result<()> {
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(paddock_worker::run(options, stop.clone()));
+    shutdown_signal().await;
+    stop.cancel();
+    worker.await??;
     Ok(())
 }
 
@@ -97,15 +181,17 @@ async fn shutdown_signal() {
     }
 }
 
-/// A farm on a free loopback port with a throw-away data directory, for benchmarks.
+/// A farm on a free loopback port with a throw-away data directory and `workers`
+/// local workers, for benchmarks.
 pub struct Embedded {
     url: String,
     stop: Option<oneshot::Sender<()>>,
+    stop_workers: CancellationToken,
     _data_dir: tempfile::TempDir,
 }
 
 impl Embedded {
-    pub async fn start() -> Result<Embedded> {
+    pub async fn start(workers: usize, worker_config: &WorkerConfig) -> Result<Embedded> {
         let data_dir = tempfile::tempdir()?;
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".parse()?;
@@ -116,9 +202,20 @@ impl Embedded {
         tokio::spawn(farm.serve(async move {
             let _ = stopped.await;
         }));
+        let stop_workers = CancellationToken::new();
+        for i in 0..workers {
+            let options = worker_options(
+                worker_config,
+                url.clone(),
+                format!("bench-{i}"),
+                data_dir.path().join("workers").join(i.to_string()),
+            );
+            tokio::spawn(paddock_worker::run(options, stop_workers.clone()));
+        }
         Ok(Embedded {
             url,
             stop: Some(stop),
+            stop_workers,
             _data_dir: data_dir,
         })
     }
@@ -130,6 +227,7 @@ impl Embedded {
 
 impl Drop for Embedded {
     fn drop(&mut self) {
+        self.stop_workers.cancel();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use paddock_client::bench::{self, CasBenchOptions};
+use paddock_client::exec::ExecSpec;
 use paddock_client::Remote;
 use paddock_config::{Config, StorageBackend};
 use paddock_reapi::Digest;
@@ -31,8 +32,13 @@ struct Cli {
 enum Command {
     /// Run the all-in-one farm in the foreground, with embedded storage.
     Up(UpArgs),
-    /// Run the server's services without local workers.
+    /// Run the server's services (storage and the scheduler) without local workers.
     Server(ServerArgs),
+    /// Run a worker that takes actions from a scheduler.
+    Worker(WorkerArgs),
+    /// Run one command on the farm: upload its inputs, wait, fetch its outputs, and
+    /// exit with its exit code.
+    Exec(ExecArgs),
     /// Put blobs into a CAS and get them out again.
     Cas {
         #[command(subcommand)]
@@ -49,9 +55,77 @@ enum Command {
 struct UpArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// How many local workers to start (execution arrives with the scheduler).
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
+    /// How many workers to run in this process (default 1).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// A TOML configuration file (its [worker] section); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The scheduler to take work from.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// The worker's name in the fleet (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where the worker keeps its cache and action directories.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// How many actions to run at once (default: the number of CPUs).
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// A platform property to offer, `NAME=VALUE`; repeat for more.
+    #[arg(long = "property", value_parser = parse_pair)]
+    properties: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// A platform property the action requires, `NAME=VALUE`; repeat for more.
+    #[arg(long = "platform", value_parser = parse_pair)]
+    platform: Vec<(String, String)>,
+    /// An environment variable, `NAME=VALUE`; the command gets nothing else.
+    #[arg(long = "env", value_parser = parse_pair)]
+    environment: Vec<(String, String)>,
+    /// The directory uploaded as the input root.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// The working directory, relative to the input root.
+    #[arg(long, default_value = "")]
+    working_directory: String,
+    /// An output to fetch (file or directory, relative to the working directory).
+    #[arg(long = "output")]
+    outputs: Vec<String>,
+    /// Where fetched outputs go.
+    #[arg(long, default_value = ".")]
+    output_dir: PathBuf,
+    /// The action's timeout in seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Run even if the ActionCache has a result.
+    #[arg(long)]
+    skip_cache: bool,
+    /// Never cache the result.
+    #[arg(long)]
+    no_cache: bool,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    if name.is_empty() {
+        return Err(format!("{text:?} has an empty name"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 #[derive(Args, Clone)]
@@ -146,6 +220,27 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10_000)]
         small_blobs: usize,
     },
+    /// No-op actions end to end: cache-miss and cache-hit latency, throughput with
+    /// concurrent clients, and a burst that fills the queue.
+    Exec {
+        /// Measure this server (it needs workers) instead of a fresh embedded Paddock.
+        #[arg(long)]
+        remote: Option<String>,
+        #[arg(long, default_value = "")]
+        instance: String,
+        /// Workers of the embedded farm.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Actions each embedded worker runs at once (default: the number of CPUs).
+        #[arg(long)]
+        capacity: Option<usize>,
+        /// Sequential cache misses to time.
+        #[arg(long, default_value_t = 200)]
+        misses: usize,
+        /// Actions in the queue-filling burst.
+        #[arg(long, default_value_t = 2000)]
+        burst: usize,
+    },
 }
 
 fn parse_digest(text: &str) -> Result<Digest> {
@@ -167,15 +262,56 @@ fn main() -> Result<()> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Up(args) => {
-            if args.workers > 0 {
-                tracing::info!(
-                    workers = args.workers,
-                    "local workers arrive with the execution service; serving storage only"
-                );
+            let mut config = args.server.config()?;
+            if let Some(workers) = args.workers {
+                config.server.local_workers = workers;
             }
-            farm::run(args.server.config()?).await
+            farm::run(config).await
         }
-        Command::Server(args) => farm::run(args.config()?).await,
+        Command::Server(args) => {
+            let mut config = args.config()?;
+            config.server.local_workers = 0;
+            farm::run(config).await
+        }
+        Command::Worker(args) => {
+            let mut config = match &args.config {
+                Some(path) => Config::load(path)?.worker,
+                None => paddock_config::WorkerConfig::default(),
+            };
+            if let Some(url) = args.scheduler {
+                config.scheduler = url;
+            }
+            if let Some(dir) = args.work_dir {
+                config.work_dir = Some(dir);
+            }
+            if let Some(capacity) = args.capacity {
+                config.capacity = Some(capacity);
+            }
+            for (name, value) in args.properties {
+                let values = config
+                    .properties
+                    .remove(&name)
+                    .map(|v| v.values())
+                    .unwrap_or_default();
+                let mut values = values;
+                values.push(value);
+                config
+                    .properties
+                    .insert(name, paddock_config::PropertyValues::Many(values));
+            }
+            let name = args
+                .name
+                .or_else(|| config.name.clone())
+                .unwrap_or_else(paddock_worker::host_name);
+            let options = farm::worker_options(
+                &config,
+                config.scheduler.clone(),
+                name,
+                paddock_config::default_data_dir().join("worker"),
+            );
+            farm::run_worker(options).await
+        }
+        Command::Exec(args) => exec(args).await,
         Command::Cas { command } => cas(command).await,
         Command::Bench { command } => match command {
             BenchCommand::Cas {
@@ -194,7 +330,7 @@ async fn run(command: Command) -> Result<()> {
                 let (url, _embedded) = match remote {
                     Some(url) => (url, None),
                     None => {
-                        let embedded = farm::Embedded::start().await?;
+                        let embedded = farm::Embedded::start(0, &Default::default()).await?;
                         (embedded.url(), Some(embedded))
                     }
                 };
@@ -204,8 +340,104 @@ async fn run(command: Command) -> Result<()> {
                 println!("{report}");
                 Ok(())
             }
+            BenchCommand::Exec {
+                remote,
+                instance,
+                workers,
+                capacity,
+                misses,
+                burst,
+            } => {
+                let options = bench::ExecBenchOptions {
+                    misses,
+                    burst,
+                    ..Default::default()
+                };
+                let worker_config = paddock_config::WorkerConfig {
+                    capacity,
+                    ..Default::default()
+                };
+                let (url, _embedded) = match remote {
+                    Some(url) => (url, None),
+                    None => {
+                        let embedded = farm::Embedded::start(workers, &worker_config).await?;
+                        (embedded.url(), Some(embedded))
+                    }
+                };
+                let remote = Remote::connect(&url, &instance).await?;
+                let mut report = bench::exec(&remote, options).await?;
+                report.target = match &_embedded {
+                    Some(_) => format!("{url} (embedded, {workers} workers, process runner)"),
+                    None => url,
+                };
+                println!("{report}");
+                Ok(())
+            }
         },
     }
+}
+
+async fn exec(args: ExecArgs) -> Result<()> {
+    let remote = Remote::connect(&args.remote.remote, &args.remote.instance).await?;
+    let spec = ExecSpec {
+        arguments: args.command,
+        environment: args.environment,
+        platform: args.platform,
+        input: args.input,
+        working_directory: args.working_directory,
+        output_paths: args.outputs,
+        timeout: args.timeout.map(std::time::Duration::from_secs_f64),
+        skip_cache_lookup: args.skip_cache,
+        do_not_cache: args.no_cache,
+        priority: 0,
+        invocation: String::new(),
+    };
+    let response = paddock_client::exec::execute(&remote, &spec).await?;
+    let status = response.status.clone().unwrap_or_default();
+    if let Some(result) = &response.result {
+        use std::io::Write;
+        for (raw, digest, mut sink) in [
+            (
+                &result.stdout_raw,
+                &result.stdout_digest,
+                Box::new(std::io::stdout()) as Box<dyn Write>,
+            ),
+            (
+                &result.stderr_raw,
+                &result.stderr_digest,
+                Box::new(std::io::stderr()),
+            ),
+        ] {
+            let data = match (raw.is_empty(), digest) {
+                (false, _) => raw.clone(),
+                (true, Some(d)) => remote
+                    .read_blob(&Digest::from_proto(Some(d))?)
+                    .await?
+                    .to_vec(),
+                (true, None) => Vec::new(),
+            };
+            sink.write_all(&data)?;
+            sink.flush()?;
+        }
+        paddock_client::tree::download_outputs(&remote, result, &args.output_dir).await?;
+    }
+    if !response.message.is_empty() {
+        eprintln!("paddock: {}", response.message);
+    }
+    if status.code != 0 {
+        eprintln!(
+            "paddock: the action failed: {:?}: {}",
+            tonic::Code::from_i32(status.code),
+            status.message
+        );
+        std::process::exit(if status.code == tonic::Code::DeadlineExceeded as i32 {
+            124
+        } else {
+            125
+        });
+    }
+    let exit_code = response.result.map(|r| r.exit_code).unwrap_or(0);
+    std::process::exit(exit_code);
 }
 
 async fn cas(command: CasCommand) -> Result<()> {

@@ -1,0 +1,252 @@
+//! Execution (Execute, WaitExecution) and google.longrunning.Operations: the
+//! scheduler's operations rendered as `Operation` messages.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use paddock_reapi::proto::longrunning::{
+    operation, operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
+    GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
+    WaitOperationRequest,
+};
+use paddock_reapi::proto::protobuf::Empty;
+use paddock_reapi::proto::re::{
+    execution_server::Execution, execution_stage, ExecuteOperationMetadata, ExecuteRequest,
+    ExecutedActionMetadata, RequestMetadata, WaitExecutionRequest,
+};
+use paddock_reapi::status::pack;
+use paddock_scheduler::{OperationWatch, Scheduler, Snapshot, Stage};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+/// The header REAPI clients attach their RequestMetadata to.
+const REQUEST_METADATA: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
+
+pub struct ExecutionService {
+    scheduler: Scheduler,
+}
+
+impl ExecutionService {
+    pub fn new(scheduler: Scheduler) -> Self {
+        ExecutionService { scheduler }
+    }
+}
+
+/// Renders a snapshot as a `google.longrunning.Operation`.
+pub fn operation(snapshot: &Snapshot) -> Operation {
+    let stage = match snapshot.stage {
+        Stage::Queued => execution_stage::Value::Queued,
+        Stage::Executing => execution_stage::Value::Executing,
+        Stage::Completed => execution_stage::Value::Completed,
+    };
+    let metadata = ExecuteOperationMetadata {
+        stage: stage as i32,
+        action_digest: Some(snapshot.action_digest.to_proto()),
+        partial_execution_metadata: snapshot.worker.as_ref().map(|w| ExecutedActionMetadata {
+            worker: w.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Operation {
+        name: snapshot.name.clone(),
+        metadata: Some(pack(
+            "build.bazel.remote.execution.v2.ExecuteOperationMetadata",
+            &metadata,
+        )),
+        done: snapshot.stage == Stage::Completed,
+        result: snapshot.response.as_ref().map(|response| {
+            operation::Result::Response(pack(
+                "build.bazel.remote.execution.v2.ExecuteResponse",
+                response,
+            ))
+        }),
+    }
+}
+
+type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
+
+/// Streams an operation: where it stands now, then every change, ending with the
+/// completed operation. The watch (and so the client's claim on the execution) lives
+/// as long as the stream. If the server shuts down first, the stream ends with
+/// UNAVAILABLE, which tells clients to retry.
+fn operation_stream(watch: OperationWatch) -> OperationStream {
+    let stream = futures::stream::unfold(Some((watch, true)), |state| async move {
+        let (mut watch, first) = state?;
+        if *watch.closing.borrow() {
+            return Some((
+                Err(Status::unavailable("the server is shutting down")),
+                None,
+            ));
+        }
+        if !first {
+            let changed = tokio::select! {
+                changed = watch.updates.changed() => changed,
+                _ = watch.closing.changed() => {
+                    return Some((Err(Status::unavailable("the server is shutting down")), None));
+                }
+            };
+            if changed.is_err() {
+                // The operation was dropped (expired): say so rather than end silently.
+                let status = Status::not_found("the operation no longer exists");
+                return Some((Err(status), None));
+            }
+        }
+        let snapshot = watch.updates.borrow_and_update().clone();
+        let done = snapshot.stage == Stage::Completed;
+        let next = (!done).then_some((watch, false));
+        Some((Ok(operation(&snapshot)), next))
+    });
+    Box::pin(stream)
+}
+
+/// The client's tool invocation, for fair queueing; empty when it sends none.
+fn tool_invocation(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get_bin(REQUEST_METADATA)
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|bytes| RequestMetadata::decode(bytes).ok())
+        .map(|m| m.tool_invocation_id)
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let invocation = tool_invocation(request.metadata());
+        let watch = self
+            .scheduler
+            .execute(request.into_inner(), invocation)
+            .await?;
+        Ok(Response::new(operation_stream(watch)))
+    }
+
+    type WaitExecutionStream = OperationStream;
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let name = request.into_inner().name;
+        let watch = self.scheduler.watch(&name).ok_or_else(|| {
+            Status::not_found(format!("no operation named {name:?}; call Execute again"))
+        })?;
+        Ok(Response::new(operation_stream(watch)))
+    }
+}
+
+pub struct OperationsService {
+    scheduler: Scheduler,
+}
+
+impl OperationsService {
+    pub fn new(scheduler: Scheduler) -> Self {
+        OperationsService { scheduler }
+    }
+
+    fn snapshot(&self, name: &str) -> Result<Snapshot, Status> {
+        self.scheduler
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("no operation named {name:?}")))
+    }
+}
+
+/// The longest a WaitOperation call waits.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        _request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        Err(Status::unimplemented("operations are looked up by name"))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let snapshot = self.snapshot(&request.into_inner().name)?;
+        Ok(Response::new(operation(&snapshot)))
+    }
+
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let name = request.into_inner().name;
+        if !self.scheduler.delete(&name) {
+            return Err(Status::not_found(format!("no operation named {name:?}")));
+        }
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let name = request.into_inner().name;
+        if !self.scheduler.cancel(&name) {
+            return Err(Status::not_found(format!("no operation named {name:?}")));
+        }
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let request = request.into_inner();
+        let timeout = request
+            .timeout
+            .as_ref()
+            .and_then(paddock_reapi::time::duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(MAX_WAIT)
+            .min(MAX_WAIT);
+        let mut watch = self
+            .scheduler
+            .watch(&request.name)
+            .ok_or_else(|| Status::not_found(format!("no operation named {:?}", request.name)))?;
+        let done = async {
+            loop {
+                if watch.updates.borrow_and_update().stage == Stage::Completed {
+                    return;
+                }
+                if watch.updates.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, done).await;
+        let snapshot = self.snapshot(&request.name)?;
+        Ok(Response::new(operation(&snapshot)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_invocation_from_request_metadata() {
+        let mut map = tonic::metadata::MetadataMap::new();
+        let metadata = RequestMetadata {
+            tool_invocation_id: "inv-1".into(),
+            ..Default::default()
+        };
+        map.insert_bin(
+            REQUEST_METADATA,
+            tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
+        );
+        assert_eq!(tool_invocation(&map), "inv-1");
+        assert_eq!(tool_invocation(&tonic::metadata::MetadataMap::new()), "");
+    }
+}

@@ -1,0 +1,346 @@
+//! The worker's local blob cache: read-only files that input roots hard-link to.
+//!
+//! Layout: `{dir}/{hash}-{size}` (mode 0444) and `{dir}/{hash}-{size}-x` (mode 0555).
+//! Executability belongs to the inode, and every hard link shares it, so a blob that
+//! an action needs executable gets its own entry; it is made from the plain entry by a
+//! local copy when that exists, never downloaded twice. Entries are written to `tmp/`
+//! and renamed into place, so a present entry is always complete. The cache is
+//! bounded; least recently used entries are unlinked first (links already made in
+//! action directories stay valid).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use hashlink::LinkedHashMap;
+use paddock_client::{ClientError, Remote};
+use paddock_reapi::Digest;
+use parking_lot::Mutex;
+
+/// One cache entry: a blob, and whether its file is executable.
+pub type Entry = (Digest, bool);
+
+pub struct FileCache {
+    dir: PathBuf,
+    tmp: PathBuf,
+    capacity: u64,
+    index: Mutex<Index>,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: LinkedHashMap<Entry, ()>,
+    total: u64,
+}
+
+/// Why blobs could not be made present.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("blobs are missing from the CAS")]
+    Missing(Vec<Digest>),
+    #[error("{0}")]
+    Worker(String),
+}
+
+impl From<io::Error> for FetchError {
+    fn from(e: io::Error) -> Self {
+        FetchError::Worker(format!("local cache: {e}"))
+    }
+}
+
+fn entry_name((digest, executable): &Entry) -> String {
+    let x = if *executable { "-x" } else { "" };
+    format!("{}-{}{x}", digest.hash_hex(), digest.size())
+}
+
+fn parse_entry(name: &str) -> Option<Entry> {
+    let (name, executable) = match name.strip_suffix("-x") {
+        Some(n) => (n, true),
+        None => (name, false),
+    };
+    let (hash, size) = name.split_once('-')?;
+    Some((Digest::parse_parts(hash, size).ok()?, executable))
+}
+
+impl FileCache {
+    /// Opens the cache in `dir`, indexing what a previous run left (oldest first).
+    pub fn open(dir: &Path, capacity: u64) -> io::Result<FileCache> {
+        let tmp = dir.join("tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let Some(parsed) = entry.file_name().to_str().and_then(parse_entry) else {
+                continue;
+            };
+            let meta = entry.metadata()?;
+            if meta.len() != parsed.0.size() {
+                fs::remove_file(entry.path())?;
+                continue;
+            }
+            found.push((meta.modified()?, parsed));
+        }
+        found.sort_by_key(|(t, _)| *t);
+        let mut index = Index::default();
+        for (_, entry) in found {
+            index.total += entry.0.size();
+            index.entries.insert(entry, ());
+        }
+        let cache = FileCache {
+            dir: dir.to_owned(),
+            tmp,
+            capacity,
+            index: Mutex::new(index),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    pub fn path(&self, entry: &Entry) -> PathBuf {
+        self.dir.join(entry_name(entry))
+    }
+
+    fn contains(&self, entry: &Entry) -> bool {
+        self.index.lock().entries.to_back(entry).is_some()
+    }
+
+    fn admit(&self, entry: Entry) {
+        {
+            let mut index = self.index.lock();
+            if index.entries.insert(entry, ()).is_none() {
+                index.total += entry.0.size();
+            }
+        }
+        self.evict();
+    }
+
+    fn forget(&self, entry: &Entry) {
+        let mut index = self.index.lock();
+        if index.entries.remove(entry).is_some() {
+            index.total -= entry.0.size();
+        }
+    }
+
+    fn evict(&self) {
+        let evicted: Vec<Entry> = {
+            let mut index = self.index.lock();
+            let mut out = Vec::new();
+            while index.total > self.capacity {
+                let Some((entry, ())) = index.entries.pop_front() else {
+                    break;
+                };
+                index.total -= entry.0.size();
+                out.push(entry);
+            }
+            out
+        };
+        if !evicted.is_empty() {
+            metrics::counter!("paddock_store_evictions_total", "store" => "worker")
+                .increment(evicted.len() as u64);
+        }
+        for entry in evicted {
+            let _ = fs::remove_file(self.path(&entry));
+        }
+    }
+
+    /// Writes `data` as an entry (checking its digest) and admits it.
+    fn store(&self, entry: Entry, data: &[u8]) -> io::Result<()> {
+        if Digest::of(data) != entry.0 {
+            return Err(io::Error::other(format!(
+                "the CAS sent wrong data for {}",
+                entry.0
+            )));
+        }
+        let tmp = self.tmp.join(uuid::Uuid::new_v4().to_string());
+        let mode = if entry.1 { 0o555 } else { 0o444 };
+        let written = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
+            file.write_all(data)?;
+            fs::rename(&tmp, self.path(&entry))
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written?;
+        self.admit(entry);
+        Ok(())
+    }
+
+    /// Makes the executable variant of a blob from its plain entry, or the reverse.
+    fn derive(&self, entry: Entry) -> io::Result<bool> {
+        let other = (entry.0, !entry.1);
+        if !self.contains(&other) {
+            return Ok(false);
+        }
+        let tmp = self.tmp.join(uuid::Uuid::new_v4().to_string());
+        match fs::copy(self.path(&other), &tmp) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(&other);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        let mode = if entry.1 { 0o555 } else { 0o444 };
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        fs::rename(&tmp, self.path(&entry))?;
+        self.admit(entry);
+        Ok(true)
+    }
+
+    /// Makes every entry present, downloading what no variant already holds. Blobs
+    /// the CAS does not have are reported together.
+    pub async fn ensure(&self, wanted: &[Entry], remote: &Remote) -> Result<(), FetchError> {
+        let mut to_fetch: HashMap<Digest, Vec<Entry>> = HashMap::new();
+        for entry in wanted {
+            if self.contains(entry) {
+                continue;
+            }
+            if entry.0.is_empty_blob() {
+                self.store(*entry, &[])?;
+                continue;
+            }
+            if self.derive(*entry)? {
+                continue;
+            }
+            to_fetch.entry(entry.0).or_default().push(*entry);
+        }
+        if to_fetch.is_empty() {
+            return Ok(());
+        }
+        let digests: Vec<Digest> = to_fetch.keys().copied().collect();
+        let mut missing = Vec::new();
+        let (small, large): (Vec<Digest>, Vec<Digest>) = digests
+            .into_iter()
+            .partition(|d| d.size() <= remote.batch_budget());
+        for (digest, data) in remote.read_blobs(&small).await {
+            match data {
+                Ok(data) => self.store_all(&to_fetch[&digest], &data)?,
+                Err(ClientError::NotFound(d)) => missing.push(d),
+                Err(e) => return Err(FetchError::Worker(format!("fetching {digest}: {e}"))),
+            }
+        }
+        for digest in large {
+            let entries = &to_fetch[&digest];
+            let first = entries[0];
+            let tmp = self.tmp.join(uuid::Uuid::new_v4().to_string());
+            match remote.read_to_file(&digest, &tmp).await {
+                Ok(()) => {}
+                Err(ClientError::NotFound(d)) => {
+                    missing.push(d);
+                    continue;
+                }
+                Err(e) => return Err(FetchError::Worker(format!("fetching {digest}: {e}"))),
+            }
+            let mode = if first.1 { 0o555 } else { 0o444 };
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+            fs::rename(&tmp, self.path(&first))?;
+            self.admit(first);
+            for other in &entries[1..] {
+                self.derive(*other)?;
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(FetchError::Missing(missing))
+        }
+    }
+
+    fn store_all(&self, entries: &[Entry], data: &Bytes) -> io::Result<()> {
+        for entry in entries {
+            self.store(*entry, data)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a cached blob (a Directory, say) into memory.
+    pub fn read(&self, entry: &Entry) -> io::Result<Vec<u8>> {
+        fs::read(self.path(entry))
+    }
+
+    /// Hard-links an entry to `to`; copies if the two are on different file systems.
+    /// `NotFound` means the entry was evicted since it was ensured.
+    pub fn link(&self, entry: &Entry, to: &Path) -> io::Result<()> {
+        let from = self.path(entry);
+        match fs::hard_link(&from, to) {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                fs::copy(&from, to)?;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(entry);
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// Adopts a freshly produced output file, just hashed to `digest`, as an entry by
+    /// hard-linking it, so later actions on this worker find it without a download.
+    /// The file becomes read-only; its action has ended, so nothing writes it any more.
+    pub fn adopt(&self, digest: Digest, executable: bool, path: &Path) -> io::Result<()> {
+        let entry = (digest, executable);
+        if self.contains(&entry) {
+            return Ok(());
+        }
+        let mode = if executable { 0o555 } else { 0o444 };
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        match fs::hard_link(path, self.path(&entry)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.admit(entry);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_through_names() {
+        let e = (Digest::of(b"x"), true);
+        assert_eq!(parse_entry(&entry_name(&e)), Some(e));
+        let e = (Digest::of(b"x"), false);
+        assert_eq!(parse_entry(&entry_name(&e)), Some(e));
+        assert_eq!(parse_entry("junk"), None);
+    }
+
+    #[test]
+    fn variants_and_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FileCache::open(dir.path(), 10).unwrap();
+        let d = Digest::of(b"12345");
+        cache.store((d, false), b"12345").unwrap();
+        assert!(cache.derive((d, true)).unwrap());
+        let exec = fs::metadata(cache.path(&(d, true))).unwrap();
+        assert_eq!(exec.permissions().mode() & 0o777, 0o555);
+        let e = Digest::of(b"abcde");
+        cache.store((e, false), b"abcde").unwrap();
+        // 15 bytes > 10: the oldest entry (d, plain) went.
+        assert!(!cache.path(&(d, false)).exists());
+        assert!(cache.path(&(e, false)).exists());
+        let link = dir.path().join("linked");
+        cache.link(&(e, false), &link).unwrap();
+        assert_eq!(fs::read(&link).unwrap(), b"abcde");
+        // Reopening keeps what is there.
+        drop(cache);
+        let cache = FileCache::open(dir.path(), 10).unwrap();
+        assert!(cache.contains(&(e, false)));
+        assert!(cache.store((e, false), b"wrong").is_err());
+    }
+}

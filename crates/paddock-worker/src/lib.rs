@@ -1,0 +1,219 @@
+//! A Paddock worker: it connects to the scheduler, takes assignments up to its
+//! capacity, and for each one materialises the input root from its local cache, runs
+//! the command through a [`Runner`], collects and uploads the outputs, and reports the
+//! ActionResult. If its connection breaks it stops what it was running (the scheduler
+//! has requeued it) and connects again.
+
+mod cache;
+mod execute;
+mod inputs;
+mod outputs;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use paddock_client::Remote;
+use paddock_proto::worker::v1 as wire;
+use paddock_proto::worker::v1::scheduler_client::SchedulerClient;
+use paddock_runner::Runner;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use cache::FileCache;
+
+/// How a worker is set up.
+pub struct WorkerOptions {
+    pub name: String,
+    /// The scheduler's (and CAS's) address, `grpc://HOST:PORT`.
+    pub scheduler: String,
+    pub work_dir: PathBuf,
+    pub capacity: usize,
+    pub cache_size: u64,
+    /// Offered on top of the detected properties.
+    pub properties: Vec<(String, String)>,
+    pub runner: Arc<dyn Runner>,
+}
+
+/// The properties every worker offers: OS, ISA, CPU count and memory.
+pub fn detected_properties() -> Vec<(String, String)> {
+    let isa = match std::env::consts::ARCH {
+        "x86_64" => "x86-64",
+        other => other,
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut properties = vec![
+        ("OSFamily".to_owned(), "Linux".to_owned()),
+        ("ISA".to_owned(), isa.to_owned()),
+        ("cores".to_owned(), cores.to_string()),
+    ];
+    let memory = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    if let Some(bytes) = memory {
+        properties.push(("memory".to_owned(), bytes.to_string()));
+    }
+    properties
+}
+
+/// The host's name, the default worker name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".to_owned())
+}
+
+/// Runs a worker until `shutdown`, reconnecting whenever the connection breaks.
+pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cache_dir = options.work_dir.join("cache");
+    let actions_dir = options.work_dir.join("actions");
+    std::fs::create_dir_all(&cache_dir)?;
+    if actions_dir.exists() {
+        // A previous life of this worker may have left action directories behind.
+        execute::remove_tree(actions_dir.clone()).await;
+    }
+    std::fs::create_dir_all(&actions_dir)?;
+    let cache = Arc::new(FileCache::open(&cache_dir, options.cache_size)?);
+    let mut properties = detected_properties();
+    properties.retain(|(k, _)| !options.properties.iter().any(|(o, _)| o == k));
+    properties.extend(options.properties.iter().cloned());
+
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let outcome = async {
+            let remote = Remote::connect(&options.scheduler, "").await?;
+            let ctx = Arc::new(execute::Context {
+                name: options.name.clone(),
+                remote,
+                cache: cache.clone(),
+                runner: options.runner.clone(),
+                actions_dir: actions_dir.clone(),
+            });
+            session(ctx, &options, &properties, &shutdown).await
+        }
+        .await;
+        match outcome {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(worker = %options.name, error = %e, "scheduler connection failed")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    Ok(())
+}
+
+/// One connection to the scheduler, until it breaks or `shutdown`.
+async fn session(
+    ctx: Arc<execute::Context>,
+    options: &WorkerOptions,
+    properties: &[(String, String)],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use wire::scheduler_message::Message as S;
+    use wire::worker_message::Message as W;
+    let (tx, rx) = mpsc::channel::<wire::WorkerMessage>(256);
+    tx.send(wire::WorkerMessage {
+        message: Some(W::Register(wire::Register {
+            name: options.name.clone(),
+            properties: properties
+                .iter()
+                .map(|(name, value)| wire::Property {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            capacity: options.capacity.max(1) as u32,
+        })),
+    })
+    .await?;
+    let mut inbound = SchedulerClient::new(ctx.remote.channel())
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tracing::info!(worker = %options.name, capacity = options.capacity, "connected to the scheduler");
+    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    let ended = loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(wire::SchedulerMessage { message: Some(message) })) => match message {
+                    S::Registered(r) => {
+                        let every = Duration::from_millis(r.heartbeat_interval_ms.max(100) as u64);
+                        heartbeat = tokio::time::interval(every);
+                    }
+                    S::Assignment(assignment) => {
+                        spawn_assignment(ctx.clone(), assignment, running.clone(), tx.clone());
+                    }
+                    S::Cancel(cancel) => {
+                        if let Some(token) = running.lock().get(&cancel.assignment_id) {
+                            tracing::info!(assignment = %cancel.assignment_id, "cancelled by the scheduler");
+                            token.cancel();
+                        }
+                    }
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(anyhow::anyhow!("scheduler stream: {status}")),
+            },
+            _ = heartbeat.tick() => {
+                let ids: Vec<String> = running.lock().keys().cloned().collect();
+                let beat = wire::WorkerMessage {
+                    message: Some(W::Heartbeat(wire::Heartbeat { running: ids })),
+                };
+                if tx.send(beat).await.is_err() {
+                    break Ok(());
+                }
+            }
+            _ = shutdown.cancelled() => break Ok(()),
+        }
+    };
+    // Whatever still runs belongs to a session the scheduler has given up on.
+    for token in running.lock().values() {
+        token.cancel();
+    }
+    tracing::info!(worker = %options.name, "disconnected from the scheduler");
+    ended
+}
+
+fn spawn_assignment(
+    ctx: Arc<execute::Context>,
+    assignment: wire::Assignment,
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    tx: mpsc::Sender<wire::WorkerMessage>,
+) {
+    use wire::worker_message::Message as W;
+    let id = assignment.assignment_id.clone();
+    let token = CancellationToken::new();
+    running.lock().insert(id.clone(), token.clone());
+    tokio::spawn(async move {
+        let started_tx = tx.clone();
+        let started_id = id.clone();
+        let started = move || {
+            let _ = started_tx.try_send(wire::WorkerMessage {
+                message: Some(W::Started(wire::Started {
+                    assignment_id: started_id,
+                })),
+            });
+        };
+        let finished = execute::execute(&ctx, assignment, token, started).await;
+        running.lock().remove(&id);
+        let _ = tx
+            .send(wire::WorkerMessage {
+                message: Some(W::Finished(finished)),
+            })
+            .await;
+    });
+}
