@@ -353,18 +353,19 @@ async fn malformed_requests_are_refused() {
 async fn timeouts_kill_the_whole_process_tree() {
     let farm = Farm::start(&[]);
     let remote = farm.remote("").await;
-    let marker_dir = tempfile::tempdir().unwrap();
-    let marker = marker_dir.path().join("survived");
+    let child = unique_sleep();
     let spec = ExecSpec {
-        timeout: Some(Duration::from_millis(700)),
-        ..shell(&format!(
-            "echo started; (sleep 2; touch {}) & sleep 30",
-            marker.display()
-        ))
+        timeout: Some(Duration::from_millis(1500)),
+        ..shell(&format!("echo started; sleep {child} & sleep 30"))
     };
     let started = Instant::now();
-    let response = execute(&remote, &spec).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10));
+    let running = {
+        let (remote, spec) = (remote.clone(), spec.clone());
+        tokio::spawn(async move { execute(&remote, &spec).await.unwrap() })
+    };
+    let pid = wait_for_process(&format!("sleep {child}")).await;
+    let response = running.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(15));
     assert_eq!(
         status_code(&response),
         Code::DeadlineExceeded,
@@ -378,9 +379,8 @@ async fn timeouts_kill_the_whole_process_tree() {
         blob_text(&remote, result.stdout_digest.as_ref()).await,
         "started\n"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        !marker.exists(),
+        wait_gone(pid).await,
         "the background child outlived the timeout"
     );
     // Timed-out results are not cached.
@@ -406,17 +406,38 @@ async fn start(remote: &Remote, spec: &ExecSpec) -> (String, tonic::Streaming<Op
     (first.name, stream)
 }
 
-/// Waits until `path` exists and holds a PID; returns it.
-async fn wait_for_pid(path: &Path) -> i32 {
-    for _ in 0..200 {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(pid) = text.trim().parse() {
-                return pid;
-            }
+/// A `sleep` whose argument no other process on the machine has, so the test can
+/// find it in the host's /proc whatever sandbox it runs in.
+fn unique_sleep() -> String {
+    format!(
+        "{}.{:06}",
+        40 + rand::random::<u32>() % 20,
+        rand::random::<u32>() % 1_000_000
+    )
+}
+
+/// The PID (in the host's namespace) of a process whose command line has `needle`.
+fn find_process(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(needle).then_some(pid)
+        })
+}
+
+/// Waits until a process with `needle` in its command line runs; returns its PID.
+async fn wait_for_process(needle: &str) -> i32 {
+    for _ in 0..400 {
+        if let Some(pid) = find_process(needle) {
+            return pid;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("the action never wrote {}", path.display());
+    panic!("no process with {needle:?} started");
 }
 
 async fn wait_gone(pid: i32) -> bool {
@@ -433,14 +454,9 @@ async fn wait_gone(pid: i32) -> bool {
 async fn cancel_operation_stops_the_action_on_its_worker() {
     let farm = Farm::start(&[]);
     let remote = farm.remote("").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let pidfile = tmp.path().join("pid");
-    let (name, mut stream) = start(
-        &remote,
-        &shell(&format!("echo $$ > {}; exec sleep 60", pidfile.display())),
-    )
-    .await;
-    let pid = wait_for_pid(&pidfile).await;
+    let sleep = unique_sleep();
+    let (name, mut stream) = start(&remote, &shell(&format!("exec sleep {sleep}"))).await;
+    let pid = wait_for_process(&format!("sleep {sleep}")).await;
     OperationsClient::new(remote.channel())
         .cancel_operation(CancelOperationRequest { name: name.clone() })
         .await
@@ -478,14 +494,9 @@ async fn an_action_nobody_waits_for_is_cancelled_after_the_grace_period() {
         &config_file("[scheduler]\norphan_grace = \"500ms\"\n"),
     ]);
     let remote = farm.remote("").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let pidfile = tmp.path().join("pid");
-    let (_, stream) = start(
-        &remote,
-        &shell(&format!("echo $$ > {}; exec sleep 60", pidfile.display())),
-    )
-    .await;
-    let pid = wait_for_pid(&pidfile).await;
+    let sleep = unique_sleep();
+    let (_, stream) = start(&remote, &shell(&format!("exec sleep {sleep}"))).await;
+    let pid = wait_for_process(&format!("sleep {sleep}")).await;
     drop(stream);
     assert!(wait_gone(pid).await, "the orphaned action kept running");
 }
@@ -494,12 +505,8 @@ async fn an_action_nobody_waits_for_is_cancelled_after_the_grace_period() {
 async fn wait_execution_reattaches_and_identical_actions_are_merged() {
     let farm = Farm::start(&[]);
     let remote = farm.remote("merge").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let counter = tmp.path().join("runs");
-    let spec = shell(&format!(
-        "echo run >> {}; sleep 1; echo merged-output",
-        counter.display()
-    ));
+    // Each execution prints fresh random bytes: equal outputs mean one execution.
+    let spec = shell("head -c 16 /dev/urandom | od -An -tx1; sleep 1");
     let (name, first_stream) = start(&remote, &spec).await;
     let mut others = Vec::new();
     for _ in 0..4 {
@@ -533,10 +540,12 @@ async fn wait_execution_reattaches_and_identical_actions_are_merged() {
     let stdout = response.result.as_ref().unwrap().stdout_digest.clone();
     for other in others {
         let r = other.await.unwrap();
-        assert_eq!(r.result.unwrap().stdout_digest, stdout);
+        assert_eq!(
+            r.result.unwrap().stdout_digest,
+            stdout,
+            "five requests, one execution"
+        );
     }
-    let runs = std::fs::read_to_string(&counter).unwrap();
-    assert_eq!(runs.lines().count(), 1, "five requests, one execution");
     let err = remote
         .execution()
         .wait_execution(WaitExecutionRequest {
@@ -606,11 +615,10 @@ async fn an_action_survives_its_worker_being_killed() {
     let server = Farm::server("127.0.0.1:0", &[]);
     let mut first = Worker::start(&server.url, "first", &["--capacity", "1"]);
     let remote = server.remote("").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let pidfile = tmp.path().join("pid");
-    let script = format!("echo $$ >> {}; sleep 2; echo finished", pidfile.display());
+    let sleep = unique_sleep();
+    let script = format!("sleep {sleep} & sleep 2; echo finished");
     let (_, mut stream) = start(&remote, &shell(&script)).await;
-    wait_for_pid(&pidfile).await;
+    let pid = wait_for_process(&format!("sleep {sleep}")).await;
     // The only worker dies mid-action; a second one joins and finishes it.
     first.kill9();
     let _second = Worker::start(&server.url, "second", &["--capacity", "1"]);
@@ -626,8 +634,11 @@ async fn an_action_survives_its_worker_being_killed() {
         blob_text(&remote, result.stdout_digest.as_ref()).await,
         "finished\n"
     );
-    let attempts = std::fs::read_to_string(&pidfile).unwrap().lines().count();
-    assert_eq!(attempts, 2);
+    // The first attempt did not outlive its worker.
+    assert!(
+        wait_gone(pid).await,
+        "the killed worker's action kept running"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -643,11 +654,10 @@ async fn a_silent_worker_loses_its_actions_and_its_late_result_is_ignored() {
     );
     let frozen = Worker::start(&server.url, "frozen", &["--capacity", "1"]);
     let remote = server.remote("").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let log = tmp.path().join("log");
-    let script = format!("echo $PPID >> {}; sleep 1; echo ok", log.display());
+    let sleep = unique_sleep();
+    let script = format!("sleep {sleep} & sleep 1; echo ok");
     let (_, mut stream) = start(&remote, &shell(&script)).await;
-    wait_for_pid(&log).await;
+    wait_for_process(&format!("sleep {sleep}")).await;
     frozen.freeze();
     let _healthy = Worker::start(&server.url, "healthy", &["--capacity", "1"]);
     let mut last = None;

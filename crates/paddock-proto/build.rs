@@ -2,10 +2,15 @@
 
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let file = root.join("paddock/worker/v1/worker.proto");
-    println!("cargo:rerun-if-changed={}", file.display());
-    let descriptors = protox::compile([&file], [&root]).expect("proto/ must compile");
+    let files = [
+        root.join("paddock/worker/v1/worker.proto"),
+        root.join("paddock/execution/v1/resource_usage.proto"),
+    ];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let descriptors = protox::compile(&files, [&root]).expect("proto/ must compile");
     tonic_prost_build::configure()
         .compile_fds(descriptors)
-        .expect("generating the worker protocol");
+        .expect("generating Paddock's protocols");
 }

@@ -165,39 +165,90 @@ impl Farm {
 
 impl Drop for Farm {
     fn drop(&mut self) {
+        // SIGTERM, so that the farm's workers remove their cgroups on the way out.
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_gracefully(&mut child);
         }
     }
 }
 
-/// A `paddock worker` process, killed when dropped.
+/// SIGTERM, then SIGKILL if the process is still there after five seconds.
+fn stop_gracefully(child: &mut Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A `paddock worker` process (in its own process group, with its sandbox
+/// helpers), killed when dropped.
 pub struct Worker {
     child: Option<Child>,
     pub name: String,
+    url: String,
+    args: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
 impl Worker {
     /// Starts a worker named `name` for the scheduler at `url`, with `args`.
     pub fn start(url: &str, name: &str, args: &[&str]) -> Worker {
-        let tmp = tempfile::tempdir().unwrap();
+        let mut worker = Worker {
+            child: None,
+            name: name.to_owned(),
+            url: url.to_owned(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            _tmp: tempfile::tempdir().unwrap(),
+        };
+        worker.spawn();
+        worker
+    }
+
+    fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._tmp.path().join("worker.log"))
+            .unwrap();
         let child = Command::new(paddock_bin())
-            .args(["worker", "--scheduler", url, "--name", name])
+            .args(["worker", "--scheduler", &self.url, "--name", &self.name])
             .arg("--work-dir")
-            .arg(tmp.path().join("work"))
-            .args(args)
+            .arg(self.work_dir())
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join("worker.log")).unwrap())
+            .stderr(log)
+            .process_group(0)
             .spawn()
             .expect("starting a paddock worker");
-        Worker {
-            child: Some(child),
-            name: name.to_owned(),
-            _tmp: tmp,
+        self.child = Some(child);
+    }
+
+    /// Where the worker keeps its cache, sandbox state and action directories.
+    pub fn work_dir(&self) -> PathBuf {
+        self._tmp.path().join("work")
+    }
+
+    /// Kills the worker and every helper it started, all at once.
+    pub fn kill_tree(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
         }
+    }
+
+    /// Starts the worker again, with the same name, arguments and work directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
     }
 
     pub fn pid(&self) -> i32 {
@@ -206,8 +257,8 @@ impl Worker {
 
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -228,11 +279,28 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_gracefully(&mut child);
         }
     }
+}
+
+/// The processes whose parent is `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name may hold spaces: the fields follow its ')'.
+                    let after = stat.rsplit_once(')')?.1.to_owned();
+                    after.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// Writes a configuration file for a test and returns its path.

@@ -177,8 +177,70 @@ impl PropertyValues {
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RunnerKind {
-    /// A plain child process in its own process group and directory.
-    Process,
+    /// Each action in its own container (namespaces, cgroup limits, seccomp).
+    Container,
+    /// A plain child process of the worker, in its own process group: for machines
+    /// where containers cannot run. It isolates nothing.
+    Host,
+}
+
+impl std::str::FromStr for RunnerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "container" => Ok(RunnerKind::Container),
+            "host" => Ok(RunnerKind::Host),
+            other => Err(format!(
+                "unknown runner {other:?}: use \"container\" or \"host\""
+            )),
+        }
+    }
+}
+
+/// How the container runner confines actions.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The uid and gid actions run as inside their containers.
+    pub uid: u32,
+    pub gid: u32,
+    /// Limits of actions whose platform sets none (`memory`, `pids`, `cores`).
+    pub default_memory: ByteSize,
+    pub default_pids: u64,
+    /// CPU cores' worth of time; unset means no CPU limit.
+    pub default_cores: Option<f64>,
+    /// The most any action gets, whatever its platform asks.
+    pub max_memory: Option<ByteSize>,
+    pub max_pids: u64,
+    pub max_cores: Option<f64>,
+    /// Totals for all of the worker's actions together; memory defaults to 90% of
+    /// the machine's.
+    pub total_memory: Option<ByteSize>,
+    pub total_pids: u64,
+    /// Each action's private `/tmp` (a tmpfs, counted against its memory).
+    pub tmp_size: ByteSize,
+    /// The cgroup under which each worker makes its own.
+    pub cgroup_parent: String,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            uid: 65534,
+            gid: 65534,
+            default_memory: ByteSize::gib(4),
+            default_pids: 4096,
+            default_cores: None,
+            max_memory: None,
+            max_pids: 32768,
+            max_cores: None,
+            total_memory: None,
+            total_pids: 65536,
+            tmp_size: ByteSize::gib(1),
+            cgroup_parent: "/paddock".into(),
+        }
+    }
 }
 
 /// A worker: what it offers and where it keeps its files.
@@ -200,6 +262,7 @@ pub struct WorkerConfig {
     /// memory).
     pub properties: BTreeMap<String, PropertyValues>,
     pub runner: RunnerKind,
+    pub sandbox: SandboxConfig,
 }
 
 impl Default for WorkerConfig {
@@ -211,7 +274,8 @@ impl Default for WorkerConfig {
             capacity: None,
             cache_size: ByteSize::gib(10),
             properties: BTreeMap::new(),
-            runner: RunnerKind::Process,
+            runner: RunnerKind::Container,
+            sandbox: SandboxConfig::default(),
         }
     }
 }

@@ -47,6 +47,20 @@ pub struct RunOutcome {
     pub duration: Duration,
     /// Something the client should read, e.g. which signal ended the command.
     pub message: String,
+    /// What the command used, where the runner can measure it.
+    pub usage: Option<ResourceUsage>,
+}
+
+/// Resources an action used, as its cgroup counted them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    pub peak_memory_bytes: u64,
+    /// Zero when unlimited.
+    pub memory_limit_bytes: u64,
+    pub cpu_user_micros: u64,
+    pub cpu_system_micros: u64,
+    /// The kernel killed the command for exceeding its memory limit.
+    pub out_of_memory: bool,
 }
 
 /// Why a command did not run to an outcome.
@@ -55,6 +69,10 @@ pub enum RunError {
     /// The action cannot run anywhere (its program does not exist, say).
     #[error("{0}")]
     Action(String),
+    /// What the action's platform names cannot be provided (a missing image or store
+    /// path): FAILED_PRECONDITION, and no retry elsewhere.
+    #[error("{0}")]
+    Precondition(String),
     /// This worker could not run it; another may.
     #[error("{0}")]
     Worker(String),

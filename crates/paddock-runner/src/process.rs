@@ -103,6 +103,7 @@ impl Runner for ProcessRunner {
             timed_out,
             duration,
             message,
+            usage: None,
         })
     }
 }

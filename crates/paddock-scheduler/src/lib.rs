@@ -241,13 +241,15 @@ impl Scheduler {
             },
         };
 
+        let platform = paddock_reapi::platform(&action, &command);
+        inner.policies.check(&platform).map_err(invalid)?;
         let job = Job {
             id: 0,
             key,
             digest: action_digest,
             action: action_bytes,
             command: command_bytes,
-            platform: paddock_reapi::platform(&action, &command),
+            platform,
             timeout,
             priority,
             invocation,

@@ -67,6 +67,18 @@ impl Policies {
         }
     }
 
+    /// Checks that every property matched as a minimum holds a number or a size.
+    pub fn check(&self, platform: &[(String, String)]) -> Result<(), String> {
+        for (name, value) in platform {
+            if self.of(name) == MatchPolicy::Minimum && quantity(value).is_none() {
+                return Err(format!(
+                    "platform property {name}={value:?} must be a number or a size such as 2GiB"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `offer` satisfies every requirement in `platform`.
     pub fn satisfies(&self, offer: &Offer, platform: &[(String, String)]) -> bool {
         platform

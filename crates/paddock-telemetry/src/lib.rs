@@ -22,14 +22,22 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
 ];
 
-/// Sets up logging to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_logging(json: bool) {
+/// Sets up logging to stderr; `RUST_LOG` overrides `default_filter`.
+pub fn init_logging(json: bool, default_filter: &str) {
+    init_logging_to(json, default_filter, std::io::stderr);
+}
+
+/// Sets up logging to `writer`; `RUST_LOG` overrides `default_filter`.
+pub fn init_logging_to<W>(json: bool, default_filter: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = if json {
         builder.json().try_init()
     } else {

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use paddock_client::{Remote, Source};
+use paddock_proto::execution::v1::{ResourceUsage, RESOURCE_USAGE};
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{Action, ActionResult, Command, ExecutedActionMetadata};
+use paddock_reapi::status::pack;
 use paddock_reapi::time::{proto_duration, timestamp};
 use paddock_reapi::{validate, Digest};
 use paddock_runner::{RunError, RunSpec, Runner};
@@ -153,11 +155,24 @@ async fn run_assignment(
     let outcome = match ctx.runner.run(spec, cancel).await {
         Ok(o) => o,
         Err(RunError::Action(e)) => return failed(Code::InvalidArgument, e, false),
+        Err(RunError::Precondition(e)) => return failed(Code::FailedPrecondition, e, false),
         Err(RunError::Worker(e)) => return failed(Code::Internal, e, true),
         Err(RunError::Cancelled) => return failed(Code::Cancelled, "cancelled", true),
     };
     metadata.execution_completed_timestamp = Some(timestamp(SystemTime::now()));
     metadata.virtual_execution_duration = Some(proto_duration(outcome.duration));
+    if let Some(usage) = outcome.usage {
+        let usage = ResourceUsage {
+            peak_memory_bytes: usage.peak_memory_bytes,
+            memory_limit_bytes: usage.memory_limit_bytes,
+            cpu_user_micros: usage.cpu_user_micros,
+            cpu_system_micros: usage.cpu_system_micros,
+            out_of_memory: usage.out_of_memory,
+        };
+        metadata
+            .auxiliary_metadata
+            .push(pack(RESOURCE_USAGE, &usage));
+    }
 
     metadata.output_upload_start_timestamp = Some(timestamp(SystemTime::now()));
     let collected = {

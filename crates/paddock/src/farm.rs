@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use paddock_config::{Config, RunnerKind, WorkerConfig};
+use paddock_config::{Config, RunnerKind, SandboxConfig, WorkerConfig};
 use paddock_scheduler::Scheduler;
 use paddock_server::{Limits, Storage};
 use paddock_worker::WorkerOptions;
@@ -89,25 +89,28 @@ impl Farm {
 }
 
 /// The options of a worker as the configuration describes it; `data_dir` holds its
-/// files unless `work_dir` is set.
+/// files unless `work_dir` is set. Prepares the container runner (its root templates
+/// and cgroups) unless the configuration asks for the host runner.
 pub fn worker_options(
     config: &WorkerConfig,
     scheduler: String,
     name: String,
     data_dir: PathBuf,
-) -> WorkerOptions {
+) -> Result<WorkerOptions> {
     let capacity = config.capacity.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    let work_dir = config.work_dir.clone().unwrap_or(data_dir);
     let runner: Arc<dyn paddock_runner::Runner> = match config.runner {
-        RunnerKind::Process => Arc::new(paddock_runner::ProcessRunner),
+        RunnerKind::Host => Arc::new(paddock_runner::ProcessRunner),
+        RunnerKind::Container => Arc::new(container_runner(&config.sandbox, &name, &work_dir)?),
     };
-    WorkerOptions {
+    Ok(WorkerOptions {
         name,
         scheduler,
-        work_dir: config.work_dir.clone().unwrap_or(data_dir),
+        work_dir,
         capacity,
         cache_size: config.cache_size.bytes(),
         properties: config
@@ -116,7 +119,70 @@ pub fn worker_options(
             .flat_map(|(k, v)| v.values().into_iter().map(move |v| (k.clone(), v)))
             .collect(),
         runner,
-    }
+    })
+}
+
+/// The machine's memory in bytes, from /proc/meminfo.
+fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn container_runner(
+    config: &SandboxConfig,
+    worker: &str,
+    work_dir: &std::path::Path,
+) -> Result<paddock_sandbox::ContainerRunner> {
+    let helper =
+        std::env::current_exe().context("finding the paddock binary for the sandbox helper")?;
+    std::fs::create_dir_all(work_dir)?;
+    // Named after the worker and its directory: two workers on one host never share
+    // a cgroup (each cleans its own up at start), and a restarted worker finds its old one.
+    let work_dir = work_dir.canonicalize()?;
+    let place = paddock_reapi::Digest::of(work_dir.as_os_str().as_encoded_bytes()).hash_hex();
+    let cgroup_name: String = worker
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .chain(std::iter::once('-'))
+        .chain(place[..8].chars())
+        .collect();
+    let machine = machine_memory();
+    let options = paddock_sandbox::SandboxOptions {
+        helper: vec![helper.into_os_string(), "sandbox".into()],
+        dir: work_dir.join("sandbox"),
+        cgroup_parent: PathBuf::from(&config.cgroup_parent).join(cgroup_name),
+        uid: config.uid,
+        gid: config.gid,
+        defaults: paddock_sandbox::Limits {
+            memory_bytes: Some(config.default_memory.bytes()),
+            pids: Some(config.default_pids),
+            cores: config.default_cores,
+        },
+        maxima: paddock_sandbox::Limits {
+            memory_bytes: config.max_memory.map(|m| m.bytes()).or(machine),
+            pids: Some(config.max_pids),
+            cores: config.max_cores,
+        },
+        total_memory: config
+            .total_memory
+            .map(|m| m.bytes())
+            .or(machine.map(|m| m / 10 * 9)),
+        total_pids: Some(config.total_pids),
+        tmp_size: config.tmp_size.bytes(),
+        resolvers: Vec::new(),
+    };
+    paddock_sandbox::ContainerRunner::new(options).map_err(|e| {
+        anyhow::anyhow!(
+            "setting up the container runner: {e} (use --runner host where containers cannot run)"
+        )
+    })
 }
 
 /// Runs the farm in the foreground until SIGINT or SIGTERM, with
@@ -147,7 +213,7 @@ pub async fn run(config: Config) -> Result<()> {
             farm.url(),
             format!("{host}-local-{i}"),
             data_dir.join("workers").join(i.to_string()),
-        );
+        )?;
         workers.push(tokio::spawn(paddock_worker::run(
             options,
             stop_workers.clone(),
@@ -209,7 +275,7 @@ impl Embedded {
                 url.clone(),
                 format!("bench-{i}"),
                 data_dir.path().join("workers").join(i.to_string()),
-            );
+            )?;
             tokio::spawn(paddock_worker::run(options, stop_workers.clone()));
         }
         Ok(Embedded {

@@ -4,6 +4,7 @@
 mod farm;
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -49,6 +50,9 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Run one container for a worker (internal: the worker starts it).
+    #[command(hide = true)]
+    Sandbox,
 }
 
 #[derive(Args)]
@@ -58,6 +62,9 @@ struct UpArgs {
     /// How many workers to run in this process (default 1).
     #[arg(long)]
     workers: Option<usize>,
+    /// How local workers run actions: `container` (default) or `host`.
+    #[arg(long)]
+    runner: Option<paddock_config::RunnerKind>,
 }
 
 #[derive(Args)]
@@ -80,6 +87,9 @@ struct WorkerArgs {
     /// A platform property to offer, `NAME=VALUE`; repeat for more.
     #[arg(long = "property", value_parser = parse_pair)]
     properties: Vec<(String, String)>,
+    /// How to run actions: `container` (default) or `host` (no isolation).
+    #[arg(long)]
+    runner: Option<paddock_config::RunnerKind>,
 }
 
 #[derive(Args)]
@@ -234,6 +244,9 @@ enum BenchCommand {
         /// Actions each embedded worker runs at once (default: the number of CPUs).
         #[arg(long)]
         capacity: Option<usize>,
+        /// How the embedded workers run actions: `container` (default) or `host`.
+        #[arg(long, default_value = "container")]
+        runner: paddock_config::RunnerKind,
         /// Sequential cache misses to time.
         #[arg(long, default_value_t = 200)]
         misses: usize,
@@ -252,7 +265,17 @@ fn parse_digest(text: &str) -> Result<Digest> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    paddock_telemetry::init_logging(cli.log_json);
+    if let Command::Sandbox = cli.command {
+        // The helper must stay single-threaded (libcontainer forks): no runtime here.
+        // Its logs, and those of the container processes it forks, go to a copy of
+        // its stderr (the worker's log): inside the container, fd 2 is the action's.
+        let log = std::io::stderr().as_fd().try_clone_to_owned()?;
+        let log = std::sync::Mutex::new(std::fs::File::from(log));
+        paddock_telemetry::init_logging_to(cli.log_json, "error", log);
+        std::process::exit(paddock_sandbox::helper::main());
+    }
+    // libcgroups warns about every controller this kernel lacks; that is not news.
+    paddock_telemetry::init_logging(cli.log_json, "info,libcgroups=error");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -265,6 +288,9 @@ async fn run(command: Command) -> Result<()> {
             let mut config = args.server.config()?;
             if let Some(workers) = args.workers {
                 config.server.local_workers = workers;
+            }
+            if let Some(runner) = args.runner {
+                config.worker.runner = runner;
             }
             farm::run(config).await
         }
@@ -287,6 +313,9 @@ async fn run(command: Command) -> Result<()> {
             if let Some(capacity) = args.capacity {
                 config.capacity = Some(capacity);
             }
+            if let Some(runner) = args.runner {
+                config.runner = runner;
+            }
             for (name, value) in args.properties {
                 let values = config
                     .properties
@@ -308,10 +337,11 @@ async fn run(command: Command) -> Result<()> {
                 config.scheduler.clone(),
                 name,
                 paddock_config::default_data_dir().join("worker"),
-            );
+            )?;
             farm::run_worker(options).await
         }
         Command::Exec(args) => exec(args).await,
+        Command::Sandbox => unreachable!("handled before the runtime starts"),
         Command::Cas { command } => cas(command).await,
         Command::Bench { command } => match command {
             BenchCommand::Cas {
@@ -345,6 +375,7 @@ async fn run(command: Command) -> Result<()> {
                 instance,
                 workers,
                 capacity,
+                runner,
                 misses,
                 burst,
             } => {
@@ -355,6 +386,7 @@ async fn run(command: Command) -> Result<()> {
                 };
                 let worker_config = paddock_config::WorkerConfig {
                     capacity,
+                    runner,
                     ..Default::default()
                 };
                 let (url, _embedded) = match remote {
@@ -367,7 +399,7 @@ async fn run(command: Command) -> Result<()> {
                 let remote = Remote::connect(&url, &instance).await?;
                 let mut report = bench::exec(&remote, options).await?;
                 report.target = match &_embedded {
-                    Some(_) => format!("{url} (embedded, {workers} workers, process runner)"),
+                    Some(_) => format!("{url} (embedded, {workers} workers, {runner:?} runner)"),
                     None => url,
                 };
                 println!("{report}");

@@ -1,0 +1,181 @@
+//! Root filesystems for actions, chosen by platform properties.
+//!
+//! A [`RootfsResolver`] looks at an action's platform and either declines (it is not
+//! its kind of platform) or returns a [`Rootfs`]: a directory to use as the container
+//! root and read-only bind mounts to place in it. The container runner asks its
+//! resolvers in order; [`HostResolver`], which always answers, comes last.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+/// A read-only bind mount into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    /// The absolute path inside the container.
+    pub destination: PathBuf,
+}
+
+/// What a resolver provides for one action.
+pub struct Rootfs {
+    /// The container's root directory (mounted read-only); it must already hold the
+    /// mount points for `mounts` and for `/work`, `/tmp`, `/proc`, `/dev`.
+    pub root: PathBuf,
+    pub mounts: Vec<BindMount>,
+    /// Variables that apply beneath the Command's own (an image's `Env`, say).
+    pub environment: Vec<(String, String)>,
+    /// Keeps whatever the root depends on (a GC root, an image lease) alive until the
+    /// action is over.
+    pub lease: Option<Box<dyn Any + Send + Sync>>,
+}
+
+/// Why a platform's root filesystem could not be provided. The action fails with
+/// FAILED_PRECONDITION and this message; retrying elsewhere would not help.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ResolveError(pub String);
+
+#[async_trait]
+pub trait RootfsResolver: Send + Sync + 'static {
+    /// A short name for logs and messages (`host`, `nix`, `oci`).
+    fn name(&self) -> &'static str;
+
+    /// The root for an action with `platform`, or `None` if this resolver does not
+    /// handle it.
+    async fn resolve(&self, platform: &[(String, String)]) -> Result<Option<Rootfs>, ResolveError>;
+}
+
+/// Host directories an action may see, read-only: the toolchain, not the machine.
+const HOST_DIRS: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt",
+];
+
+/// Host files and directories under `/etc` that toolchains need.
+const HOST_ETC: &[&str] = &[
+    "alternatives",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "protocols",
+    "services",
+    "ssl",
+];
+
+/// The worker's own toolchain, read-only: `/usr`, `/bin`, `/lib*` and a minimal
+/// `/etc` (users, hosts, the dynamic linker's cache, Debian's alternatives). On
+/// merged-/usr systems, `/bin` and friends are the same symlinks as on the host.
+pub struct HostResolver {
+    root: PathBuf,
+    mounts: Vec<BindMount>,
+}
+
+impl HostResolver {
+    /// Prepares the root template under `dir` (once per worker). `uid` and `gid` are
+    /// the identity actions run as, which gets an entry in `/etc/passwd`.
+    pub fn prepare(dir: &Path, uid: u32, gid: u32) -> std::io::Result<HostResolver> {
+        let root = dir.join("host-root");
+        let etc = dir.join("host-etc");
+        for d in [&root, &etc] {
+            if d.exists() {
+                std::fs::remove_dir_all(d)?;
+            }
+            std::fs::create_dir_all(d)?;
+        }
+        let mut mounts = Vec::new();
+        for name in HOST_DIRS {
+            let host = Path::new("/").join(name);
+            let Ok(meta) = std::fs::symlink_metadata(&host) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(&host)?, root.join(name))?;
+            } else if meta.is_dir() {
+                std::fs::create_dir(root.join(name))?;
+                mounts.push(BindMount {
+                    source: host.clone(),
+                    destination: host,
+                });
+            }
+        }
+        prepare_mount_points(&root)?;
+        write_etc(&etc, uid, gid)?;
+        mounts.push(BindMount {
+            source: etc.clone(),
+            destination: "/etc".into(),
+        });
+        for name in HOST_ETC {
+            let host = Path::new("/etc").join(name);
+            let Ok(meta) = std::fs::metadata(&host) else {
+                continue;
+            };
+            // The mount point must exist in the (read-only) /etc before the bind.
+            if meta.is_dir() {
+                std::fs::create_dir_all(etc.join(name))?;
+            } else {
+                std::fs::write(etc.join(name), b"")?;
+            }
+            mounts.push(BindMount {
+                source: host.clone(),
+                destination: host,
+            });
+        }
+        Ok(HostResolver { root, mounts })
+    }
+}
+
+/// The mount points every container root needs, beside those of its bind mounts.
+pub fn prepare_mount_points(root: &Path) -> std::io::Result<()> {
+    for d in ["etc", "proc", "dev", "tmp", "work"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    Ok(())
+}
+
+/// A minimal `/etc`: who the action runs as, and that `localhost` is loopback.
+fn write_etc(etc: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
+    let mut group = String::from("root:x:0:\n");
+    if uid != 0 {
+        passwd.push_str(&format!(
+            "build:x:{uid}:{gid}:Paddock action:/tmp:/bin/sh\n"
+        ));
+    }
+    if gid != 0 {
+        group.push_str(&format!("build:x:{gid}:\n"));
+    }
+    std::fs::write(etc.join("passwd"), passwd)?;
+    std::fs::write(etc.join("group"), group)?;
+    std::fs::write(
+        etc.join("hosts"),
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )?;
+    std::fs::write(
+        etc.join("nsswitch.conf"),
+        "passwd: files\ngroup: files\nhosts: files\n",
+    )?;
+    std::fs::write(etc.join("hostname"), "paddock\n")?;
+    Ok(())
+}
+
+#[async_trait]
+impl RootfsResolver for HostResolver {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    async fn resolve(
+        &self,
+        _platform: &[(String, String)],
+    ) -> Result<Option<Rootfs>, ResolveError> {
+        Ok(Some(Rootfs {
+            root: self.root.clone(),
+            mounts: self.mounts.clone(),
+            environment: Vec::new(),
+            lease: None,
+        }))
+    }
+}

@@ -1,0 +1,347 @@
+//! The container runner: each action in its own container, started by a helper
+//! process (see [`crate::helper`]).
+
+use std::ffi::OsString;
+use std::os::unix::fs::{chown, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use paddock_config::ByteSize;
+use paddock_runner::{ResourceUsage, RunError, RunOutcome, RunSpec, Runner};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::helper::{Request, Response, NOT_FOUND_MARKER};
+use crate::rootfs::{HostResolver, Rootfs, RootfsResolver};
+use crate::spec::{self, ContainerSpec, Limits};
+
+/// How a worker's containers are set up.
+pub struct SandboxOptions {
+    /// The command that runs the helper: a program and its first arguments.
+    pub helper: Vec<OsString>,
+    /// Where the runner keeps container state and root templates.
+    pub dir: PathBuf,
+    /// The worker's cgroup; each action gets a child of it.
+    pub cgroup_parent: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Limits for actions that ask for none.
+    pub defaults: Limits,
+    /// The most any action gets, whatever it asks for.
+    pub maxima: Limits,
+    /// The fleet's totals, on the parent cgroup.
+    pub total_memory: Option<u64>,
+    pub total_pids: Option<u64>,
+    /// The size of each action's private `/tmp`.
+    pub tmp_size: u64,
+    /// Resolvers asked before the host one, in order.
+    pub resolvers: Vec<Arc<dyn RootfsResolver>>,
+}
+
+pub struct ContainerRunner {
+    options: SandboxOptions,
+    host: HostResolver,
+    state_root: PathBuf,
+}
+
+impl ContainerRunner {
+    /// Prepares the runner: root templates, the parent cgroup with its totals, and a
+    /// clean slate (containers and cgroups a previous life left behind are removed).
+    pub fn new(options: SandboxOptions) -> Result<ContainerRunner, String> {
+        let state_root = options.dir.join("state");
+        std::fs::create_dir_all(&state_root)
+            .map_err(|e| format!("creating {}: {e}", state_root.display()))?;
+        for leftover in std::fs::read_dir(&state_root)
+            .map_err(|e| e.to_string())?
+            .flatten()
+        {
+            let path = leftover.path();
+            tracing::warn!(container = %path.display(), "removing a container left by an earlier run");
+            if let Ok(mut container) = libcontainer::container::Container::load(path.clone()) {
+                let _ = container.delete(true);
+            }
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        let removed = crate::cgroups::remove_children(&options.cgroup_parent);
+        if !removed.is_empty() {
+            tracing::warn!(
+                count = removed.len(),
+                "removed cgroups left by an earlier run"
+            );
+        }
+        crate::cgroups::create_parent(
+            &options.cgroup_parent,
+            options.total_memory,
+            options.total_pids,
+        )?;
+        let host = HostResolver::prepare(&options.dir, options.uid, options.gid)
+            .map_err(|e| format!("preparing the host root: {e}"))?;
+        Ok(ContainerRunner {
+            options,
+            host,
+            state_root,
+        })
+    }
+
+    /// The limits for an action's platform: what it asks for, within the maxima.
+    fn limits(&self, platform: &[(String, String)]) -> Result<Limits, RunError> {
+        let mut limits = self.options.defaults;
+        let bad = |name: &str, value: &str, what: &str| {
+            RunError::Action(format!("platform property {name}={value:?} is not {what}"))
+        };
+        for (name, value) in platform {
+            match name.as_str() {
+                "memory" => {
+                    let bytes = value
+                        .parse::<ByteSize>()
+                        .map_err(|_| bad(name, value, "a size such as 2GiB"))?;
+                    limits.memory_bytes = Some(bytes.bytes());
+                }
+                "pids" => {
+                    let pids = value
+                        .parse::<u64>()
+                        .map_err(|_| bad(name, value, "a number"))?;
+                    limits.pids = Some(pids);
+                }
+                "cores" => {
+                    let cores = value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|c| c.is_finite() && *c > 0.0)
+                        .ok_or_else(|| bad(name, value, "a positive number"))?;
+                    limits.cores = Some(cores);
+                }
+                _ => {}
+            }
+        }
+        let max = self.options.maxima;
+        let cap = |v: Option<u64>, m: Option<u64>| match (v, m) {
+            (Some(v), Some(m)) => Some(v.min(m)),
+            (v, m) => v.or(m),
+        };
+        Ok(Limits {
+            memory_bytes: cap(limits.memory_bytes, max.memory_bytes),
+            pids: cap(limits.pids, max.pids),
+            cores: match (limits.cores, max.cores) {
+                (Some(v), Some(m)) => Some(v.min(m)),
+                (v, _) => v,
+            },
+        })
+    }
+
+    async fn rootfs(&self, platform: &[(String, String)]) -> Result<Rootfs, RunError> {
+        for resolver in &self.options.resolvers {
+            match resolver.resolve(platform).await {
+                Ok(Some(rootfs)) => return Ok(rootfs),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(RunError::Precondition(format!(
+                        "{} platform: {e}",
+                        resolver.name()
+                    )))
+                }
+            }
+        }
+        self.host
+            .resolve(platform)
+            .await
+            .map_err(|e| RunError::Worker(e.to_string()))?
+            .ok_or_else(|| RunError::Worker("the host resolver declined".into()))
+    }
+}
+
+impl Drop for ContainerRunner {
+    fn drop(&mut self) {
+        crate::cgroups::remove_parent(&self.options.cgroup_parent);
+    }
+}
+
+/// Gives the action's uid the input root's directories (files stay read-only and
+/// owned by the worker, so an action cannot change the cache they are linked from).
+fn hand_over(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&dir)?;
+        if meta.uid() != uid || meta.gid() != gid {
+            chown(&dir, Some(uid), Some(gid))?;
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+#[async_trait]
+impl Runner for ContainerRunner {
+    async fn run(&self, run: RunSpec, cancel: CancellationToken) -> Result<RunOutcome, RunError> {
+        let limits = self.limits(&run.platform)?;
+        if !run.input_root.join(&run.working_directory).is_dir() {
+            return Err(RunError::Action(format!(
+                "the working directory {:?} is not a directory in the input root",
+                run.working_directory
+            )));
+        }
+        let rootfs = self.rootfs(&run.platform).await?;
+        let action_dir = run
+            .stdout
+            .parent()
+            .ok_or_else(|| RunError::Worker("the stdout file has no directory".into()))?
+            .to_owned();
+        let id = format!(
+            "paddock-{}",
+            action_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("action")
+        );
+        let cgroup = self.options.cgroup_parent.join(&id);
+        let environment = rootfs
+            .environment
+            .iter()
+            .chain(&run.environment)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let oci = spec::build(&ContainerSpec {
+            arguments: &run.arguments,
+            environment,
+            working_directory: &run.working_directory,
+            rootfs: &rootfs,
+            input_root: &run.input_root,
+            uid: self.options.uid,
+            gid: self.options.gid,
+            limits,
+            cgroups_path: cgroup.clone(),
+            tmp_size: self.options.tmp_size,
+        })
+        .map_err(RunError::Worker)?;
+        let bundle = action_dir.join("bundle");
+        let (input_root, uid, gid) = (run.input_root.clone(), self.options.uid, self.options.gid);
+        let prepared_bundle = bundle.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            hand_over(&input_root, uid, gid)
+                .map_err(|e| format!("handing over the input root: {e}"))?;
+            std::fs::create_dir_all(&prepared_bundle).map_err(|e| e.to_string())?;
+            oci.save(prepared_bundle.join("config.json"))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| RunError::Worker(e.to_string()))?
+        .map_err(RunError::Worker)?;
+
+        let request = Request {
+            container_id: id,
+            bundle,
+            state_root: self.state_root.clone(),
+            stdout: run.stdout.clone(),
+            stderr: run.stderr.clone(),
+            timeout_ms: run.timeout.as_millis() as u64,
+            cgroup,
+        };
+        let mut line = serde_json::to_vec(&request).map_err(|e| RunError::Worker(e.to_string()))?;
+        line.push(b'\n');
+        let mut helper = tokio::process::Command::new(&self.options.helper[0])
+            .args(&self.options.helper[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| RunError::Worker(format!("starting the sandbox helper: {e}")))?;
+        let mut stdin = helper.stdin.take().expect("piped stdin");
+        let mut stdout = helper.stdout.take().expect("piped stdout");
+        stdin
+            .write_all(&line)
+            .await
+            .map_err(|e| RunError::Worker(format!("talking to the sandbox helper: {e}")))?;
+        // Standard input stays open: closing it is how the helper is told to stop.
+        let mut stdin = Some(stdin);
+        let mut output = Vec::new();
+        let mut read = std::pin::pin!(stdout.read_to_end(&mut output));
+        let read_result = tokio::select! {
+            r = &mut read => r,
+            _ = cancel.cancelled() => {
+                stdin.take();
+                read.await
+            }
+        };
+        drop(stdin);
+        let _ = helper.wait().await;
+        read_result
+            .map_err(|e| RunError::Worker(format!("reading from the sandbox helper: {e}")))?;
+        drop(rootfs); // the root's lease ends with the container
+        let response: Response = serde_json::from_slice(&output).map_err(|e| {
+            RunError::Worker(format!(
+                "the sandbox helper gave no answer ({e}); see the worker's log"
+            ))
+        })?;
+        if let Some(error) = response.error {
+            return Err(RunError::Worker(format!("sandbox: {error}")));
+        }
+        if response.cancelled {
+            return Err(RunError::Cancelled);
+        }
+        if response.exit_code == 127 {
+            if let Some(message) = not_found_message(&run.stderr).await {
+                return Err(RunError::Action(message));
+            }
+        }
+        let out_of_memory = response.signal == Some(libc::SIGKILL)
+            && !response.timed_out
+            && response.memory_limit_hits > 0;
+        let message = if out_of_memory {
+            format!(
+                "the action ran out of memory: it was killed at {} of its {} limit (raise it with the platform property memory=...)",
+                describe_bytes(response.peak_memory_bytes),
+                describe_bytes(response.memory_limit_bytes)
+            )
+        } else if response.timed_out {
+            format!("killed at its timeout of {}s", run.timeout.as_secs_f64())
+        } else if let Some(signal) = response.signal {
+            format!("killed by signal {signal}")
+        } else {
+            String::new()
+        };
+        Ok(RunOutcome {
+            exit_code: response.exit_code,
+            timed_out: response.timed_out,
+            duration: Duration::from_micros(response.run_micros),
+            message,
+            usage: Some(ResourceUsage {
+                peak_memory_bytes: response.peak_memory_bytes,
+                memory_limit_bytes: limits.memory_bytes.unwrap_or(0),
+                cpu_user_micros: response.cpu_user_micros,
+                cpu_system_micros: response.cpu_system_micros,
+                out_of_memory,
+            }),
+        })
+    }
+}
+
+/// The helper's "cannot run" message, if the action's stderr starts with it.
+async fn not_found_message(stderr: &Path) -> Option<String> {
+    let mut head = vec![0u8; 4096];
+    let mut file = tokio::fs::File::open(stderr).await.ok()?;
+    let n = file.read(&mut head).await.ok()?;
+    let text = String::from_utf8_lossy(&head[..n]);
+    text.starts_with(NOT_FOUND_MARKER).then(|| {
+        text.trim_start_matches("paddock: ")
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    })
+}
