@@ -1,17 +1,17 @@
-//! The helper process that runs one container: `paddock sandbox`.
+//! The helper that runs one container, in a single-threaded process forked by the
+//! [zygote](crate::zygote).
 //!
-//! libcontainer forks with raw `clone3` and runs Rust code in the children, which is
-//! unsound in a multi-threaded process such as a tokio worker. So each action's
-//! container is driven by a small, single-threaded helper: it reads a [`Request`] (one
-//! JSON line) on standard input, gives itself a private network namespace with only
-//! loopback up, builds and starts the container, and waits for it, its timeout, or
-//! standard input closing (the worker cancelled, or died), whichever comes first. Then
-//! it reads the cgroup's statistics, deletes the container (processes, cgroup, state)
-//! and writes a [`Response`] line on standard output.
+//! It reads a [`Request`] (one JSON line) from its connection, gives itself a private
+//! network namespace with only loopback up, builds and starts the container with
+//! libcontainer, and waits for it, its timeout, or the connection closing (the worker
+//! cancelled, or died), whichever comes first. Then it reads the cgroup's statistics,
+//! writes a [`Response`] line and closes its side, and only then deletes the container
+//! (processes, cgroup, state), so that teardown is off the action's critical path.
 
 use std::ffi::CString;
 use std::io::{BufRead, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,9 +53,9 @@ pub struct Response {
     pub cpu_user_micros: u64,
     pub cpu_system_micros: u64,
     pub run_micros: u64,
-    /// Where the time outside the action went, for the benchmark.
-    pub setup_micros: u64,
-    pub teardown_micros: u64,
+    /// Where the helper's time went, phase by phase in microseconds, for the
+    /// benchmark.
+    pub phases: Vec<(String, u64)>,
     /// Set when the container could not be run at all.
     pub error: Option<String>,
 }
@@ -65,25 +65,26 @@ pub struct Response {
 /// into an error for the client.
 pub const NOT_FOUND_MARKER: &str = "paddock: cannot run ";
 
-/// Runs the helper: one request from stdin, one response to stdout.
-pub fn main() -> i32 {
-    let stdin = std::io::stdin();
+/// Serves one request on `conn`: the request line in, the response line out.
+pub fn serve(conn: UnixStream) {
     let mut line = String::new();
-    if stdin.lock().read_line(&mut line).is_err() {
-        return 2;
-    }
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => run(&request),
-        Err(e) => Response {
-            error: Some(format!("bad sandbox request: {e}")),
-            ..Default::default()
-        },
+    let read = std::io::BufReader::new(&conn).read_line(&mut line);
+    let (response, container) = match read
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str::<Request>(&line).map_err(|e| e.to_string()))
+    {
+        Ok(request) => run(&request, conn.as_raw_fd()),
+        Err(e) => (fail(format!("bad sandbox request: {e}")), None),
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = &conn;
     let _ = serde_json::to_writer(&mut out, &response);
     let _ = out.write_all(b"\n");
-    let _ = out.flush();
-    0
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    if let Some(mut container) = container {
+        if let Err(e) = container.delete(true) {
+            tracing::error!(container = container.id(), error = %e, "could not delete a container");
+        }
+    }
 }
 
 fn fail(message: impl Into<String>) -> Response {
@@ -93,11 +94,36 @@ fn fail(message: impl Into<String>) -> Response {
     }
 }
 
-fn run(request: &Request) -> Response {
-    let setup_started = Instant::now();
-    if let Err(e) = private_network() {
-        return fail(format!("creating the network namespace: {e}"));
+/// Records how long each phase took.
+struct Stopwatch {
+    last: Instant,
+    phases: Vec<(String, u64)>,
+}
+
+impl Stopwatch {
+    fn new() -> Self {
+        Stopwatch {
+            last: Instant::now(),
+            phases: Vec::new(),
+        }
     }
+
+    fn lap(&mut self, phase: &str) -> u64 {
+        let now = Instant::now();
+        let micros = now.duration_since(self.last).as_micros() as u64;
+        self.phases.push((phase.to_owned(), micros));
+        self.last = now;
+        micros
+    }
+}
+
+/// Runs the container; returns the response and the container still to delete.
+fn run(request: &Request, cancel_fd: RawFd) -> (Response, Option<Container>) {
+    let mut watch = Stopwatch::new();
+    if let Err(e) = private_network() {
+        return (fail(format!("creating the network namespace: {e}")), None);
+    }
+    watch.lap("network namespace");
     let open = |path: &Path| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -111,7 +137,7 @@ fn run(request: &Request) -> Response {
         std::fs::File::open("/dev/null").map(OwnedFd::from),
     ) {
         (Ok(o), Ok(e), Ok(i)) => (o, e, i),
-        _ => return fail("opening the action's standard streams"),
+        _ => return (fail("opening the action's standard streams"), None),
     };
     let built = ContainerBuilder::new(request.container_id.clone(), SyscallType::default())
         .with_root_path(&request.state_root)
@@ -129,22 +155,27 @@ fn run(request: &Request) -> Response {
         Ok(Ok(c)) => c,
         Ok(Err(e)) | Err(e) => {
             let _ = remove_leftover(&request.state_root.join(&request.container_id));
-            return fail(format!("creating the container: {e}"));
+            return (fail(format!("creating the container: {e}")), None);
         }
     };
+    watch.lap("create container");
     let mut response = Response::default();
     let Some(pid) = container.pid() else {
-        let _ = container.delete(true);
-        return fail("the container has no init process");
+        return (fail("the container has no init process"), Some(container));
     };
     if let Err(e) = container.start() {
-        let _ = container.delete(true);
-        return fail(format!("starting the container: {e}"));
+        return (
+            fail(format!("starting the container: {e}")),
+            Some(container),
+        );
     }
-    response.setup_micros = setup_started.elapsed().as_micros() as u64;
+    watch.lap("start");
 
-    let started = Instant::now();
-    let ended = wait(pid.as_raw(), Duration::from_millis(request.timeout_ms));
+    let ended = wait(
+        pid.as_raw(),
+        Duration::from_millis(request.timeout_ms),
+        cancel_fd,
+    );
     match ended {
         Ended::Exited => {}
         Ended::TimedOut => response.timed_out = true,
@@ -161,9 +192,8 @@ fn run(request: &Request) -> Response {
         }
         other => response.error = Some(format!("waiting for the action: {other:?}")),
     }
-    response.run_micros = started.elapsed().as_micros() as u64;
+    response.run_micros = watch.lap("run");
 
-    let teardown_started = Instant::now();
     if let Some(usage) = cgroups::usage(&request.cgroup, &request.container_id) {
         response.peak_memory_bytes = usage.peak_memory_bytes;
         response.memory_limit_bytes = usage.memory_limit_bytes;
@@ -171,11 +201,9 @@ fn run(request: &Request) -> Response {
         response.cpu_user_micros = usage.cpu_user_micros;
         response.cpu_system_micros = usage.cpu_system_micros;
     }
-    if let Err(e) = container.delete(true) {
-        response.error = Some(format!("deleting the container: {e}"));
-    }
-    response.teardown_micros = teardown_started.elapsed().as_micros() as u64;
-    response
+    watch.lap("statistics");
+    response.phases = watch.phases;
+    (response, Some(container))
 }
 
 /// Removes a container's state after a failed build, killing what it started.
@@ -193,8 +221,9 @@ enum Ended {
     Cancelled,
 }
 
-/// Waits for the process `pid`, the timeout, or EOF on standard input.
-fn wait(pid: i32, timeout: Duration) -> Ended {
+/// Waits for the process `pid`, the timeout, or `cancel_fd` turning readable (the
+/// worker closed its side).
+fn wait(pid: i32, timeout: Duration, cancel_fd: RawFd) -> Ended {
     // SAFETY: pidfd_open has no memory-safety preconditions; the result is checked.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if raw < 0 {
@@ -216,7 +245,7 @@ fn wait(pid: i32, timeout: Duration) -> Ended {
                 revents: 0,
             },
             libc::pollfd {
-                fd: 0,
+                fd: cancel_fd,
                 events: libc::POLLIN,
                 revents: 0,
             },

@@ -1,10 +1,8 @@
 //! The container runner: each action in its own container, started by a helper
 //! process (see [`crate::helper`]).
 
-use std::ffi::OsString;
 use std::os::unix::fs::{chown, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use crate::helper::{Request, Response, NOT_FOUND_MARKER};
 use crate::rootfs::{HostResolver, Rootfs, RootfsResolver};
 use crate::spec::{self, ContainerSpec, Limits};
+use crate::zygote::Zygote;
 
 /// How a worker's containers are set up.
 pub struct SandboxOptions {
-    /// The command that runs the helper: a program and its first arguments.
-    pub helper: Vec<OsString>,
+    /// The zygote that forks a helper per container.
+    pub zygote: Zygote,
     /// Where the runner keeps container state and root templates.
     pub dir: PathBuf,
     /// The worker's cgroup; each action gets a child of it.
@@ -84,6 +83,16 @@ impl ContainerRunner {
             host,
             state_root,
         })
+    }
+
+    /// The resolver of last resort: the worker's own toolchain.
+    pub fn host(&self) -> &HostResolver {
+        &self.host
+    }
+
+    /// The worker's cgroup, under which each action gets its own.
+    pub fn cgroup_parent(&self) -> &Path {
+        &self.options.cgroup_parent
     }
 
     /// The limits for an action's platform: what it asks for, within the maxima.
@@ -189,6 +198,21 @@ fn describe_bytes(bytes: u64) -> String {
 #[async_trait]
 impl Runner for ContainerRunner {
     async fn run(&self, run: RunSpec, cancel: CancellationToken) -> Result<RunOutcome, RunError> {
+        self.run_timed(run, cancel)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+}
+
+impl ContainerRunner {
+    /// Runs an action, also saying where the time went, phase by phase (in
+    /// microseconds): the runner's own preparation, then the helper's phases.
+    pub async fn run_timed(
+        &self,
+        run: RunSpec,
+        cancel: CancellationToken,
+    ) -> Result<(RunOutcome, Vec<(String, u64)>), RunError> {
+        let started = std::time::Instant::now();
         let limits = self.limits(&run.platform)?;
         if !run.input_root.join(&run.working_directory).is_dir() {
             return Err(RunError::Action(format!(
@@ -242,6 +266,7 @@ impl Runner for ContainerRunner {
         .await
         .map_err(|e| RunError::Worker(e.to_string()))?
         .map_err(RunError::Worker)?;
+        let prepared = started.elapsed().as_micros() as u64;
 
         let request = Request {
             container_id: id,
@@ -254,32 +279,25 @@ impl Runner for ContainerRunner {
         };
         let mut line = serde_json::to_vec(&request).map_err(|e| RunError::Worker(e.to_string()))?;
         line.push(b'\n');
-        let mut helper = tokio::process::Command::new(&self.options.helper[0])
-            .args(&self.options.helper[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| RunError::Worker(format!("starting the sandbox helper: {e}")))?;
-        let mut stdin = helper.stdin.take().expect("piped stdin");
-        let mut stdout = helper.stdout.take().expect("piped stdout");
-        stdin
+        let helper = tokio::net::UnixStream::connect(self.options.zygote.socket())
+            .await
+            .map_err(|e| RunError::Worker(format!("reaching the sandbox zygote: {e}")))?;
+        let (mut from_helper, mut to_helper) = helper.into_split();
+        to_helper
             .write_all(&line)
             .await
             .map_err(|e| RunError::Worker(format!("talking to the sandbox helper: {e}")))?;
-        // Standard input stays open: closing it is how the helper is told to stop.
-        let mut stdin = Some(stdin);
+        // The connection stays open: closing our side is how the helper is told to stop.
         let mut output = Vec::new();
-        let mut read = std::pin::pin!(stdout.read_to_end(&mut output));
+        let mut read = std::pin::pin!(from_helper.read_to_end(&mut output));
         let read_result = tokio::select! {
             r = &mut read => r,
             _ = cancel.cancelled() => {
-                stdin.take();
+                let _ = to_helper.shutdown().await;
                 read.await
             }
         };
-        drop(stdin);
-        let _ = helper.wait().await;
+        drop(to_helper);
         read_result
             .map_err(|e| RunError::Worker(format!("reading from the sandbox helper: {e}")))?;
         drop(rootfs); // the root's lease ends with the container
@@ -315,7 +333,15 @@ impl Runner for ContainerRunner {
         } else {
             String::new()
         };
-        Ok(RunOutcome {
+        let helper_total: u64 = response.phases.iter().map(|(_, t)| t).sum();
+        let total = started.elapsed().as_micros() as u64;
+        let mut phases = vec![("prepare root and bundle".to_owned(), prepared)];
+        phases.extend(response.phases);
+        phases.push((
+            "zygote fork and messages".to_owned(),
+            total.saturating_sub(prepared + helper_total),
+        ));
+        let outcome = RunOutcome {
             exit_code: response.exit_code,
             timed_out: response.timed_out,
             duration: Duration::from_micros(response.run_micros),
@@ -327,7 +353,8 @@ impl Runner for ContainerRunner {
                 cpu_system_micros: response.cpu_system_micros,
                 out_of_memory,
             }),
-        })
+        };
+        Ok((outcome, phases))
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use paddock_config::{Config, RunnerKind, SandboxConfig, WorkerConfig};
+use paddock_sandbox::Zygote;
 use paddock_scheduler::Scheduler;
 use paddock_server::{Limits, Storage};
 use paddock_worker::WorkerOptions;
@@ -96,16 +97,25 @@ pub fn worker_options(
     scheduler: String,
     name: String,
     data_dir: PathBuf,
+    zygote: Option<&Zygote>,
 ) -> Result<WorkerOptions> {
     let capacity = config.capacity.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let work_dir = config.work_dir.clone().unwrap_or(data_dir);
+    let work_dir = worker_dir(config, data_dir);
     let runner: Arc<dyn paddock_runner::Runner> = match config.runner {
         RunnerKind::Host => Arc::new(paddock_runner::ProcessRunner),
-        RunnerKind::Container => Arc::new(container_runner(&config.sandbox, &name, &work_dir)?),
+        RunnerKind::Container => {
+            let zygote = zygote.context("the container runner needs the sandbox zygote")?;
+            Arc::new(container_runner(
+                &config.sandbox,
+                &name,
+                &work_dir,
+                zygote.clone(),
+            )?)
+        }
     };
     Ok(WorkerOptions {
         name,
@@ -122,6 +132,20 @@ pub fn worker_options(
     })
 }
 
+/// Where a worker keeps its files: its configured `work_dir`, else `default`.
+pub fn worker_dir(config: &WorkerConfig, default: PathBuf) -> PathBuf {
+    config.work_dir.clone().unwrap_or(default)
+}
+
+/// Where the farm keeps its state.
+pub fn data_dir(config: &Config) -> PathBuf {
+    config
+        .server
+        .data_dir
+        .clone()
+        .unwrap_or_else(paddock_config::default_data_dir)
+}
+
 /// The machine's memory in bytes, from /proc/meminfo.
 fn machine_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -129,13 +153,13 @@ fn machine_memory() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-fn container_runner(
+/// A container runner for `worker`, whose containers `zygote` forks.
+pub fn container_runner(
     config: &SandboxConfig,
     worker: &str,
     work_dir: &std::path::Path,
+    zygote: Zygote,
 ) -> Result<paddock_sandbox::ContainerRunner> {
-    let helper =
-        std::env::current_exe().context("finding the paddock binary for the sandbox helper")?;
     std::fs::create_dir_all(work_dir)?;
     // Named after the worker and its directory: two workers on one host never share
     // a cgroup (each cleans its own up at start), and a restarted worker finds its old one.
@@ -155,7 +179,7 @@ fn container_runner(
         .collect();
     let machine = machine_memory();
     let options = paddock_sandbox::SandboxOptions {
-        helper: vec![helper.into_os_string(), "sandbox".into()],
+        zygote,
         dir: work_dir.join("sandbox"),
         cgroup_parent: PathBuf::from(&config.cgroup_parent).join(cgroup_name),
         uid: config.uid,
@@ -186,13 +210,10 @@ fn container_runner(
 }
 
 /// Runs the farm in the foreground until SIGINT or SIGTERM, with
-/// `config.server.local_workers` workers in this process.
-pub async fn run(config: Config) -> Result<()> {
-    let data_dir = config
-        .server
-        .data_dir
-        .clone()
-        .unwrap_or_else(paddock_config::default_data_dir);
+/// `config.server.local_workers` workers in this process (their containers forked by
+/// `zygote`).
+pub async fn run(config: Config, zygote: Option<Zygote>) -> Result<()> {
+    let data_dir = data_dir(&config);
     paddock_telemetry::metrics();
     let farm = Farm::build(&config, data_dir.clone()).await?;
     // These two lines are the interface for scripts and tests: keep their form.
@@ -213,6 +234,7 @@ pub async fn run(config: Config) -> Result<()> {
             farm.url(),
             format!("{host}-local-{i}"),
             data_dir.join("workers").join(i.to_string()),
+            zygote.as_ref(),
         )?;
         workers.push(tokio::spawn(paddock_worker::run(
             options,
@@ -257,7 +279,11 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    pub async fn start(workers: usize, worker_config: &WorkerConfig) -> Result<Embedded> {
+    pub async fn start(
+        workers: usize,
+        worker_config: &WorkerConfig,
+        zygote: Option<&Zygote>,
+    ) -> Result<Embedded> {
         let data_dir = tempfile::tempdir()?;
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".parse()?;
@@ -275,6 +301,7 @@ impl Embedded {
                 url.clone(),
                 format!("bench-{i}"),
                 data_dir.path().join("workers").join(i.to_string()),
+                zygote,
             )?;
             tokio::spawn(paddock_worker::run(options, stop_workers.clone()));
         }

@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use paddock_client::bench::{self, CasBenchOptions};
 use paddock_client::exec::ExecSpec;
 use paddock_client::Remote;
-use paddock_config::{Config, StorageBackend};
+use paddock_config::{Config, RunnerKind, StorageBackend, WorkerConfig};
 use paddock_reapi::Digest;
+use paddock_sandbox::Zygote;
 
 #[derive(Parser)]
 #[command(
@@ -50,9 +51,19 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-    /// Run one container for a worker (internal: the worker starts it).
-    #[command(hide = true)]
-    Sandbox,
+}
+
+impl UpArgs {
+    fn config(&self) -> Result<Config> {
+        let mut config = self.server.config()?;
+        if let Some(workers) = self.workers {
+            config.server.local_workers = workers;
+        }
+        if let Some(runner) = self.runner {
+            config.worker.runner = runner;
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Args)]
@@ -64,7 +75,7 @@ struct UpArgs {
     workers: Option<usize>,
     /// How local workers run actions: `container` (default) or `host`.
     #[arg(long)]
-    runner: Option<paddock_config::RunnerKind>,
+    runner: Option<RunnerKind>,
 }
 
 #[derive(Args)]
@@ -89,7 +100,7 @@ struct WorkerArgs {
     properties: Vec<(String, String)>,
     /// How to run actions: `container` (default) or `host` (no isolation).
     #[arg(long)]
-    runner: Option<paddock_config::RunnerKind>,
+    runner: Option<RunnerKind>,
 }
 
 #[derive(Args)]
@@ -126,6 +137,40 @@ struct ExecArgs {
     /// The command and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
+}
+
+impl WorkerArgs {
+    /// The configuration file's [worker] section (or the defaults) with the flags applied.
+    fn config(&self) -> Result<WorkerConfig> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?.worker,
+            None => WorkerConfig::default(),
+        };
+        if let Some(url) = &self.scheduler {
+            config.scheduler = url.clone();
+        }
+        if let Some(dir) = &self.work_dir {
+            config.work_dir = Some(dir.clone());
+        }
+        if let Some(capacity) = self.capacity {
+            config.capacity = Some(capacity);
+        }
+        if let Some(runner) = self.runner {
+            config.runner = runner;
+        }
+        for (name, value) in &self.properties {
+            let mut values = config
+                .properties
+                .remove(name)
+                .map(|v| v.values())
+                .unwrap_or_default();
+            values.push(value.clone());
+            config
+                .properties
+                .insert(name.clone(), paddock_config::PropertyValues::Many(values));
+        }
+        Ok(config)
+    }
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
@@ -230,6 +275,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10_000)]
         small_blobs: usize,
     },
+    /// The cost of a container per action: against fork/exec, the process runner and
+    /// `runc run`, with the time broken down by phase. Needs root.
+    Sandbox {
+        /// Runs of each kind.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// The command to run.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// No-op actions end to end: cache-miss and cache-hit latency, throughput with
     /// concurrent clients, and a burst that fills the queue.
     Exec {
@@ -246,7 +301,7 @@ enum BenchCommand {
         capacity: Option<usize>,
         /// How the embedded workers run actions: `container` (default) or `host`.
         #[arg(long, default_value = "container")]
-        runner: paddock_config::RunnerKind,
+        runner: RunnerKind,
         /// Sequential cache misses to time.
         #[arg(long, default_value_t = 200)]
         misses: usize,
@@ -265,69 +320,73 @@ fn parse_digest(text: &str) -> Result<Digest> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Command::Sandbox = cli.command {
-        // The helper must stay single-threaded (libcontainer forks): no runtime here.
-        // Its logs, and those of the container processes it forks, go to a copy of
-        // its stderr (the worker's log): inside the container, fd 2 is the action's.
-        let log = std::io::stderr().as_fd().try_clone_to_owned()?;
-        let log = std::sync::Mutex::new(std::fs::File::from(log));
-        paddock_telemetry::init_logging_to(cli.log_json, "error", log);
-        std::process::exit(paddock_sandbox::helper::main());
-    }
+    // Logs go to a copy of stderr: in the containers that this process's zygote
+    // forks, fd 2 becomes the action's stderr, and libcontainer logs from inside them.
     // libcgroups warns about every controller this kernel lacks; that is not news.
-    paddock_telemetry::init_logging(cli.log_json, "info,libcgroups=error");
+    let log = std::io::stderr().as_fd().try_clone_to_owned()?;
+    paddock_telemetry::init_logging_to(
+        cli.log_json,
+        "info,libcgroups=error,libcontainer=error",
+        std::sync::Mutex::new(std::fs::File::from(log)),
+    );
+    let zygote = match zygote_socket(&cli.command)? {
+        // SAFETY: no runtime or thread has started yet: this process is single-threaded.
+        Some(socket) => Some(
+            unsafe { Zygote::start(&socket) }
+                .with_context(|| format!("starting the sandbox zygote at {}", socket.display()))?,
+        ),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(cli.command))
+    runtime.block_on(run(cli.command, zygote))
 }
 
-async fn run(command: Command) -> Result<()> {
-    match command {
+/// Where the zygote listens, if this command runs containers (it must be forked
+/// before the runtime starts, so this is decided up front).
+fn zygote_socket(command: &Command) -> Result<Option<PathBuf>> {
+    let scratch =
+        || std::env::temp_dir().join(format!("paddock-{}/zygote.sock", std::process::id()));
+    Ok(match command {
         Command::Up(args) => {
-            let mut config = args.server.config()?;
-            if let Some(workers) = args.workers {
-                config.server.local_workers = workers;
-            }
-            if let Some(runner) = args.runner {
-                config.worker.runner = runner;
-            }
-            farm::run(config).await
+            let config = args.config()?;
+            let containers =
+                config.worker.runner == RunnerKind::Container && config.server.local_workers > 0;
+            containers.then(|| farm::data_dir(&config).join("sandbox/zygote.sock"))
         }
+        Command::Worker(args) => {
+            let config = args.config()?;
+            (config.runner == RunnerKind::Container).then(|| {
+                farm::worker_dir(&config, paddock_config::default_data_dir().join("worker"))
+                    .join("sandbox/zygote.sock")
+            })
+        }
+        Command::Bench {
+            command: BenchCommand::Sandbox { .. },
+        } => Some(scratch()),
+        Command::Bench {
+            command:
+                BenchCommand::Exec {
+                    remote: None,
+                    runner: RunnerKind::Container,
+                    ..
+                },
+        } => Some(scratch()),
+        _ => None,
+    })
+}
+
+async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
+    match command {
+        Command::Up(args) => farm::run(args.config()?, zygote).await,
         Command::Server(args) => {
             let mut config = args.config()?;
             config.server.local_workers = 0;
-            farm::run(config).await
+            farm::run(config, None).await
         }
         Command::Worker(args) => {
-            let mut config = match &args.config {
-                Some(path) => Config::load(path)?.worker,
-                None => paddock_config::WorkerConfig::default(),
-            };
-            if let Some(url) = args.scheduler {
-                config.scheduler = url;
-            }
-            if let Some(dir) = args.work_dir {
-                config.work_dir = Some(dir);
-            }
-            if let Some(capacity) = args.capacity {
-                config.capacity = Some(capacity);
-            }
-            if let Some(runner) = args.runner {
-                config.runner = runner;
-            }
-            for (name, value) in args.properties {
-                let values = config
-                    .properties
-                    .remove(&name)
-                    .map(|v| v.values())
-                    .unwrap_or_default();
-                let mut values = values;
-                values.push(value);
-                config
-                    .properties
-                    .insert(name, paddock_config::PropertyValues::Many(values));
-            }
+            let config = args.config()?;
             let name = args
                 .name
                 .or_else(|| config.name.clone())
@@ -337,11 +396,11 @@ async fn run(command: Command) -> Result<()> {
                 config.scheduler.clone(),
                 name,
                 paddock_config::default_data_dir().join("worker"),
+                zygote.as_ref(),
             )?;
             farm::run_worker(options).await
         }
         Command::Exec(args) => exec(args).await,
-        Command::Sandbox => unreachable!("handled before the runtime starts"),
         Command::Cas { command } => cas(command).await,
         Command::Bench { command } => match command {
             BenchCommand::Cas {
@@ -360,13 +419,37 @@ async fn run(command: Command) -> Result<()> {
                 let (url, _embedded) = match remote {
                     Some(url) => (url, None),
                     None => {
-                        let embedded = farm::Embedded::start(0, &Default::default()).await?;
+                        let embedded = farm::Embedded::start(0, &Default::default(), None).await?;
                         (embedded.url(), Some(embedded))
                     }
                 };
                 let remote = Remote::connect(&url, &instance).await?;
                 let mut report = bench::cas(&remote, options).await?;
                 report.target = url;
+                println!("{report}");
+                Ok(())
+            }
+            BenchCommand::Sandbox {
+                iterations,
+                command,
+            } => {
+                let command = if command.is_empty() {
+                    vec!["/bin/true".to_owned()]
+                } else {
+                    command
+                };
+                let dir = tempfile::tempdir()?;
+                let runner = farm::container_runner(
+                    &Default::default(),
+                    &format!("bench-{}", std::process::id()),
+                    &dir.path().join("worker"),
+                    zygote.clone().context("the sandbox zygote did not start")?,
+                )?;
+                let scratch = dir.path().join("actions");
+                std::fs::create_dir_all(&scratch)?;
+                let report = paddock_sandbox::bench::run(&runner, &scratch, iterations, command)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
                 println!("{report}");
                 Ok(())
             }
@@ -384,7 +467,7 @@ async fn run(command: Command) -> Result<()> {
                     burst,
                     ..Default::default()
                 };
-                let worker_config = paddock_config::WorkerConfig {
+                let worker_config = WorkerConfig {
                     capacity,
                     runner,
                     ..Default::default()
@@ -392,7 +475,8 @@ async fn run(command: Command) -> Result<()> {
                 let (url, _embedded) = match remote {
                     Some(url) => (url, None),
                     None => {
-                        let embedded = farm::Embedded::start(workers, &worker_config).await?;
+                        let embedded =
+                            farm::Embedded::start(workers, &worker_config, zygote.as_ref()).await?;
                         (embedded.url(), Some(embedded))
                     }
                 };
