@@ -283,7 +283,7 @@ async fn missing_blobs_are_reported_for_reupload() {
 async fn malformed_requests_are_refused() {
     let farm = Farm::start(&[
         "--config",
-        &config_file("[scheduler]\nmax_timeout = \"10m\"\n"),
+        &config_file("[scheduler]\nmax_timeout = \"10m\"\ndefault_timeout = \"5m\"\n"),
     ]);
     let remote = farm.remote("").await;
     let execute_raw = |request: ExecuteRequest| {
@@ -780,4 +780,118 @@ async fn input_trees_with_symlinks_and_executables_are_materialised() {
         "{:?}",
         response.status
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operations_can_be_polled_deleted_and_inlined() {
+    let farm = Farm::start(&[
+        "--config",
+        &config_file("[scheduler]\norphan_grace = \"500ms\"\n"),
+    ]);
+    let remote = farm.remote("").await;
+    let mut operations = OperationsClient::new(remote.channel());
+
+    // A client that drops its stream but polls GetOperation keeps the action alive.
+    let (name, stream) = start(&remote, &shell("sleep 2; echo polled")).await;
+    drop(stream);
+    let mut last = None;
+    for _ in 0..100 {
+        let op = operations
+            .get_operation(GetOperationRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let done = op.done;
+        last = Some(op);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = response_of(&last.unwrap());
+    assert_eq!(status_code(&response), Code::Ok, "{:?}", response.status);
+
+    // DeleteOperation forgets the operation without cancelling the execution: its
+    // result still reaches the ActionCache.
+    let spec = shell("sleep 1; echo deleted");
+    let action = prepare(&spec).await.unwrap().digest;
+    let (name, _stream) = start(&remote, &spec).await;
+    operations
+        .delete_operation(paddock_reapi::proto::longrunning::DeleteOperationRequest {
+            name: name.clone(),
+        })
+        .await
+        .unwrap();
+    let err = operations
+        .get_operation(GetOperationRequest { name })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut cached = false;
+    for _ in 0..100 {
+        let found = remote
+            .action_cache()
+            .get_action_result(paddock_reapi::proto::re::GetActionResultRequest {
+                action_digest: Some(action.to_proto()),
+                ..Default::default()
+            })
+            .await;
+        if found.is_ok() {
+            cached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cached,
+        "the deleted operation's execution was cancelled:\n{}",
+        farm.log()
+    );
+
+    // inline_stdout is honoured.
+    let prepared = prepare(&shell("echo inlined")).await.unwrap();
+    remote.upload_missing(prepared.blobs).await.unwrap();
+    let mut stream = remote
+        .execution()
+        .execute(ExecuteRequest {
+            action_digest: Some(prepared.digest.to_proto()),
+            inline_stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = stream.next().await {
+        last = Some(op.unwrap());
+    }
+    let result = response_of(&last.unwrap()).result.unwrap();
+    assert_eq!(result.stdout_raw, b"inlined\n");
+
+    // Unsupported output node properties are refused.
+    let spec = shell("true");
+    let mut prepared = prepare(&spec).await.unwrap();
+    let command = Command {
+        arguments: spec.arguments.clone(),
+        output_node_properties: vec!["mtime".into()],
+        ..Default::default()
+    };
+    let (command_digest, command_bytes) = Digest::of_message(&command);
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(Digest::of_message(&Directory::default()).0.to_proto()),
+        ..Default::default()
+    };
+    let (action_digest, action_bytes) = Digest::of_message(&action);
+    prepared
+        .blobs
+        .push((command_digest, Source::Memory(command_bytes.into())));
+    prepared
+        .blobs
+        .push((action_digest, Source::Memory(action_bytes.into())));
+    remote.upload_missing(prepared.blobs).await.unwrap();
+    let err = execute_digest(&remote, &action_digest, &ExecSpec::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
 }

@@ -56,7 +56,7 @@ async fn capabilities_advertise_sha256_batches_and_versions() {
             .unwrap()
             .update_enabled
     );
-    assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
+    assert_eq!(cache.max_batch_total_size_bytes, 3 << 20);
     assert_eq!(cache.symlink_absolute_path_strategy, 1, "DISALLOWED");
     let low = caps.low_api_version.unwrap();
     let high = caps.high_api_version.unwrap();
@@ -1000,4 +1000,100 @@ async fn in_memory_farm_and_metrics_endpoint() {
     // SIGTERM shuts down cleanly.
     farm.stop();
     assert!(farm.log().contains("paddock stopped"), "{}", farm.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edge_cases_of_the_specification() {
+    let farm = Farm::start(&["--in-memory"]);
+    let remote = farm.remote("edge").await;
+
+    // QueryWriteStatus sees an upload whose stream is still open.
+    let (digest, data) = blob(3 << 20);
+    let name = resource::write_name("edge", "open-upload", &digest);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut bs = remote.bytestream();
+    let call = tokio::spawn(async move {
+        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(write_request(&name, 0, &data[..1 << 20], false))
+        .await
+        .unwrap();
+    let mut committed = 0;
+    for _ in 0..200 {
+        if let Ok(status) = remote
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await
+        {
+            committed = status.into_inner().committed_size;
+            if committed == 1 << 20 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(committed, 1 << 20, "an open upload's progress is visible");
+    tx.send(write_request("", 1 << 20, &data[1 << 20..], true))
+        .await
+        .unwrap();
+    assert_eq!(
+        call.await.unwrap().unwrap().into_inner().committed_size,
+        3 << 20
+    );
+
+    // Sizes that would overflow a sum are refused, not a crash.
+    let huge = paddock_reapi::proto::re::Digest {
+        hash: digest.hash_hex(),
+        size_bytes: i64::MAX,
+    };
+    let err = remote
+        .cas()
+        .batch_read_blobs(BatchReadBlobsRequest {
+            instance_name: "edge".into(),
+            digests: vec![huge.clone(), huge],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Inlined contents sent with an update are not stored, so not served unasked;
+    // `..` in an output symlink's target is allowed.
+    let (out, out_data) = blob(10);
+    remote.upload(vec![(out, out_data)]).await.unwrap();
+    let action = Digest::of(b"inline action");
+    let mut result = result_with(out, out);
+    result.stdout_raw = b"sent anyway".to_vec();
+    result
+        .output_symlinks
+        .push(paddock_reapi::proto::re::OutputSymlink {
+            path: "out/link".into(),
+            target: "../../elsewhere".into(),
+            ..Default::default()
+        });
+    remote
+        .action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            instance_name: "edge".into(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = remote
+        .action_cache()
+        .get_action_result(GetActionResultRequest {
+            instance_name: "edge".into(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.stdout_raw.is_empty());
+    assert_eq!(got.output_symlinks[0].target, "../../elsewhere");
 }

@@ -98,7 +98,8 @@ impl Default for StorageConfig {
             fsync: true,
             verify_reads: ReadVerification::Once,
             action_cache_max_entries: 1_000_000,
-            max_batch_size: ByteSize::mib(4),
+            // 1 MiB under the 4 MiB that gRPC clients accept by default, for framing.
+            max_batch_size: ByteSize::mib(3),
         }
     }
 }
@@ -243,6 +244,34 @@ impl Default for SandboxConfig {
     }
 }
 
+/// Nix-hermetic platforms (`nix-store-paths`), for container workers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NixConfig {
+    /// Offer Nix platforms: unset means "if `nix-store` is installed".
+    pub enabled: Option<bool>,
+    /// Binary caches to substitute from; empty keeps Nix's own configuration.
+    pub substituters: Vec<String>,
+    /// Keys trusted to sign substituted paths; empty keeps Nix's own configuration.
+    pub trusted_public_keys: Vec<String>,
+    /// Let workers build `.drv` paths instead of only substituting.
+    pub allow_builds: bool,
+    /// Closures kept prepared (with GC roots) when no action uses them.
+    pub max_closures: usize,
+}
+
+impl Default for NixConfig {
+    fn default() -> Self {
+        NixConfig {
+            enabled: None,
+            substituters: Vec::new(),
+            trusted_public_keys: Vec::new(),
+            allow_builds: false,
+            max_closures: 64,
+        }
+    }
+}
+
 /// A worker: what it offers and where it keeps its files.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -263,6 +292,7 @@ pub struct WorkerConfig {
     pub properties: BTreeMap<String, PropertyValues>,
     pub runner: RunnerKind,
     pub sandbox: SandboxConfig,
+    pub nix: NixConfig,
 }
 
 impl Default for WorkerConfig {
@@ -276,6 +306,7 @@ impl Default for WorkerConfig {
             properties: BTreeMap::new(),
             runner: RunnerKind::Container,
             sandbox: SandboxConfig::default(),
+            nix: NixConfig::default(),
         }
     }
 }
@@ -307,7 +338,44 @@ impl Config {
 
     /// Parses configuration text; the error names the key and line at fault.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.storage.max_batch_size.bytes() == 0 {
+            problems.push("storage.max_batch_size must be more than 0".to_owned());
+        }
+        if self.storage.max_size.bytes() == 0 {
+            problems.push("storage.max_size must be more than 0".to_owned());
+        }
+        if self.scheduler.default_timeout > self.scheduler.max_timeout {
+            problems
+                .push("scheduler.default_timeout is longer than scheduler.max_timeout".to_owned());
+        }
+        if self.scheduler.max_attempts == 0 {
+            problems.push("scheduler.max_attempts must be at least 1".to_owned());
+        }
+        if self.scheduler.heartbeat_interval >= self.scheduler.heartbeat_timeout {
+            problems.push(
+                "scheduler.heartbeat_interval must be shorter than scheduler.heartbeat_timeout"
+                    .to_owned(),
+            );
+        }
+        if self.worker.capacity == Some(0) {
+            problems.push("worker.capacity must be at least 1".to_owned());
+        }
+        if !self.worker.sandbox.cgroup_parent.starts_with('/') {
+            problems
+                .push("worker.sandbox.cgroup_parent must be an absolute cgroup path".to_owned());
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems.join("\n")),
+        }
     }
 }
 

@@ -48,7 +48,7 @@ pub fn action_result(result: &ActionResult) -> Result<(), String> {
         .chain(&result.output_directory_symlinks);
     for link in symlinks {
         check_relative("output symlink path", &link.path, false).map_err(|e| e.to_string())?;
-        symlink_target(&link.path, &link.target)?;
+        output_symlink_target(&link.path, &link.target)?;
     }
     for (what, digest) in [
         ("stdout_digest", &result.stdout_digest),
@@ -61,9 +61,9 @@ pub fn action_result(result: &ActionResult) -> Result<(), String> {
     Ok(())
 }
 
-/// Symlink targets must be relative and resolve inside the root they live in: this
-/// server advertises `SymlinkAbsolutePathStrategy.DISALLOWED`.
-pub fn symlink_target(link: &str, target: &str) -> Result<(), String> {
+/// An output symlink's target must be relative (this server advertises
+/// `SymlinkAbsolutePathStrategy.DISALLOWED`); `..` is allowed anywhere, as REAPI says.
+pub fn output_symlink_target(link: &str, target: &str) -> Result<(), String> {
     if target.is_empty() {
         return Err(format!("symlink {link:?} has an empty target"));
     }
@@ -75,6 +75,13 @@ pub fn symlink_target(link: &str, target: &str) -> Result<(), String> {
             "symlink {link:?} has the absolute target {target:?}; absolute symlinks are disallowed"
         ));
     }
+    Ok(())
+}
+
+/// An input symlink's target must be relative and, stricter than REAPI requires,
+/// resolve inside the input root: a tree handed to a worker cannot point outside it.
+pub fn symlink_target(link: &str, target: &str) -> Result<(), String> {
+    output_symlink_target(link, target)?;
     if !symlink_stays_inside(link, target) {
         return Err(format!(
             "symlink {link:?} points to {target:?}, outside the root"
@@ -108,6 +115,11 @@ pub fn command(command: &Command) -> Result<(), String> {
     }
     check_relative("working_directory", &command.working_directory, true)
         .map_err(|e| e.to_string())?;
+    if let Some(property) = command.output_node_properties.first() {
+        return Err(format!(
+            "output node property {property:?} is not supported by this server"
+        ));
+    }
     let uses_output_paths = !command.output_paths.is_empty();
     if uses_output_paths {
         for p in &command.output_paths {
@@ -222,6 +234,16 @@ mod tests {
             ..Default::default()
         };
         assert!(action_result(&r).is_err());
+        // `..` is allowed in output symlink targets, even past the working directory.
+        let r = ActionResult {
+            output_symlinks: vec![OutputSymlink {
+                path: "link".into(),
+                target: "../x".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(action_result(&r).is_ok());
     }
 
     #[test]

@@ -234,9 +234,12 @@ impl ContainerRunner {
                 .unwrap_or("action")
         );
         let cgroup = self.options.cgroup_parent.join(&id);
+        // The root's variables apply beneath the Command's: a name the Command sets
+        // keeps the Command's value.
         let environment = rootfs
             .environment
             .iter()
+            .filter(|(k, _)| !run.environment.iter().any(|(c, _)| c == k))
             .chain(&run.environment)
             .map(|(k, v)| format!("{k}={v}"))
             .collect();

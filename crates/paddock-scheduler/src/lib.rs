@@ -290,13 +290,18 @@ impl Scheduler {
         })
     }
 
-    /// The current state of an operation (GetOperation).
+    /// The current state of an operation (GetOperation). A client polling this way
+    /// counts as waiting: the execution is not cancelled as orphaned while it polls.
     pub fn get(&self, name: &str) -> Option<Snapshot> {
-        let state = self.inner.state.lock();
-        state
-            .operations
-            .get(name)
-            .map(|e| e.updates.borrow().clone())
+        let mut state = self.inner.state.lock();
+        let entry = state.operations.get(name)?;
+        let snapshot = entry.updates.borrow().clone();
+        if let Some(job) = entry.job.and_then(|id| state.jobs.get_mut(&id)) {
+            if job.waiters == 0 {
+                job.orphaned_since = Some(Instant::now());
+            }
+        }
+        Some(snapshot)
     }
 
     /// Cancels one operation (CancelOperation). The execution itself stops when no
@@ -329,22 +334,17 @@ impl Scheduler {
         true
     }
 
-    /// Forgets a finished operation (DeleteOperation); false if unknown.
+    /// Forgets an operation (DeleteOperation): the client is no longer interested,
+    /// but the execution is not cancelled for that. False if unknown.
     pub fn delete(&self, name: &str) -> bool {
         let mut state = self.inner.state.lock();
-        match state.operations.get(name) {
-            Some(entry) if entry.job.is_none() => {
-                state.operations.remove(name);
-                true
-            }
-            Some(_) => {
-                drop(state);
-                self.cancel(name);
-                self.inner.state.lock().operations.remove(name);
-                true
-            }
-            None => false,
+        let Some(entry) = state.operations.remove(name) else {
+            return false;
+        };
+        if let Some(job) = entry.job.and_then(|id| state.jobs.get_mut(&id)) {
+            job.operations.retain(|op| op != name);
         }
+        true
     }
 
     /// Registers a worker's new session; an older session of the same name ends.
@@ -811,6 +811,9 @@ impl Inner {
         let orphans: Vec<JobId> = state
             .jobs
             .values()
+            // An execution whose operations were all deleted runs on for the cache:
+            // DeleteOperation does not cancel.
+            .filter(|j| !j.operations.is_empty())
             .filter(|j| {
                 j.orphaned_since
                     .is_some_and(|t| now.duration_since(t) > grace)

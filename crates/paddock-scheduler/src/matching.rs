@@ -45,6 +45,10 @@ impl std::fmt::Display for Offer {
     }
 }
 
+/// Properties that name something a worker's root-filesystem resolver provides (not
+/// a property to match), and the worker property that says the worker has one.
+const RESOLVED: &[(&str, &str)] = &[("nix-store-paths", "nix"), ("container-image", "oci")];
+
 /// The matching policy of every property name.
 #[derive(Debug, Clone)]
 pub struct Policies {
@@ -99,6 +103,9 @@ impl Policies {
     }
 
     fn satisfies_one(&self, offer: &Offer, name: &str, wanted: &str) -> bool {
+        if let Some((_, capability)) = RESOLVED.iter().find(|(key, _)| *key == name) {
+            return offer.values(capability).next().is_some();
+        }
         match self.of(name) {
             MatchPolicy::Ignore => true,
             MatchPolicy::Exact => offer.values(name).any(|v| v == wanted),
@@ -158,6 +165,14 @@ mod tests {
             policies.unmet(&worker, &platform(&[("cores", "16"), ("Pool", "a")])),
             vec![&("cores".to_string(), "16".to_string())]
         );
+    }
+
+    #[test]
+    fn resolved_properties_need_the_capability_only() {
+        let policies = Policies::new(BTreeMap::new());
+        let store = platform(&[("nix-store-paths", "/nix/store/anything")]);
+        assert!(policies.satisfies(&offer(&[("nix", "2")]), &store));
+        assert!(!policies.satisfies(&offer(&[("OSFamily", "Linux")]), &store));
     }
 
     #[test]

@@ -124,10 +124,17 @@ impl ActionCache for ActionCacheService {
         check_digest_function(request.digest_function).map_err(invalid)?;
         let action = Digest::from_proto(request.action_digest.as_ref())
             .map_err(|e| invalid(format!("action_digest: {e}")))?;
-        let result = request
+        let mut result = request
             .action_result
             .ok_or_else(|| invalid("action_result is missing"))?;
         validate::action_result(&result).map_err(invalid)?;
+        // Inlined contents are for answers, not for the cache: REAPI says clients
+        // should not send them, and servers should not return them unasked.
+        result.stdout_raw.clear();
+        result.stderr_raw.clear();
+        for file in &mut result.output_files {
+            file.contents.clear();
+        }
         let key = ActionKey {
             instance: request.instance_name,
             action,

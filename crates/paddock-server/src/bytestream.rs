@@ -6,6 +6,7 @@
 //! are dropped after [`UPLOAD_IDLE_LIMIT`], and at most [`MAX_PENDING_UPLOADS`] wait.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,33 @@ fn upload_key(resource: &WriteResource) -> UploadKey {
 pub struct ByteStreamService {
     cas: Arc<dyn BlobStore>,
     pending: Mutex<HashMap<UploadKey, PendingUpload>>,
+    /// Uploads whose stream is open, and how much each has committed so far.
+    active: Mutex<HashMap<UploadKey, Arc<AtomicU64>>>,
+}
+
+/// Keeps an open upload visible to QueryWriteStatus until its stream ends.
+struct ActiveUpload<'a> {
+    service: &'a ByteStreamService,
+    key: UploadKey,
+    committed: Arc<AtomicU64>,
+}
+
+impl ActiveUpload<'_> {
+    fn record(&self, written: u64) {
+        self.committed.store(written, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ActiveUpload<'_> {
+    fn drop(&mut self) {
+        let mut active = self.service.active.lock();
+        if active
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.committed))
+        {
+            active.remove(&self.key);
+        }
+    }
 }
 
 impl ByteStreamService {
@@ -58,6 +86,19 @@ impl ByteStreamService {
         ByteStreamService {
             cas,
             pending: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn activate(&self, resource: &WriteResource, written: u64) -> ActiveUpload<'_> {
+        let committed = Arc::new(AtomicU64::new(written));
+        self.active
+            .lock()
+            .insert(upload_key(resource), committed.clone());
+        ActiveUpload {
+            service: self,
+            key: upload_key(resource),
+            committed,
         }
     }
 
@@ -207,6 +248,7 @@ impl ByteStream for ByteStreamService {
             return Ok(Response::new(done));
         }
         let mut sink = self.sink_at(&resource, first.write_offset).await?;
+        let upload = self.activate(&resource, sink.written());
         let mut message = first;
         loop {
             if !message.resource_name.is_empty()
@@ -226,6 +268,7 @@ impl ByteStream for ByteStreamService {
                 sink.write(Bytes::from(message.data))
                     .await
                     .map_err(Status::from)?;
+                upload.record(sink.written());
                 metrics::counter!("paddock_cas_bytes_written_total").increment(len);
             }
             if message.finish_write {
@@ -268,10 +311,18 @@ impl ByteStream for ByteStreamService {
                 complete: true,
             }));
         }
-        let pending = self.pending.lock();
-        match pending.get(&upload_key(&resource)) {
-            Some(upload) => Ok(Response::new(QueryWriteStatusResponse {
-                committed_size: upload.sink.written() as i64,
+        let key = upload_key(&resource);
+        let committed = match self.pending.lock().get(&key) {
+            Some(upload) => Some(upload.sink.written()),
+            None => self
+                .active
+                .lock()
+                .get(&key)
+                .map(|c| c.load(Ordering::Relaxed)),
+        };
+        match committed {
+            Some(committed) => Ok(Response::new(QueryWriteStatusResponse {
+                committed_size: committed as i64,
                 complete: false,
             })),
             None => Err(Status::not_found(format!(

@@ -127,7 +127,7 @@ impl ContentAddressableStorage for CasService {
             .digests
             .iter()
             .map(|d| d.size_bytes.max(0) as u64)
-            .sum();
+            .fold(0, u64::saturating_add);
         if total > self.limits.max_batch_size {
             return Err(invalid(format!(
                 "batch of {total} bytes exceeds max_batch_total_size_bytes ({}); use ByteStream",

@@ -17,6 +17,9 @@ use paddock_reapi::proto::re::{
 };
 use paddock_reapi::status::pack;
 use paddock_scheduler::{OperationWatch, Scheduler, Snapshot, Stage};
+
+use crate::action_cache::inline_outputs;
+use crate::Storage;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -25,12 +28,21 @@ const REQUEST_METADATA: &str = "build.bazel.remote.execution.v2.requestmetadata-
 
 pub struct ExecutionService {
     scheduler: Scheduler,
+    storage: Storage,
 }
 
 impl ExecutionService {
-    pub fn new(scheduler: Scheduler) -> Self {
-        ExecutionService { scheduler }
+    pub fn new(scheduler: Scheduler, storage: Storage) -> Self {
+        ExecutionService { scheduler, storage }
     }
+}
+
+/// What an Execute call asked to have inlined in its final response.
+#[derive(Clone, Default)]
+struct Inline {
+    stdout: bool,
+    stderr: bool,
+    files: Vec<String>,
 }
 
 /// Renders a snapshot as a `google.longrunning.Operation`.
@@ -71,32 +83,47 @@ type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Se
 /// completed operation. The watch (and so the client's claim on the execution) lives
 /// as long as the stream. If the server shuts down first, the stream ends with
 /// UNAVAILABLE, which tells clients to retry.
-fn operation_stream(watch: OperationWatch) -> OperationStream {
-    let stream = futures::stream::unfold(Some((watch, true)), |state| async move {
-        let (mut watch, first) = state?;
-        if *watch.closing.borrow() {
-            return Some((
-                Err(Status::unavailable("the server is shutting down")),
-                None,
-            ));
-        }
-        if !first {
-            let changed = tokio::select! {
-                changed = watch.updates.changed() => changed,
-                _ = watch.closing.changed() => {
-                    return Some((Err(Status::unavailable("the server is shutting down")), None));
-                }
-            };
-            if changed.is_err() {
-                // The operation was dropped (expired): say so rather than end silently.
-                let status = Status::not_found("the operation no longer exists");
-                return Some((Err(status), None));
+fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> OperationStream {
+    let stream = futures::stream::unfold(Some((watch, true)), move |state| {
+        let (storage, inline) = (storage.clone(), inline.clone());
+        async move {
+            let (mut watch, first) = state?;
+            if *watch.closing.borrow() {
+                return Some((
+                    Err(Status::unavailable("the server is shutting down")),
+                    None,
+                ));
             }
+            if !first {
+                let changed = tokio::select! {
+                    changed = watch.updates.changed() => changed,
+                    _ = watch.closing.changed() => {
+                        return Some((Err(Status::unavailable("the server is shutting down")), None));
+                    }
+                };
+                if changed.is_err() {
+                    // The operation was dropped (expired): say so rather than end silently.
+                    let status = Status::not_found("the operation no longer exists");
+                    return Some((Err(status), None));
+                }
+            }
+            let mut snapshot = watch.updates.borrow_and_update().clone();
+            let done = snapshot.stage == Stage::Completed;
+            if let Some(result) = snapshot.response.as_mut().and_then(|r| r.result.as_mut()) {
+                if inline.stdout || inline.stderr || !inline.files.is_empty() {
+                    inline_outputs(
+                        &storage,
+                        result,
+                        inline.stdout,
+                        inline.stderr,
+                        &inline.files,
+                    )
+                    .await;
+                }
+            }
+            let next = (!done).then_some((watch, false));
+            Some((Ok(operation(&snapshot)), next))
         }
-        let snapshot = watch.updates.borrow_and_update().clone();
-        let done = snapshot.stage == Stage::Completed;
-        let next = (!done).then_some((watch, false));
-        Some((Ok(operation(&snapshot)), next))
     });
     Box::pin(stream)
 }
@@ -120,11 +147,18 @@ impl Execution for ExecutionService {
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let invocation = tool_invocation(request.metadata());
-        let watch = self
-            .scheduler
-            .execute(request.into_inner(), invocation)
-            .await?;
-        Ok(Response::new(operation_stream(watch)))
+        let request = request.into_inner();
+        let inline = Inline {
+            stdout: request.inline_stdout,
+            stderr: request.inline_stderr,
+            files: request.inline_output_files.clone(),
+        };
+        let watch = self.scheduler.execute(request, invocation).await?;
+        Ok(Response::new(operation_stream(
+            watch,
+            self.storage.clone(),
+            inline,
+        )))
     }
 
     type WaitExecutionStream = OperationStream;
@@ -137,7 +171,11 @@ impl Execution for ExecutionService {
         let watch = self.scheduler.watch(&name).ok_or_else(|| {
             Status::not_found(format!("no operation named {name:?}; call Execute again"))
         })?;
-        Ok(Response::new(operation_stream(watch)))
+        Ok(Response::new(operation_stream(
+            watch,
+            self.storage.clone(),
+            Inline::default(),
+        )))
     }
 }
 

@@ -83,10 +83,14 @@ pub fn cache_routes(storage: &Storage, limits: Limits, execution_enabled: bool) 
 
 /// The execution services, over `scheduler`: Execution, Operations and the worker
 /// protocol.
-pub fn execution_routes(routes: Routes, scheduler: &paddock_scheduler::Scheduler) -> Routes {
+pub fn execution_routes(
+    routes: Routes,
+    storage: &Storage,
+    scheduler: &paddock_scheduler::Scheduler,
+) -> Routes {
     routes
         .add_service(re::execution_server::ExecutionServer::new(
-            ExecutionService::new(scheduler.clone()),
+            ExecutionService::new(scheduler.clone(), storage.clone()),
         ))
         .add_service(
             paddock_reapi::proto::longrunning::operations_server::OperationsServer::new(

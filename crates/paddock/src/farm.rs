@@ -46,6 +46,7 @@ impl Farm {
             .with_context(|| format!("binding {}", config.server.metrics_listen))?;
         let routes = paddock_server::execution_routes(
             paddock_server::cache_routes(&storage, limits, true),
+            &storage,
             &scheduler,
         );
         Ok(Farm {
@@ -105,15 +106,26 @@ pub fn worker_options(
             .unwrap_or(1)
     });
     let work_dir = worker_dir(config, data_dir);
+    let mut properties: Vec<(String, String)> = config
+        .properties
+        .iter()
+        .flat_map(|(k, v)| v.values().into_iter().map(move |v| (k.clone(), v)))
+        .collect();
     let runner: Arc<dyn paddock_runner::Runner> = match config.runner {
         RunnerKind::Host => Arc::new(paddock_runner::ProcessRunner),
         RunnerKind::Container => {
             let zygote = zygote.context("the container runner needs the sandbox zygote")?;
+            let mut resolvers: Vec<Arc<dyn paddock_sandbox::RootfsResolver>> = Vec::new();
+            if let Some((resolver, version)) = nix_resolver(config, &work_dir)? {
+                resolvers.push(Arc::new(resolver));
+                properties.push(("nix".into(), version));
+            }
             Arc::new(container_runner(
                 &config.sandbox,
                 &name,
                 &work_dir,
                 zygote.clone(),
+                resolvers,
             )?)
         }
     };
@@ -123,13 +135,35 @@ pub fn worker_options(
         work_dir,
         capacity,
         cache_size: config.cache_size.bytes(),
-        properties: config
-            .properties
-            .iter()
-            .flat_map(|(k, v)| v.values().into_iter().map(move |v| (k.clone(), v)))
-            .collect(),
+        properties,
         runner,
     })
+}
+
+/// The Nix resolver, if this worker offers Nix platforms, with Nix's major version.
+fn nix_resolver(
+    config: &WorkerConfig,
+    work_dir: &std::path::Path,
+) -> Result<Option<(paddock_nix::NixResolver, String)>> {
+    let installed = paddock_nix::detect();
+    let version = match (config.nix.enabled, installed) {
+        (Some(false), _) | (None, None) => return Ok(None),
+        (_, Some(version)) => version,
+        (Some(true), None) => {
+            anyhow::bail!("[worker.nix] enabled = true, but nix-store does not run here")
+        }
+    };
+    let resolver = paddock_nix::NixResolver::new(paddock_nix::NixOptions {
+        dir: work_dir.join("nix"),
+        substituters: config.nix.substituters.clone(),
+        trusted_public_keys: config.nix.trusted_public_keys.clone(),
+        allow_builds: config.nix.allow_builds,
+        max_closures: config.nix.max_closures,
+        uid: config.sandbox.uid,
+        gid: config.sandbox.gid,
+    })
+    .context("preparing the Nix resolver")?;
+    Ok(Some((resolver, version)))
 }
 
 /// Where a worker keeps its files: its configured `work_dir`, else `default`.
@@ -153,12 +187,14 @@ fn machine_memory() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-/// A container runner for `worker`, whose containers `zygote` forks.
+/// A container runner for `worker`, whose containers `zygote` forks, asking
+/// `resolvers` (then the host) for root filesystems.
 pub fn container_runner(
     config: &SandboxConfig,
     worker: &str,
     work_dir: &std::path::Path,
     zygote: Zygote,
+    resolvers: Vec<Arc<dyn paddock_sandbox::RootfsResolver>>,
 ) -> Result<paddock_sandbox::ContainerRunner> {
     std::fs::create_dir_all(work_dir)?;
     // Named after the worker and its directory: two workers on one host never share
@@ -200,7 +236,7 @@ pub fn container_runner(
             .or(machine.map(|m| m / 10 * 9)),
         total_pids: Some(config.total_pids),
         tmp_size: config.tmp_size.bytes(),
-        resolvers: Vec::new(),
+        resolvers,
     };
     paddock_sandbox::ContainerRunner::new(options).map_err(|e| {
         anyhow::anyhow!(

@@ -444,6 +444,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                     &format!("bench-{}", std::process::id()),
                     &dir.path().join("worker"),
                     zygote.clone().context("the sandbox zygote did not start")?,
+                    Vec::new(),
                 )?;
                 let scratch = dir.path().join("actions");
                 std::fs::create_dir_all(&scratch)?;
