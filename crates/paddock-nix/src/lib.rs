@@ -268,12 +268,14 @@ impl NixResolver {
     }
 }
 
+/// Names the paths for messages: all of them, or the first few of a long list.
 fn describe(paths: &[StorePath]) -> String {
-    paths
-        .iter()
-        .map(StorePath::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
+    const SHOWN: usize = 4;
+    let named: Vec<&str> = paths.iter().take(SHOWN).map(StorePath::as_str).collect();
+    match paths.len() {
+        n if n > SHOWN => format!("{} and {} more", named.join(", "), n - SHOWN),
+        _ => named.join(", "),
+    }
 }
 
 /// A short, stable name for a set of paths.

@@ -98,10 +98,37 @@ pub async fn run(
     }
     let process_runner = Figures::of(samples);
 
+    let (container, phases) = time_container(runner, dir, iterations, &command, &[]).await?;
+
+    let runc = runc_samples(runner, dir, iterations, &command)
+        .await?
+        .map(Figures::of);
+    Ok(SandboxBenchReport {
+        iterations,
+        command: command.join(" "),
+        fork_exec,
+        process_runner,
+        container,
+        runc,
+        phases,
+    })
+}
+
+/// Times `iterations` container runs of `command` on `platform`, one at a time:
+/// percentiles end to end, and the median of each phase.
+pub async fn time_container(
+    runner: &ContainerRunner,
+    dir: &Path,
+    iterations: usize,
+    command: &[String],
+    platform: &[(String, String)],
+) -> Result<(Figures, Vec<(String, u64)>), String> {
+    let io = |e: std::io::Error| e.to_string();
     let mut samples = Vec::new();
     let mut phases: BTreeMap<usize, (String, Vec<u64>)> = BTreeMap::new();
-    for i in 0..iterations {
-        let spec = spec_for(dir, i, &command).map_err(io)?;
+    for i in 0..iterations.max(1) {
+        let mut spec = spec_for(dir, i, command).map_err(io)?;
+        spec.platform = platform.to_vec();
         let started = Instant::now();
         let (outcome, timed) = runner
             .run_timed(spec, CancellationToken::new())
@@ -123,7 +150,6 @@ pub async fn run(
         }
         std::fs::remove_dir_all(dir.join(format!("action-{i}"))).map_err(io)?;
     }
-    let container = Figures::of(samples);
     let phases = phases
         .into_values()
         .map(|(name, mut values)| {
@@ -131,19 +157,7 @@ pub async fn run(
             (name, values[values.len() / 2])
         })
         .collect();
-
-    let runc = runc_samples(runner, dir, iterations, &command)
-        .await?
-        .map(Figures::of);
-    Ok(SandboxBenchReport {
-        iterations,
-        command: command.join(" "),
-        fork_exec,
-        process_runner,
-        container,
-        runc,
-        phases,
-    })
+    Ok((Figures::of(samples), phases))
 }
 
 /// `runc run` of a bundle with the same spec (plus a network namespace, which
@@ -214,7 +228,7 @@ async fn runc_samples(
     Ok(Some(samples))
 }
 
-fn ms(d: Duration) -> String {
+pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 

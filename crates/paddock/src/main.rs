@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: CasCommand,
     },
+    /// Helpers for Nix-hermetic platforms.
+    Nix {
+        #[command(subcommand)]
+        command: NixCommand,
+    },
     /// Measure a REAPI server (Paddock's own, or any other with --remote).
     Bench {
         #[command(subcommand)]
@@ -256,6 +261,16 @@ enum CasCommand {
 }
 
 #[derive(Subcommand)]
+enum NixCommand {
+    /// Print the Bazel exec_properties and flags that run actions in exactly these
+    /// store paths (and their closure).
+    ExecProperties {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// ByteStream throughput, BatchUpdateBlobs and FindMissingBlobs rates, and
     /// GetActionResult latency.
@@ -281,6 +296,10 @@ enum BenchCommand {
         /// Runs of each kind.
         #[arg(long, default_value_t = 200)]
         iterations: usize,
+        /// Also time actions in a warm Nix closure of this many store paths (made
+        /// here with nix-store --add; needs Nix and /bin/busybox), against the host root.
+        #[arg(long, default_value_t = 0)]
+        nix_paths: usize,
         /// The command to run.
         #[arg(last = true)]
         command: Vec<String>,
@@ -402,6 +421,12 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
         }
         Command::Exec(args) => exec(args).await,
         Command::Cas { command } => cas(command).await,
+        Command::Nix {
+            command: NixCommand::ExecProperties { paths },
+        } => {
+            print!("{}", nix_exec_properties(&paths)?);
+            Ok(())
+        }
         Command::Bench { command } => match command {
             BenchCommand::Cas {
                 remote,
@@ -431,6 +456,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
             }
             BenchCommand::Sandbox {
                 iterations,
+                nix_paths,
                 command,
             } => {
                 let command = if command.is_empty() {
@@ -452,6 +478,17 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                     .await
                     .map_err(|e| anyhow::anyhow!(e))?;
                 println!("{report}");
+                if nix_paths > 0 {
+                    let zygote = zygote.clone().context("the sandbox zygote did not start")?;
+                    bench_nix(
+                        &dir.path().join("nix"),
+                        nix_paths,
+                        iterations,
+                        &runner,
+                        zygote,
+                    )
+                    .await?;
+                }
                 Ok(())
             }
             BenchCommand::Exec {
@@ -555,6 +592,131 @@ async fn exec(args: ExecArgs) -> Result<()> {
     }
     let exit_code = response.result.map(|r| r.exit_code).unwrap_or(0);
     std::process::exit(exit_code);
+}
+
+/// Times a no-op in a warm Nix closure of `count` store paths against the same no-op
+/// in the host root.
+async fn bench_nix(
+    dir: &std::path::Path,
+    count: usize,
+    iterations: usize,
+    host: &paddock_sandbox::ContainerRunner,
+    zygote: Zygote,
+) -> Result<()> {
+    use paddock_sandbox::bench::{ms, time_container};
+    let add = |path: &std::path::Path| -> Result<String> {
+        let out = std::process::Command::new("nix-store")
+            .arg("--add")
+            .arg(path)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nix-store --add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    };
+    let nonce = std::process::id();
+    let busybox_dir = dir.join(format!("bench-busybox-{nonce}"));
+    std::fs::create_dir_all(busybox_dir.join("bin"))?;
+    std::fs::copy("/bin/busybox", busybox_dir.join("bin/busybox"))
+        .context("a static busybox (apt-get install busybox-static)")?;
+    std::os::unix::fs::symlink("busybox", busybox_dir.join("bin/true"))?;
+    let mut paths = vec![add(&busybox_dir)?];
+    for i in 1..count {
+        let path = dir.join(format!("bench-path-{nonce}-{i}"));
+        std::fs::create_dir_all(&path)?;
+        std::fs::write(path.join("data"), format!("{nonce}-{i}"))?;
+        paths.push(add(&path)?);
+    }
+    let mut config = WorkerConfig::default();
+    config.nix.substituters = Vec::new();
+    let resolver = paddock_nix::NixResolver::new(paddock_nix::NixOptions {
+        dir: dir.join("resolver"),
+        substituters: Vec::new(),
+        trusted_public_keys: Vec::new(),
+        allow_builds: false,
+        max_closures: 4,
+        uid: config.sandbox.uid,
+        gid: config.sandbox.gid,
+    })?;
+    let runner = farm::container_runner(
+        &config.sandbox,
+        &format!("bench-nix-{nonce}"),
+        &dir.join("worker"),
+        zygote,
+        vec![std::sync::Arc::new(resolver)],
+    )?;
+    let scratch = dir.join("actions");
+    std::fs::create_dir_all(&scratch)?;
+    let platform = vec![("nix-store-paths".to_owned(), paths.join(" "))];
+    let in_nix = vec![format!("{}/bin/true", paths[0])];
+    // Warm up: the closure is realised and its root prepared once.
+    time_container(&runner, &scratch, 1, &in_nix, &platform)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (nix, phases) = time_container(&runner, &scratch, iterations, &in_nix, &platform)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (plain, _) = time_container(host, &scratch, iterations, &["/bin/true".to_owned()], &[])
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!("Nix platform: a warm closure of {count} store paths, {iterations} runs each");
+    println!(
+        "  host root            p50 {:>9}  p99 {:>9}",
+        ms(plain.p50),
+        ms(plain.p99)
+    );
+    println!(
+        "  Nix closure root     p50 {:>9}  p99 {:>9}",
+        ms(nix.p50),
+        ms(nix.p99)
+    );
+    println!(
+        "  extra per action at p50: {}",
+        ms(nix.p50.saturating_sub(plain.p50))
+    );
+    println!("  where a Nix action's time goes (medians):");
+    for (name, micros) in phases {
+        println!("    {name:<32} {:>8.2} ms", micros as f64 / 1000.0);
+    }
+    Ok(())
+}
+
+/// The Bazel configuration for actions that run in exactly `paths`.
+fn nix_exec_properties(paths: &[String]) -> Result<String> {
+    let listed = paddock_nix::parse_list(&paths.join(" ")).map_err(|e| anyhow::anyhow!(e))?;
+    let spaced: Vec<&str> = listed.iter().map(|p| p.as_str()).collect();
+    let bins: Vec<String> = spaced.iter().map(|p| format!("{p}/bin")).collect();
+    let shell = spaced
+        .iter()
+        .map(|p| std::path::Path::new(p).join("bin/sh"))
+        .find(|sh| sh.exists());
+    let mut out = String::new();
+    out.push_str(
+        "# In a BUILD file: a platform whose actions run in these store paths' closure.\n",
+    );
+    out.push_str("platform(\n    name = \"nix\",\n    exec_properties = {\n");
+    out.push_str("        \"OSFamily\": \"Linux\",\n");
+    out.push_str(&format!(
+        "        \"nix-store-paths\": \"{}\",\n",
+        spaced.join(" ")
+    ));
+    out.push_str("    },\n)\n\n");
+    out.push_str("# Or on the command line (or in .bazelrc):\n");
+    out.push_str(&format!(
+        "--remote_default_exec_properties=nix-store-paths={}\n",
+        spaced.join(",")
+    ));
+    out.push_str(&format!("--action_env=PATH={}\n", bins.join(":")));
+    match shell {
+        Some(sh) => out.push_str(&format!("--shell_executable={}\n", sh.display())),
+        None => out.push_str(
+            "# None of these paths is in the local store with a bin/sh; add one to\n\
+             # --shell_executable if genrules should run in this closure.\n",
+        ),
+    }
+    Ok(out)
 }
 
 async fn cas(command: CasCommand) -> Result<()> {
