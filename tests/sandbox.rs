@@ -439,6 +439,49 @@ async fn five_hundred_actions_leave_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_worker_kills_its_actions_and_removes_their_cgroups() {
+    let server = Farm::server("127.0.0.1:0", &[]);
+    let name = format!("stopped-{}", rand::random::<u32>());
+    let mut worker = Worker::start(&server.url, &name, &["--capacity", "2"]);
+    let remote = server.remote("").await;
+    let marker = format!(
+        "{}.{:04}",
+        110 + rand::random::<u32>() % 9,
+        rand::random::<u32>() % 10000
+    );
+    let needle = format!("sleep {marker}");
+    let mut clients = Vec::new();
+    for i in 0..2 {
+        let remote = remote.clone();
+        // A child in the background too: the whole container must go. (The `echo`
+        // never runs; it keeps the two actions from being merged into one.)
+        let spec = shell(&format!("sleep {marker} & sleep {marker}; echo {i}"));
+        clients.push(tokio::spawn(async move { execute(&remote, &spec).await }));
+    }
+    // Per action: the shell (its command line names the sleeps too) and two sleeps.
+    for _ in 0..400 {
+        if host_processes_matching(&needle) == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(host_processes_matching(&needle), 6, "{}", worker.log());
+    assert_eq!(action_cgroups(&name), 2);
+    let status = worker.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the worker did not stop cleanly ({status:?}):\n{}",
+        worker.log()
+    );
+    assert_eq!(host_processes_matching(&needle), 0, "actions survived");
+    assert_eq!(action_cgroups(&name), 0, "cgroups left");
+    assert_eq!(entries(&worker.work_dir().join("sandbox/state")), 0);
+    for client in clients {
+        client.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_worker_cleans_up_what_its_previous_life_left() {
     // One attempt only: the lost action must not come back to the restarted worker.
     let server = Farm::server(

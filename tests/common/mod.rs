@@ -262,6 +262,23 @@ impl Worker {
         }
     }
 
+    /// Stops the worker with SIGTERM, as `systemctl stop` would, and returns how it
+    /// exited (`None` if it had to be killed after 40 seconds).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// Freezes the process (SIGSTOP): it stays connected but sends nothing.
     pub fn freeze(&self) {
         unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
@@ -281,6 +298,34 @@ impl Drop for Worker {
         if let Some(mut child) = self.child.take() {
             stop_gracefully(&mut child);
         }
+        // A worker killed with SIGKILL leaves its (empty) cgroup for its next life to
+        // remove; a test worker has none, so the test removes it.
+        let Ok(work_dir) = self.work_dir().canonicalize() else {
+            return;
+        };
+        let place = paddock_reapi::Digest::of(work_dir.as_os_str().as_encoded_bytes()).hash_hex();
+        let group = format!("{}-{}", self.name, &place[..8]);
+        let hierarchies = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().map(|e| e.path().join("paddock")).collect())
+            .unwrap_or_else(|_| Vec::new());
+        for hierarchy in hierarchies
+            .into_iter()
+            .chain([PathBuf::from("/sys/fs/cgroup/paddock")])
+        {
+            remove_cgroup_tree(&hierarchy.join(&group));
+        }
+    }
+}
+
+/// Removes an empty cgroup and its empty descendants, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

@@ -29,7 +29,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// The gRPC address for every REAPI service (and, later, the workers).
+    /// The gRPC address for every REAPI service and the worker protocol.
     pub listen: SocketAddr,
     /// The HTTP address of the Prometheus `/metrics` endpoint.
     pub metrics_listen: SocketAddr,
@@ -324,58 +324,164 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file: TOML, or JSON if it ends in `.json`
+    /// (the same schema; what tools such as Nix produce most easily).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
             error,
         })?;
-        Config::parse(&text).map_err(|error| ConfigError::Parse {
+        let parsed = if path.extension().is_some_and(|e| e == "json") {
+            Config::parse_json(&text)
+        } else {
+            Config::parse(&text)
+        };
+        parsed.map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
             error,
         })
     }
 
+    /// Parses configuration JSON; the error names the line and column at fault, or
+    /// the key whose value makes no sense.
+    pub fn parse_json(text: &str) -> Result<Config, String> {
+        let config: Config = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+        Err(report(lines))
+    }
+
     /// Parses configuration text; the error names the key and line at fault.
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        config.check()?;
-        Ok(config)
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        let lines: Vec<String> = problems
+            .iter()
+            .map(|problem| match line_of_key(text, problem.key) {
+                Some(line) => format!("line {line}: {problem}"),
+                None => problem.to_string(),
+            })
+            .collect();
+        Err(report(lines))
     }
 
-    /// Checks values that parse but make no sense together.
-    pub fn check(&self) -> Result<(), String> {
+    /// Values that parse but make no sense alone or together.
+    pub fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        if self.storage.max_batch_size.bytes() == 0 {
-            problems.push("storage.max_batch_size must be more than 0".to_owned());
+        let mut problem = |failed: bool, key: &'static str, message: &str| {
+            if failed {
+                problems.push(Problem {
+                    key,
+                    message: message.to_owned(),
+                });
+            }
+        };
+        problem(
+            self.storage.max_batch_size.bytes() == 0,
+            "storage.max_batch_size",
+            "must be more than 0",
+        );
+        problem(
+            self.storage.max_size.bytes() == 0,
+            "storage.max_size",
+            "must be more than 0",
+        );
+        problem(
+            self.scheduler.default_timeout > self.scheduler.max_timeout,
+            "scheduler.default_timeout",
+            "is longer than scheduler.max_timeout",
+        );
+        problem(
+            self.scheduler.max_attempts == 0,
+            "scheduler.max_attempts",
+            "must be at least 1",
+        );
+        problem(
+            self.scheduler.heartbeat_interval >= self.scheduler.heartbeat_timeout,
+            "scheduler.heartbeat_interval",
+            "must be shorter than scheduler.heartbeat_timeout",
+        );
+        if let Err(message) = check_scheduler_address(&self.worker.scheduler) {
+            problem(true, "worker.scheduler", &message);
         }
-        if self.storage.max_size.bytes() == 0 {
-            problems.push("storage.max_size must be more than 0".to_owned());
+        problem(
+            self.worker.capacity == Some(0),
+            "worker.capacity",
+            "must be at least 1",
+        );
+        problem(
+            !self.worker.sandbox.cgroup_parent.starts_with('/'),
+            "worker.sandbox.cgroup_parent",
+            "must be an absolute cgroup path",
+        );
+        problems
+    }
+}
+
+/// A value that parses but cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key at fault, e.g. `scheduler.max_attempts`.
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.key, self.message)
+    }
+}
+
+/// One problem on one line; several as an indented list.
+fn report(mut lines: Vec<String>) -> String {
+    match lines.len() {
+        1 => lines.remove(0),
+        n => format!("{n} problems:\n  {}", lines.join("\n  ")),
+    }
+}
+
+/// The line on which the dotted `key` is set in the TOML `text`, if it is.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let document = toml::de::DeTable::parse(text).ok()?;
+    let mut table = document.get_ref();
+    let mut segments = key.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let (name, value) = table.get_key_value(segment)?;
+        if segments.peek().is_none() {
+            let start = name.span().start;
+            return Some(text[..start].matches('\n').count() + 1);
         }
-        if self.scheduler.default_timeout > self.scheduler.max_timeout {
-            problems
-                .push("scheduler.default_timeout is longer than scheduler.max_timeout".to_owned());
-        }
-        if self.scheduler.max_attempts == 0 {
-            problems.push("scheduler.max_attempts must be at least 1".to_owned());
-        }
-        if self.scheduler.heartbeat_interval >= self.scheduler.heartbeat_timeout {
-            problems.push(
-                "scheduler.heartbeat_interval must be shorter than scheduler.heartbeat_timeout"
-                    .to_owned(),
-            );
-        }
-        if self.worker.capacity == Some(0) {
-            problems.push("worker.capacity must be at least 1".to_owned());
-        }
-        if !self.worker.sandbox.cgroup_parent.starts_with('/') {
-            problems
-                .push("worker.sandbox.cgroup_parent must be an absolute cgroup path".to_owned());
-        }
-        match problems.is_empty() {
-            true => Ok(()),
-            false => Err(problems.join("\n")),
-        }
+        table = match value.get_ref() {
+            toml::de::DeValue::Table(inner) => inner,
+            _ => return None,
+        };
+    }
+    None
+}
+
+/// Workers accept `grpc://HOST:PORT`, `http://HOST:PORT` or a bare `HOST:PORT`.
+fn check_scheduler_address(address: &str) -> Result<(), String> {
+    if address.starts_with("grpcs://") || address.starts_with("https://") {
+        return Err(format!(
+            "{address:?}: TLS is not supported yet; use grpc://HOST:PORT"
+        ));
+    }
+    let rest = address
+        .strip_prefix("grpc://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
+    });
+    match valid {
+        true => Ok(()),
+        false => Err(format!("{address:?} is not grpc://HOST:PORT")),
     }
 }
 
@@ -395,6 +501,31 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn nonsense_values_name_key_and_line() {
+        let err = Config::parse(
+            "[scheduler]\nmax_attempts = 3\n\ndefault_timeout = \"5h\"\n[worker]\nscheduler = \"farm\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("line 4: scheduler.default_timeout is longer"),
+            "{err}"
+        );
+        assert!(err.contains("line 6: worker.scheduler \"farm\""), "{err}");
+        // A problem with a default value has no line to point at.
+        let err = Config::parse("[scheduler]\nmax_timeout = \"1s\"\n").unwrap_err();
+        assert_eq!(
+            err,
+            "scheduler.default_timeout is longer than scheduler.max_timeout"
+        );
+        for good in ["grpc://farm:8980", "http://[::1]:8980", "10.0.0.1:8980"] {
+            assert_eq!(check_scheduler_address(good), Ok(()), "{good}");
+        }
+        for bad in ["grpc://farm", "grpcs://farm:443", "farm:http", "grpc://:1"] {
+            assert!(check_scheduler_address(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -67,7 +67,9 @@ const HOST_ETC: &[&str] = &[
 
 /// The worker's own toolchain, read-only: `/usr`, `/bin`, `/lib*` and a minimal
 /// `/etc` (users, hosts, the dynamic linker's cache, Debian's alternatives). On
-/// merged-/usr systems, `/bin` and friends are the same symlinks as on the host.
+/// merged-/usr systems, `/bin` and friends are the same symlinks as on the host; on
+/// NixOS, where the toolchain is in the store, `/nix/store` and
+/// `/run/current-system` are there too.
 pub struct HostResolver {
     root: PathBuf,
     mounts: Vec<BindMount>,
@@ -99,6 +101,19 @@ impl HostResolver {
                     source: host.clone(),
                     destination: host,
                 });
+            }
+        }
+        if Path::new("/etc/NIXOS").exists() {
+            // On NixOS the toolchain lives in the store, reached through
+            // /run/current-system: mount the store, and point to the system.
+            std::fs::create_dir_all(root.join("nix/store"))?;
+            mounts.push(BindMount {
+                source: "/nix/store".into(),
+                destination: "/nix/store".into(),
+            });
+            if let Ok(system) = std::fs::read_link("/run/current-system") {
+                std::fs::create_dir_all(root.join("run"))?;
+                std::os::unix::fs::symlink(system, root.join("run/current-system"))?;
             }
         }
         prepare_mount_points(&root)?;

@@ -21,6 +21,10 @@ use paddock_runner::Runner;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a stopping session waits for its cancelled actions to be torn down.
+const CANCEL_GRACE: Duration = Duration::from_secs(30);
 
 pub use cache::FileCache;
 
@@ -145,6 +149,7 @@ async fn session(
         .into_inner();
     tracing::info!(worker = %options.name, capacity = options.capacity, "connected to the scheduler");
     let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    let assignments = TaskTracker::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
     let ended = loop {
         tokio::select! {
@@ -155,7 +160,13 @@ async fn session(
                         heartbeat = tokio::time::interval(every);
                     }
                     S::Assignment(assignment) => {
-                        spawn_assignment(ctx.clone(), assignment, running.clone(), tx.clone());
+                        spawn_assignment(
+                            &assignments,
+                            ctx.clone(),
+                            assignment,
+                            running.clone(),
+                            tx.clone(),
+                        );
                     }
                     S::Cancel(cancel) => {
                         if let Some(token) = running.lock().get(&cancel.assignment_id) {
@@ -184,11 +195,21 @@ async fn session(
     for token in running.lock().values() {
         token.cancel();
     }
+    // Wait for them to be killed and cleaned up: a worker that stops (say, `systemctl
+    // stop`) must not leave actions running in cgroups outside its own.
+    assignments.close();
+    if tokio::time::timeout(CANCEL_GRACE, assignments.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(worker = %options.name, "cancelled actions did not stop in time");
+    }
     tracing::info!(worker = %options.name, "disconnected from the scheduler");
     ended
 }
 
 fn spawn_assignment(
+    assignments: &TaskTracker,
     ctx: Arc<execute::Context>,
     assignment: wire::Assignment,
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
@@ -198,7 +219,7 @@ fn spawn_assignment(
     let id = assignment.assignment_id.clone();
     let token = CancellationToken::new();
     running.lock().insert(id.clone(), token.clone());
-    tokio::spawn(async move {
+    assignments.spawn(async move {
         let started_tx = tx.clone();
         let started_id = id.clone();
         let started = move || {

@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: CasCommand,
     },
+    /// Check configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Helpers for Nix-hermetic platforms.
     Nix {
         #[command(subcommand)]
@@ -261,6 +266,16 @@ enum CasCommand {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate configuration files (TOML, or JSON for *.json): unknown keys, wrong
+    /// types and values that make no sense are errors naming the key (and line).
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum NixCommand {
     /// Print the Bazel exec_properties and flags that run actions in exactly these
     /// store paths (and their closure).
@@ -421,6 +436,24 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
         }
         Command::Exec(args) => exec(args).await,
         Command::Cas { command } => cas(command).await,
+        Command::Config {
+            command: ConfigCommand::Check { files },
+        } => {
+            let mut failed = false;
+            for file in &files {
+                match Config::load(file) {
+                    Ok(_) => println!("{}: ok", file.display()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Nix {
             command: NixCommand::ExecProperties { paths },
         } => {
