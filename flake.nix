@@ -24,8 +24,10 @@
           cargoLock.lockFile = ./Cargo.lock;
           cargoBuildFlags = [ "--package" "paddock" ];
           # Protocols compile with protox (pure Rust) and seccomp filters with
-          # seccompiler: no C libraries, no protoc.
-          nativeBuildInputs = [ ];
+          # seccompiler: no protoc, no system C libraries. The registry client's TLS
+          # (rustls on aws-lc) compiles its C with the stdenv's compiler; cmake and
+          # perl let aws-lc-sys use its full build where it wants to.
+          nativeBuildInputs = [ pkgs.cmake pkgs.perl ];
           # The integration tests need root, namespaces, Nix and Bazel: they run in
           # `checks.vm` and in the repository's `tests/run`; the unit tests run in
           # `checks.tests`.

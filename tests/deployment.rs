@@ -129,6 +129,7 @@ fn the_readme_configuration_example_is_valid() {
         "[worker]",
         "[worker.sandbox]",
         "[worker.nix]",
+        "[worker.oci]",
     ] {
         assert!(example.contains(key), "the example lacks {key}");
     }

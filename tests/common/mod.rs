@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own share of the harness
 
 pub mod bazel;
+pub mod registry;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -272,6 +272,45 @@ impl Default for NixConfig {
     }
 }
 
+/// Image platforms (`container-image`), for container workers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OciConfig {
+    /// Offer image platforms: unset means "if overlayfs is available".
+    pub enabled: Option<bool>,
+    /// The bound of the unpacked layer cache; images no action uses go first.
+    pub cache_size: ByteSize,
+    /// Registries (`HOST[:PORT]`) reached over plain HTTP. Loopback registries
+    /// always are, as Docker does.
+    pub insecure_registries: Vec<String>,
+    /// Credentials per registry host (`HOST[:PORT]`); anonymous elsewhere.
+    pub credentials: BTreeMap<String, RegistryCredentials>,
+}
+
+impl Default for OciConfig {
+    fn default() -> Self {
+        OciConfig {
+            enabled: None,
+            cache_size: ByteSize::gib(20),
+            insecure_registries: Vec::new(),
+            credentials: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a worker signs in to one registry (basic auth, or the registry's token flow
+/// started with these credentials). Never taken from an action.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    pub username: String,
+    /// The password or token itself; prefer `password_file`, which keeps it out of
+    /// configuration files (and out of the Nix store).
+    pub password: Option<String>,
+    /// A file holding the password or token (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+}
+
 /// A worker: what it offers and where it keeps its files.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -293,6 +332,7 @@ pub struct WorkerConfig {
     pub runner: RunnerKind,
     pub sandbox: SandboxConfig,
     pub nix: NixConfig,
+    pub oci: OciConfig,
 }
 
 impl Default for WorkerConfig {
@@ -307,6 +347,7 @@ impl Default for WorkerConfig {
             runner: RunnerKind::Container,
             sandbox: SandboxConfig::default(),
             nix: NixConfig::default(),
+            oci: OciConfig::default(),
         }
     }
 }
@@ -420,6 +461,18 @@ impl Config {
             "worker.sandbox.cgroup_parent",
             "must be an absolute cgroup path",
         );
+        problem(
+            self.worker.oci.cache_size.bytes() == 0,
+            "worker.oci.cache_size",
+            "must be more than 0",
+        );
+        for credentials in self.worker.oci.credentials.values() {
+            problem(
+                credentials.password.is_some() == credentials.password_file.is_some(),
+                "worker.oci.credentials",
+                "need exactly one of password and password_file per registry",
+            );
+        }
         problems
     }
 }

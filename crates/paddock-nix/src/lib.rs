@@ -364,6 +364,8 @@ impl RootfsResolver for NixResolver {
         let closure = self.closure(paths).await?;
         Ok(Some(Rootfs {
             root: closure.root.clone(),
+            writable: false,
+            work_dir: paddock_sandbox::spec::WORK_DIR.into(),
             mounts: closure.mounts.clone(),
             environment: closure
                 .path_env

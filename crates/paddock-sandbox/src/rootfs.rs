@@ -20,9 +20,16 @@ pub struct BindMount {
 
 /// What a resolver provides for one action.
 pub struct Rootfs {
-    /// The container's root directory (mounted read-only); it must already hold the
-    /// mount points for `mounts` and for `/work`, `/tmp`, `/proc`, `/dev`.
+    /// The container's root directory; it must already hold the mount points for
+    /// `mounts`, `work_dir`, `/tmp`, `/proc` and `/dev`.
     pub root: PathBuf,
+    /// Whether the action may write to its root: only a root made for this action
+    /// alone (an image's per-action overlay) is writable; shared templates are not.
+    pub writable: bool,
+    /// Where the input root appears inside the container, normally [`WORK_DIR`].
+    ///
+    /// [`WORK_DIR`]: crate::spec::WORK_DIR
+    pub work_dir: PathBuf,
     pub mounts: Vec<BindMount>,
     /// Variables that apply beneath the Command's own (an image's `Env`, say).
     pub environment: Vec<(String, String)>,
@@ -188,6 +195,8 @@ impl RootfsResolver for HostResolver {
     ) -> Result<Option<Rootfs>, ResolveError> {
         Ok(Some(Rootfs {
             root: self.root.clone(),
+            writable: false,
+            work_dir: crate::spec::WORK_DIR.into(),
             mounts: self.mounts.clone(),
             environment: Vec::new(),
             lease: None,

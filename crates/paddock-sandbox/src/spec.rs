@@ -12,7 +12,8 @@ use oci_spec::runtime::{
 
 use crate::rootfs::Rootfs;
 
-/// Where the input root appears inside every container.
+/// Where the input root appears inside a container, unless its root says otherwise
+/// (an image's `WorkingDir`).
 pub const WORK_DIR: &str = "/work";
 
 /// The CPU accounting period for `cores` limits, in microseconds.
@@ -71,17 +72,19 @@ fn bind(source: &Path, destination: &Path, writable: bool) -> Mount {
 
 /// Builds the spec: namespaces for mounts, PIDs, IPC, UTS and cgroups (the network
 /// namespace is made, with only loopback, by the helper that starts the container);
-/// no capabilities; `no_new_privileges`; a read-only root; and only these mounts:
-/// the resolver's, the writable input root at [`WORK_DIR`], a private `/tmp`, `/proc`
-/// and a minimal `/dev`.
+/// no capabilities; `no_new_privileges`; a read-only root (unless it was made for this
+/// action alone); and only these mounts: the resolver's, the writable input root (at
+/// [`WORK_DIR`] unless the root says otherwise), a private `/tmp`, `/proc` and a
+/// minimal `/dev`.
 pub fn build(spec: &ContainerSpec) -> Result<Spec, String> {
     fn e(what: &'static str) -> impl Fn(oci_spec::OciSpecError) -> String {
         move |err| format!("building the container's {what}: {err}")
     }
+    let work_dir = &spec.rootfs.work_dir;
     let cwd = if spec.working_directory.is_empty() {
-        PathBuf::from(WORK_DIR)
+        work_dir.clone()
     } else {
-        Path::new(WORK_DIR).join(spec.working_directory)
+        work_dir.join(spec.working_directory)
     };
     let no_capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(HashSet::new())
@@ -147,7 +150,7 @@ pub fn build(spec: &ContainerSpec) -> Result<Spec, String> {
             .iter()
             .map(|m| bind(&m.source, &m.destination, false)),
     );
-    mounts.push(bind(spec.input_root, Path::new(WORK_DIR), true));
+    mounts.push(bind(spec.input_root, work_dir, true));
 
     let mut resources = LinuxResourcesBuilder::default().devices(device_rules()?);
     if let Some(bytes) = spec.limits.memory_bytes {
@@ -229,7 +232,7 @@ pub fn build(spec: &ContainerSpec) -> Result<Spec, String> {
         .root(
             RootBuilder::default()
                 .path(spec.rootfs.root.clone())
-                .readonly(true)
+                .readonly(!spec.rootfs.writable)
                 .build()
                 .map_err(e("root"))?,
         )

@@ -120,6 +120,10 @@ pub fn worker_options(
                 resolvers.push(Arc::new(resolver));
                 properties.push(("nix".into(), version));
             }
+            if let Some(resolver) = oci_resolver(config, &work_dir)? {
+                resolvers.push(Arc::new(resolver));
+                properties.push(("oci".into(), "overlay".into()));
+            }
             Arc::new(container_runner(
                 &config.sandbox,
                 &name,
@@ -164,6 +168,42 @@ fn nix_resolver(
     })
     .context("preparing the Nix resolver")?;
     Ok(Some((resolver, version)))
+}
+
+/// The image resolver, if this worker offers image platforms.
+fn oci_resolver(
+    config: &WorkerConfig,
+    work_dir: &std::path::Path,
+) -> Result<Option<paddock_oci::OciResolver>> {
+    match (config.oci.enabled, paddock_oci::detect()) {
+        (Some(false), _) | (None, false) => return Ok(None),
+        (Some(true), false) => {
+            anyhow::bail!("[worker.oci] enabled = true, but this kernel has no overlayfs")
+        }
+        _ => {}
+    }
+    let mut credentials = std::collections::HashMap::new();
+    for (registry, login) in &config.oci.credentials {
+        let password = match (&login.password, &login.password_file) {
+            (Some(password), _) => password.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("reading the password of {registry}"))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            (None, None) => anyhow::bail!("[worker.oci.credentials.{registry:?}] has no password"),
+        };
+        credentials.insert(registry.clone(), (login.username.clone(), password));
+    }
+    let resolver = paddock_oci::OciResolver::new(paddock_oci::OciOptions {
+        dir: work_dir.join("oci"),
+        cache_size: config.oci.cache_size.bytes(),
+        registries: paddock_oci::RegistryOptions {
+            insecure: config.oci.insecure_registries.clone(),
+            credentials,
+        },
+    })
+    .context("preparing the image resolver")?;
+    Ok(Some(resolver))
 }
 
 /// Where a worker keeps its files: its configured `work_dir`, else `default`.

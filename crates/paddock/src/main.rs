@@ -315,6 +315,14 @@ enum BenchCommand {
         /// here with nix-store --add; needs Nix and /bin/busybox), against the host root.
         #[arg(long, default_value_t = 0)]
         nix_paths: usize,
+        /// Also time actions in this image (`container-image` value, e.g.
+        /// docker://127.0.0.1:5000/busybox@sha256:...): pull plus unpack from cold,
+        /// and the warm overhead against the host root. The image must have /bin/true.
+        #[arg(long)]
+        image: Option<String>,
+        /// Cold starts of the image to time, each with an empty cache.
+        #[arg(long, default_value_t = 3)]
+        cold_runs: usize,
         /// The command to run.
         #[arg(last = true)]
         command: Vec<String>,
@@ -490,6 +498,8 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
             BenchCommand::Sandbox {
                 iterations,
                 nix_paths,
+                image,
+                cold_runs,
                 command,
             } => {
                 let command = if command.is_empty() {
@@ -517,6 +527,18 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                         &dir.path().join("nix"),
                         nix_paths,
                         iterations,
+                        &runner,
+                        zygote,
+                    )
+                    .await?;
+                }
+                if let Some(image) = image {
+                    let zygote = zygote.clone().context("the sandbox zygote did not start")?;
+                    bench_image(
+                        &dir.path().join("image"),
+                        &image,
+                        iterations,
+                        cold_runs,
                         &runner,
                         zygote,
                     )
@@ -710,6 +732,102 @@ async fn bench_nix(
         ms(nix.p50.saturating_sub(plain.p50))
     );
     println!("  where a Nix action's time goes (medians):");
+    for (name, micros) in phases {
+        println!("    {name:<32} {:>8.2} ms", micros as f64 / 1000.0);
+    }
+    Ok(())
+}
+
+/// `paddock bench sandbox --image`: the first action in an image from an empty
+/// cache (pull, verify, unpack, then run), and actions in the warm image against
+/// the host root.
+async fn bench_image(
+    dir: &std::path::Path,
+    image: &str,
+    iterations: usize,
+    cold_runs: usize,
+    host: &paddock_sandbox::ContainerRunner,
+    zygote: Zygote,
+) -> Result<()> {
+    use paddock_sandbox::bench::{ms, time_container};
+    use std::sync::Arc;
+    let config = WorkerConfig::default();
+    let platform = vec![("container-image".to_owned(), image.to_owned())];
+    let command = vec!["/bin/true".to_owned()];
+    let scratch = dir.join("actions");
+    std::fs::create_dir_all(&scratch)?;
+    let make_runner = |name: &str| -> Result<_> {
+        let resolver = Arc::new(paddock_oci::OciResolver::new(paddock_oci::OciOptions {
+            dir: dir.join(name).join("oci"),
+            cache_size: u64::MAX,
+            registries: Default::default(),
+        })?);
+        let runner = farm::container_runner(
+            &config.sandbox,
+            &format!("bench-{name}-{}", std::process::id()),
+            &dir.join(name),
+            zygote.clone(),
+            vec![resolver.clone()],
+        )?;
+        Ok((resolver, runner))
+    };
+    let mut cold = Vec::new();
+    let mut sizes = (0, 0);
+    for i in 0..cold_runs.max(1) {
+        let (resolver, runner) = make_runner(&format!("cold-{i}"))?;
+        let (figures, _) = time_container(&runner, &scratch, 1, &command, &platform)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        cold.push(figures.p50);
+        sizes = resolver.usage();
+        drop(runner);
+        drop(resolver);
+        std::fs::remove_dir_all(dir.join(format!("cold-{i}")))?;
+    }
+    cold.sort();
+    let (resolver, runner) = make_runner("warm")?;
+    time_container(&runner, &scratch, 1, &command, &platform)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (warm, phases) = time_container(&runner, &scratch, iterations, &command, &platform)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (plain, _) = time_container(host, &scratch, iterations, &command, &[])
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    drop(resolver);
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let first = cold[cold.len() / 2];
+    let setup = first.saturating_sub(plain.p50).as_secs_f64() * 1000.0;
+    println!("Image platform: {image}");
+    println!(
+        "  layers: {:.1} MiB pulled, {:.1} MiB unpacked",
+        mib(sizes.0),
+        mib(sizes.1)
+    );
+    println!(
+        "  first action, empty cache (median of {}): {}; pull and unpack {setup:.1} ms: \
+         {:.1} ms per pulled MiB, {:.1} ms per unpacked MiB",
+        cold.len(),
+        ms(first),
+        setup / mib(sizes.0).max(f64::MIN_POSITIVE),
+        setup / mib(sizes.1).max(f64::MIN_POSITIVE),
+    );
+    println!(
+        "  host root            p50 {:>9}  p99 {:>9}",
+        ms(plain.p50),
+        ms(plain.p99)
+    );
+    println!(
+        "  warm image root      p50 {:>9}  p99 {:>9}",
+        ms(warm.p50),
+        ms(warm.p99)
+    );
+    println!(
+        "  extra per action at p50: {}",
+        ms(warm.p50.saturating_sub(plain.p50))
+    );
+    println!("  where an image action's time goes (medians):");
     for (name, micros) in phases {
         println!("    {name:<32} {:>8.2} ms", micros as f64 / 1000.0);
     }
