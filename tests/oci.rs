@@ -306,6 +306,40 @@ async fn a_tampered_blob_is_refused_and_nothing_of_it_stays() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn registry_logins_come_from_the_worker_configuration() {
+    let registry = Registry::start_with_login("builder", "s3cret");
+    let layout = tempfile::tempdir().unwrap();
+    build_image("busybox.sh", layout.path(), "1");
+    let digest = registry.push(layout.path(), "1", "private", &[]);
+    let image = registry.pinned("private", &digest);
+
+    let anonymous = Farm::start(&[]);
+    let remote = anonymous.remote("").await;
+    let ran = run(&remote, in_image(&image, "echo ran")).await;
+    assert_eq!(ran.code, Code::FailedPrecondition, "{}", ran.stdout);
+    assert!(ran.message.contains("Not authorized"), "{}", ran.message);
+    drop(anonymous);
+
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("password");
+    std::fs::write(&password_file, "s3cret\n").unwrap();
+    let config = common::config_file(&format!(
+        "[worker.oci.credentials.\"{}\"]\nusername = \"builder\"\npassword_file = \"{}\"\n",
+        registry.host,
+        password_file.display()
+    ));
+    let farm = Farm::start(&["--config", &config]);
+    let remote = farm.remote("").await;
+    let ran = run(&remote, in_image(&image, "echo ran")).await;
+    assert_eq!(
+        (ran.code, ran.stdout.as_str()),
+        (Code::Ok, "ran\n"),
+        "{}",
+        ran.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn missing_images_and_unreachable_registries_fail_cleanly() {
     let registry = Registry::start();
     let farm = Farm::start(&[]);

@@ -12,6 +12,8 @@ pub struct Registry {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub host: String,
+    /// `USER:PASSWORD` when the registry wants a login.
+    login: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -19,19 +21,51 @@ impl Registry {
     /// Starts a registry with its storage in a fresh directory and waits until it
     /// answers.
     pub fn start() -> Registry {
+        Registry::launch(None)
+    }
+
+    /// Starts a registry that accepts only `user` with `password` (HTTP basic auth
+    /// against an htpasswd file, as registries behind a login do).
+    pub fn start_with_login(user: &str, password: &str) -> Registry {
+        Registry::launch(Some((user, password)))
+    }
+
+    fn launch(login: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let host = free_address();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {host}\n",
-                dir.path().join("storage").display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {host}\n",
+            dir.path().join("storage").display()
+        );
+        if let Some((user, password)) = login {
+            // bcrypt, which the registry requires, from Python's crypt module.
+            let hashed = Command::new("python3")
+                .args(["-W", "ignore", "-c"])
+                .arg(format!(
+                    "import crypt; print(crypt.crypt({password:?}, crypt.mksalt(crypt.METHOD_BLOWFISH)))"
+                ))
+                .output()
+                .unwrap();
+            assert!(
+                hashed.status.success(),
+                "{}",
+                String::from_utf8_lossy(&hashed.stderr)
+            );
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(
+                &htpasswd,
+                format!("{user}:{}", String::from_utf8_lossy(&hashed.stdout)),
+            )
+            .unwrap();
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: paddock-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
@@ -40,7 +74,13 @@ impl Registry {
             .stderr(log)
             .spawn()
             .expect("docker-registry (apt-get install docker-registry)");
-        let registry = Registry { child, host, dir };
+        let login = login.map(|(user, password)| format!("{user}:{password}"));
+        let registry = Registry {
+            child,
+            host,
+            login,
+            dir,
+        };
         for _ in 0..200 {
             if std::net::TcpStream::connect(&registry.host).is_ok() {
                 return registry;
@@ -57,6 +97,7 @@ impl Registry {
         let output = Command::new("skopeo")
             .args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
             .arg(&digest_file)
+            .args(self.login.iter().flat_map(|l| ["--dest-creds", l.as_str()]))
             .args(extra)
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repository}:{tag}", self.host))

@@ -14,10 +14,12 @@ use oci_client::Reference;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageRef {
     Registry {
-        /// Registry, repository and tag (if any), without the digest.
+        /// Registry, repository and tag, without the digest.
         name: Reference,
         /// `sha256:HEX` of the manifest (or index), when the property pins it.
         digest: Option<String>,
+        /// Whether the property names a tag (the parser adds `latest` otherwise).
+        tagged: bool,
     },
     Layout {
         dir: PathBuf,
@@ -36,14 +38,18 @@ impl ImageRef {
             if name.is_empty() {
                 return Err(format!("{value:?} names no image"));
             }
+            let tagged = name
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last.contains(':'));
             let name: Reference = name
                 .parse()
                 .map_err(|e| format!("{value:?} is not an image reference: {e}"))?;
-            if digest.is_none() && name.tag().is_none() {
-                // `docker://repo` means `:latest`, which the reference parser adds.
-                return Err(format!("{value:?} names no tag or digest"));
-            }
-            return Ok(ImageRef::Registry { name, digest });
+            return Ok(ImageRef::Registry {
+                name,
+                digest,
+                tagged,
+            });
         }
         if let Some(rest) = value.strip_prefix("oci-layout:") {
             let (dir, digest) = rest.rsplit_once('@').ok_or_else(|| {
@@ -97,8 +103,15 @@ impl ImageRef {
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ImageRef::Registry { name, digest } => {
-                write!(f, "docker://{}", name.whole())?;
+            ImageRef::Registry {
+                name,
+                digest,
+                tagged,
+            } => {
+                write!(f, "docker://{}/{}", name.registry(), name.repository())?;
+                if let (Some(tag), true) = (name.tag(), *tagged || digest.is_none()) {
+                    write!(f, ":{tag}")?;
+                }
                 match digest {
                     Some(digest) => write!(f, "@{digest}"),
                     None => Ok(()),
@@ -137,6 +150,10 @@ mod tests {
     fn registry_references() {
         let pinned =
             ImageRef::parse(&format!("docker://127.0.0.1:5000/tools/cc@sha256:{HEX}")).unwrap();
+        assert_eq!(
+            pinned.to_string(),
+            format!("docker://127.0.0.1:5000/tools/cc@sha256:{HEX}")
+        );
         assert_eq!(pinned.registry(), Some("127.0.0.1:5000"));
         assert_eq!(pinned.digest(), Some(format!("sha256:{HEX}").as_str()));
         let both = ImageRef::parse(&format!("docker://ghcr.io/a/b:v1@sha256:{HEX}")).unwrap();
@@ -145,6 +162,7 @@ mod tests {
             format!("docker://ghcr.io/a/b:v1@sha256:{HEX}")
         );
         let tagged = ImageRef::parse("docker://localhost:5000/busybox:1.36").unwrap();
+        assert_eq!(tagged.to_string(), "docker://localhost:5000/busybox:1.36");
         assert_eq!(tagged.digest(), None);
         assert_eq!(tagged.registry(), Some("localhost:5000"));
         // Docker Hub's short names.

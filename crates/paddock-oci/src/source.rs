@@ -125,9 +125,7 @@ impl Source {
                 let (manifest, digest) = client
                     .pull_image_manifest(&reference, auth)
                     .await
-                    .map_err(|e| {
-                        format!("cannot get the manifest of {}: {e}", reference.whole())
-                    })?;
+                    .map_err(|e| format!("cannot get the manifest: {e}"))?;
                 check_digest(&reference.whole(), &digest)?;
                 Ok((manifest, digest))
             }
