@@ -5,6 +5,7 @@ fn main() {
     let files = [
         root.join("paddock/worker/v1/worker.proto"),
         root.join("paddock/execution/v1/resource_usage.proto"),
+        root.join("paddock/admin/v1/admin.proto"),
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

@@ -33,7 +33,13 @@ pub trait ActionCache: Send + Sync + 'static {
     async fn put(&self, key: &ActionKey, result: &ActionResult) -> Result<(), StoreError>;
     /// Removes an entry; says whether there was one.
     async fn delete(&self, key: &ActionKey) -> Result<bool, StoreError>;
+    /// Removes every entry whose result `doomed` picks, and says how many went. It
+    /// reads every entry: for operators' invalidations, not for the request path.
+    async fn remove_where(&self, doomed: &ResultFilter) -> Result<u64, StoreError>;
 }
+
+/// Picks ActionResults, e.g. those one worker produced in a time window.
+pub type ResultFilter = dyn Fn(&ActionResult) -> bool + Send + Sync;
 
 /// An in-memory action cache holding at most `max_entries`.
 pub struct MemoryActionCache {
@@ -75,6 +81,21 @@ impl ActionCache for MemoryActionCache {
 
     async fn delete(&self, key: &ActionKey) -> Result<bool, StoreError> {
         Ok(self.entries.lock().remove(key).is_some())
+    }
+
+    async fn remove_where(&self, doomed: &ResultFilter) -> Result<u64, StoreError> {
+        let mut entries = self.entries.lock();
+        let keys: Vec<ActionKey> = entries
+            .iter()
+            .filter(|(_, bytes)| {
+                ActionResult::decode((*bytes).clone()).is_ok_and(|result| doomed(&result))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &keys {
+            entries.remove(key);
+        }
+        Ok(keys.len() as u64)
     }
 }
 
@@ -169,6 +190,26 @@ impl ActionCache for DiskActionCache {
             Err(e) => Err(e.into()),
         }
     }
+
+    async fn remove_where(&self, doomed: &ResultFilter) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for instance in fs::read_dir(&self.root)?.flatten() {
+            if instance.path() == self.tmp || !instance.path().is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(instance.path())?.flatten() {
+                let Ok(bytes) = fs::read(entry.path()) else {
+                    continue;
+                };
+                let picked = bytes.len() >= CHECKSUM_LEN
+                    && ActionResult::decode(&bytes[CHECKSUM_LEN..]).is_ok_and(|r| doomed(&r));
+                if picked && fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
 }
 
 /// Hides entries that reference blobs the CAS no longer holds: a client must never be
@@ -208,6 +249,10 @@ impl ActionCache for CompletenessChecking {
 
     async fn delete(&self, key: &ActionKey) -> Result<bool, StoreError> {
         self.inner.delete(key).await
+    }
+
+    async fn remove_where(&self, doomed: &ResultFilter) -> Result<u64, StoreError> {
+        self.inner.remove_where(doomed).await
     }
 }
 

@@ -18,7 +18,7 @@ mod verify;
 
 pub use action_cache::{
     referenced_blobs, ActionCache, ActionKey, CompletenessChecking, DiskActionCache,
-    MemoryActionCache,
+    MemoryActionCache, ResultFilter,
 };
 pub use blob::{read_all, BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
 pub use disk::DiskStore;

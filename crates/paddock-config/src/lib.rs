@@ -139,6 +139,81 @@ pub struct SchedulerConfig {
     /// Matching policy per platform property name, over the built-in ones
     /// (`cores`, `memory`: minimum; `pids`: ignore; anything else: exact).
     pub property_policies: BTreeMap<String, MatchPolicy>,
+    pub quarantine: QuarantineConfig,
+    pub speculation: SpeculationConfig,
+}
+
+/// Worker health: outcome statistics, quarantine of anomalous workers, probes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    /// Quarantine workers whose failure rate is anomalous against their pool.
+    pub enabled: bool,
+    /// Workers are compared with the others that share this property's value (those
+    /// without it form one pool).
+    pub pool_property: String,
+    /// The outcomes per worker that the statistics cover (the most recent ones).
+    pub window: usize,
+    /// Outcomes a worker (and, together, the rest of its pool) needs before it can
+    /// be judged.
+    pub min_samples: usize,
+    /// How unlikely (binomial tail probability) a worker's failure count must be,
+    /// given its pool's rate, to count as anomalous.
+    pub significance: f64,
+    /// How long a quarantined worker waits before it is probed; doubled after each
+    /// failed probe, up to 16 times this.
+    pub cooldown: Span,
+    /// Canary actions, with results known from other workers, a quarantined worker
+    /// must all pass to be released.
+    pub canaries: usize,
+    /// The fraction of successful cacheable results that are run again on a second
+    /// worker and compared; a disagreement is settled by a third.
+    pub verify_sample_rate: f64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            enabled: true,
+            pool_property: "Pool".into(),
+            window: 100,
+            min_samples: 8,
+            significance: 0.001,
+            cooldown: Span::secs(300),
+            canaries: 3,
+            verify_sample_rate: 0.0,
+        }
+    }
+}
+
+/// Speculative copies of stragglers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpeculationConfig {
+    /// Start a copy of an action that runs far longer than similar ones did.
+    pub enabled: bool,
+    /// "Far longer": this many times the median time of similar actions...
+    pub multiple: f64,
+    /// ...and at least this long.
+    pub min_runtime: Span,
+    /// Similar actions (same mnemonic, program and platform) that must have finished
+    /// before their median counts.
+    pub min_samples: usize,
+    /// At most this fraction of the fleet's capacity (and at least one slot) runs
+    /// copies at any time.
+    pub max_fraction: f64,
+}
+
+impl Default for SpeculationConfig {
+    fn default() -> Self {
+        SpeculationConfig {
+            enabled: false,
+            multiple: 3.0,
+            min_runtime: Span::secs(10),
+            min_samples: 5,
+            max_fraction: 0.1,
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -153,6 +228,8 @@ impl Default for SchedulerConfig {
             orphan_grace: Span::secs(10),
             operation_retention: Span::secs(600),
             property_policies: BTreeMap::new(),
+            quarantine: QuarantineConfig::default(),
+            speculation: SpeculationConfig::default(),
         }
     }
 }
@@ -447,6 +524,33 @@ impl Config {
             self.scheduler.heartbeat_interval >= self.scheduler.heartbeat_timeout,
             "scheduler.heartbeat_interval",
             "must be shorter than scheduler.heartbeat_timeout",
+        );
+        let quarantine = &self.scheduler.quarantine;
+        problem(
+            quarantine.window == 0 || quarantine.min_samples > quarantine.window,
+            "scheduler.quarantine.min_samples",
+            "must be at most scheduler.quarantine.window (and the window more than 0)",
+        );
+        problem(
+            !(quarantine.significance > 0.0 && quarantine.significance < 1.0),
+            "scheduler.quarantine.significance",
+            "must be between 0 and 1",
+        );
+        problem(
+            !(0.0..=1.0).contains(&quarantine.verify_sample_rate),
+            "scheduler.quarantine.verify_sample_rate",
+            "must be between 0 and 1",
+        );
+        let speculation = &self.scheduler.speculation;
+        problem(
+            speculation.multiple.is_nan() || speculation.multiple < 1.0,
+            "scheduler.speculation.multiple",
+            "must be at least 1",
+        );
+        problem(
+            !(speculation.max_fraction > 0.0 && speculation.max_fraction <= 1.0),
+            "scheduler.speculation.max_fraction",
+            "must be more than 0 and at most 1",
         );
         if let Err(message) = check_scheduler_address(&self.worker.scheduler) {
             problem(true, "worker.scheduler", &message);

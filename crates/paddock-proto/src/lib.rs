@@ -2,11 +2,18 @@
 //!
 //! `worker::v1` is the scheduler-worker protocol (see
 //! `proto/paddock/worker/v1/worker.proto` for its rules); `execution::v1` holds the
-//! messages Paddock adds to REAPI results, such as `ResourceUsage`.
+//! messages Paddock adds to REAPI results, such as `ResourceUsage`; `admin::v1` is
+//! the operators' protocol (workers, their health, cache invalidation).
 
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("paddock.worker.v1");
+    }
+}
+
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("paddock.admin.v1");
     }
 }
 

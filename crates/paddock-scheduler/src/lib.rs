@@ -10,19 +10,32 @@
 //! Execute call gets its own operation, and operations of identical actions share the
 //! execution. An execution whose clients have all gone away is cancelled after a grace
 //! period, so that a client can re-attach with WaitExecution in between.
+//!
+//! Trust: no worker's result is cached or returned before it is checked against the
+//! command and the CAS ([`results`]); every outcome feeds the worker's health
+//! ([`health`]), and a worker anomalous against its pool is quarantined, then probed
+//! with canaries. Stragglers get speculative copies ([`history`]), and a sample of
+//! results can be re-run elsewhere and compared.
 
+mod completion;
+mod dispatch;
+pub mod health;
+mod history;
 mod matching;
 mod queue;
+pub mod results;
 mod state;
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use health::{Counts, Standing};
+
 use paddock_cas::{read_all, ActionCache, ActionKey, BlobStore};
 use paddock_config::SchedulerConfig;
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::digest::check_digest_function;
-use paddock_reapi::proto::re::{Action, ActionResult, Command, ExecuteRequest, ExecuteResponse};
+use paddock_reapi::proto::re::{Action, Command, ExecuteRequest, ExecuteResponse};
 use paddock_reapi::{status, validate, Digest};
 use parking_lot::Mutex;
 use prost::Message;
@@ -31,7 +44,7 @@ use tonic::{Code, Status};
 
 pub use matching::{Offer, Policies};
 use queue::FairQueue;
-use state::{Job, JobState, OperationEntry, State, WorkerSession};
+use state::{Job, JobKind, JobState, OperationEntry, State, WorkerSession};
 
 /// Identifies one execution.
 pub type JobId = u64;
@@ -86,6 +99,43 @@ impl Drop for Waiter {
     }
 }
 
+/// Who asked for an execution, from the client's RequestMetadata.
+#[derive(Debug, Clone, Default)]
+pub struct Requester {
+    /// `tool_invocation_id`: the unit of fair queueing.
+    pub invocation: String,
+    /// `action_mnemonic` (e.g. `CppCompile`): what similar actions share.
+    pub mnemonic: String,
+}
+
+/// A worker as operators see it.
+#[derive(Debug, Clone)]
+pub struct WorkerReport {
+    pub name: String,
+    pub pool: String,
+    /// `active`, `draining`, `quarantined` or `probing`.
+    pub standing: String,
+    pub reason: String,
+    pub since: SystemTime,
+    pub connected: bool,
+    pub capacity: usize,
+    pub running: usize,
+    /// Over the health window, and since the scheduler started.
+    pub recent: Counts,
+    pub totals: Counts,
+}
+
+/// What an operator asks of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCommand {
+    /// No new work; what runs finishes.
+    Drain,
+    /// No work until released.
+    Quarantine,
+    /// Back to work, statistics cleared.
+    Release,
+}
+
 /// A worker's session as the transport sees it: its id and what to send it.
 pub struct WorkerConnection {
     pub session: SessionId,
@@ -125,7 +175,7 @@ impl Scheduler {
         let policies = Policies::new(config.property_policies.clone());
         Scheduler {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State::new(health::Fleet::new(config.quarantine.clone()))),
                 closing: watch::channel(false).0,
                 cas,
                 action_cache,
@@ -166,7 +216,7 @@ impl Scheduler {
     pub async fn execute(
         &self,
         request: ExecuteRequest,
-        invocation: String,
+        requester: Requester,
     ) -> Result<OperationWatch, Status> {
         let inner = &self.inner;
         check_digest_function(request.digest_function).map_err(|e| invalid(e.to_string()))?;
@@ -243,6 +293,8 @@ impl Scheduler {
 
         let platform = paddock_reapi::platform(&action, &command);
         inner.policies.check(&platform).map_err(invalid)?;
+        let program = command.arguments.first().map(String::as_str).unwrap_or("");
+        let fingerprint = history::fingerprint(&requester.mnemonic, program, &platform);
         let job = Job {
             id: 0,
             key,
@@ -252,15 +304,20 @@ impl Scheduler {
             platform,
             timeout,
             priority,
-            invocation,
+            invocation: requester.invocation,
             cacheable: !action.do_not_cache,
             queued_at: SystemTime::now(),
-            attempts: 0,
+            failures: 0,
             state: JobState::Queued,
             operations: Vec::new(),
             waiters: 0,
             orphaned_since: None,
             unsatisfiable_since: None,
+            kind: JobKind::Client,
+            exclude: Vec::new(),
+            avoid: Vec::new(),
+            fingerprint,
+            speculated: false,
         };
         let mut state = inner.state.lock();
         let job_id = match state.merge.get(&job.key).copied().filter(|_| job.cacheable) {
@@ -362,6 +419,15 @@ impl Scheduler {
         let offer = Offer::new(register.properties.into_iter().map(|p| (p.name, p.value)));
         let (tx, outbound) = mpsc::unbounded_channel();
         let mut state = inner.state.lock();
+        let pool = offer
+            .values(&inner.config.quarantine.pool_property)
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        let record = state.fleet.enroll(&register.name, pool);
+        if !record.standing.takes_work() {
+            tracing::warn!(worker = %register.name, standing = record.standing.name(), reason = %record.reason, "a worker that is not active connected");
+        }
         let previous: Vec<SessionId> = state
             .workers
             .values()
@@ -421,6 +487,71 @@ impl Scheduler {
         let inner = &self.inner;
         let mut state = inner.state.lock();
         inner.drop_worker(&mut state, session, "its stream ended");
+    }
+
+    /// Every worker the scheduler knows, connected or not, by name.
+    pub fn workers(&self) -> Vec<WorkerReport> {
+        let state = self.inner.state.lock();
+        let mut reports: Vec<WorkerReport> = state
+            .fleet
+            .records()
+            .map(|(name, record)| {
+                let sessions: Vec<&WorkerSession> =
+                    state.workers.values().filter(|w| &w.name == name).collect();
+                WorkerReport {
+                    name: name.clone(),
+                    pool: record.pool.clone(),
+                    standing: record.standing.name().to_owned(),
+                    reason: record.reason.clone(),
+                    since: record.since,
+                    connected: !sessions.is_empty(),
+                    capacity: sessions.iter().map(|w| w.capacity).sum(),
+                    running: sessions.iter().map(|w| w.running.len()).sum(),
+                    recent: record.recent(),
+                    totals: record.totals,
+                }
+            })
+            .collect();
+        reports.sort_by(|a, b| a.name.cmp(&b.name));
+        reports
+    }
+
+    /// An operator's order for a worker; NOT_FOUND if no such worker ever connected.
+    pub fn command_worker(
+        &self,
+        name: &str,
+        command: WorkerCommand,
+        reason: &str,
+    ) -> Result<WorkerReport, Status> {
+        let inner = &self.inner;
+        {
+            let mut state = inner.state.lock();
+            if state.fleet.get(name).is_none() {
+                return Err(Status::not_found(format!(
+                    "no worker named {name:?} has connected"
+                )));
+            }
+            let reason = match reason.trim() {
+                "" => "an operator's order".to_owned(),
+                r => format!("an operator's order: {r}"),
+            };
+            let standing = match command {
+                WorkerCommand::Drain => Standing::Draining,
+                WorkerCommand::Quarantine => Standing::Quarantined {
+                    manual: true,
+                    probe_at: None,
+                    strikes: 0,
+                },
+                WorkerCommand::Release => Standing::Active,
+            };
+            let transition = state.fleet.set(name, standing, reason);
+            inner.transition(transition);
+            inner.dispatch(&mut state);
+        }
+        self.workers()
+            .into_iter()
+            .find(|w| w.name == name)
+            .ok_or_else(|| Status::not_found(name.to_owned()))
     }
 }
 
@@ -486,7 +617,7 @@ impl Inner {
     fn attach_operation(self: &Arc<Self>, state: &mut State, job_id: JobId) -> OperationWatch {
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let job = &state.jobs[&job_id];
-        let (tx, updates) = watch::channel(job.snapshot(&name, state));
+        let (tx, updates) = watch::channel(job.snapshot(&name));
         state
             .jobs
             .get_mut(&job_id)
@@ -509,396 +640,6 @@ impl Inner {
         }
     }
 
-    /// Offers queued actions to workers with free slots until no more can start.
-    fn dispatch(&self, state: &mut State) {
-        loop {
-            if state.queue.is_empty() {
-                break;
-            }
-            let free: Vec<(SessionId, usize)> = state
-                .workers
-                .values()
-                .filter(|w| w.running.len() < w.capacity)
-                .map(|w| (w.session, w.capacity - w.running.len()))
-                .collect();
-            if free.is_empty() {
-                break;
-            }
-            let choice = state.queue.in_order().find_map(|job_id| {
-                let job = &state.jobs[&job_id];
-                free.iter()
-                    .filter(|(s, _)| {
-                        self.policies
-                            .satisfies(&state.workers[s].offer, &job.platform)
-                    })
-                    .max_by_key(|(_, slots)| *slots)
-                    .map(|(s, _)| (job_id, *s))
-            });
-            let Some((job_id, session)) = choice else {
-                break;
-            };
-            self.assign(state, job_id, session);
-        }
-        self.report(state);
-    }
-
-    fn assign(&self, state: &mut State, job_id: JobId, session: SessionId) {
-        let assignment_id = uuid::Uuid::new_v4().to_string();
-        let job = state.jobs.get_mut(&job_id).expect("queued job exists");
-        state
-            .queue
-            .remove(job.priority, &job.invocation, job_id, true);
-        job.attempts += 1;
-        job.unsatisfiable_since = None;
-        job.state = JobState::Running {
-            session,
-            assignment: assignment_id.clone(),
-        };
-        let queued_at_micros = job
-            .queued_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as i64;
-        let assignment = wire::Assignment {
-            assignment_id: assignment_id.clone(),
-            instance_name: job.key.instance.clone(),
-            action_digest: Some(wire::Digest {
-                hash: job.digest.hash_hex(),
-                size_bytes: job.digest.size() as i64,
-            }),
-            action: job.action.to_vec(),
-            command: job.command.to_vec(),
-            timeout_ms: job.timeout.as_millis() as u64,
-            queued_at_micros,
-        };
-        let worker = state.workers.get_mut(&session).expect("free worker exists");
-        worker.running.insert(assignment_id, job_id);
-        let _ = worker.outbound.send(wire::SchedulerMessage {
-            message: Some(wire::scheduler_message::Message::Assignment(assignment)),
-        });
-        tracing::debug!(action = %state.jobs[&job_id].digest, worker = %worker.name, "assigned");
-        state.notify(job_id);
-    }
-
-    fn started(&self, session: SessionId, assignment: &str) {
-        let state = self.state.lock();
-        if let Some(worker) = state.workers.get(&session) {
-            if let Some(job) = worker.running.get(assignment) {
-                tracing::debug!(action = %state.jobs[job].digest, worker = %worker.name, "started");
-            }
-        }
-    }
-
-    async fn finished(&self, session: SessionId, finished: wire::Finished) {
-        use wire::finished::Outcome;
-        let assignment = finished.assignment_id;
-        let job = {
-            let state = self.state.lock();
-            state
-                .workers
-                .get(&session)
-                .and_then(|w| w.running.get(&assignment))
-                .and_then(|job_id| state.jobs.get(job_id))
-                .map(|job| (job.id, job.key.clone(), job.cacheable))
-        };
-        let Some((job_id, key, cacheable)) = job else {
-            tracing::info!(%assignment, "discarding a result for an assignment no longer current");
-            metrics::counter!("paddock_late_results_total").increment(1);
-            return;
-        };
-        let outcome = match finished.outcome {
-            Some(Outcome::Completed(completed)) => {
-                match self.accept_result(&key, cacheable, completed).await {
-                    Ok(response) => Ok(response),
-                    Err(reason) => Err((reason, true)),
-                }
-            }
-            Some(Outcome::MissingInputs(missing)) => {
-                let digests: Vec<Digest> = missing
-                    .digests
-                    .iter()
-                    .filter_map(|d| Digest::parse(&d.hash, d.size_bytes).ok())
-                    .collect();
-                let list: Vec<String> = digests.iter().map(Digest::to_string).collect();
-                metrics::counter!("paddock_executions_total", "outcome" => "missing_blobs")
-                    .increment(1);
-                Ok(ExecuteResponse {
-                    status: Some(status::missing_blobs(
-                        format!("inputs are not in the CAS: missing {}", list.join(", ")),
-                        &digests,
-                    )),
-                    ..Default::default()
-                })
-            }
-            Some(Outcome::Failed(failed)) if !failed.retryable => {
-                metrics::counter!("paddock_executions_total", "outcome" => "failed").increment(1);
-                Ok(ExecuteResponse {
-                    status: Some(status::status(Code::from_i32(failed.code), failed.message)),
-                    ..Default::default()
-                })
-            }
-            Some(Outcome::Failed(failed)) => Err((failed.message, true)),
-            None => Err(("the worker reported no outcome".to_owned(), true)),
-        };
-        let mut state = self.state.lock();
-        let current = state
-            .workers
-            .get(&session)
-            .and_then(|w| w.running.get(&assignment))
-            == Some(&job_id);
-        if !current {
-            return; // cancelled or lost while the result was being stored
-        }
-        if let Some(worker) = state.workers.get_mut(&session) {
-            worker.running.remove(&assignment);
-        }
-        match outcome {
-            Ok(response) => state.complete(job_id, response),
-            Err((reason, _)) => {
-                let worker = state
-                    .workers
-                    .get(&session)
-                    .map(|w| w.name.clone())
-                    .unwrap_or_default();
-                self.retry_or_fail(
-                    &mut state,
-                    job_id,
-                    &format!("worker {worker} failed: {reason}"),
-                );
-            }
-        }
-        self.dispatch(&mut state);
-    }
-
-    /// Checks a worker's result and writes it to the ActionCache when it may be cached.
-    /// An unusable result is the worker's fault: the error says why.
-    async fn accept_result(
-        &self,
-        key: &ActionKey,
-        cacheable: bool,
-        completed: wire::Completed,
-    ) -> Result<ExecuteResponse, String> {
-        let result = ActionResult::decode(completed.action_result.as_slice())
-            .map_err(|e| format!("its ActionResult does not decode: {e}"))?;
-        validate::action_result(&result)
-            .map_err(|e| format!("its ActionResult is invalid: {e}"))?;
-        let status = if completed.timed_out {
-            metrics::counter!("paddock_executions_total", "outcome" => "timed_out").increment(1);
-            status::status(
-                Code::DeadlineExceeded,
-                "the action exceeded its timeout and was killed",
-            )
-        } else {
-            let outcome = if result.exit_code == 0 {
-                "success"
-            } else {
-                "nonzero_exit"
-            };
-            metrics::counter!("paddock_executions_total", "outcome" => outcome).increment(1);
-            status::ok()
-        };
-        if cacheable && !completed.timed_out && result.exit_code == 0 {
-            if let Err(e) = self.action_cache.put(key, &result).await {
-                tracing::warn!(action = %key.action, error = %e, "could not write the ActionCache");
-            }
-        }
-        Ok(ExecuteResponse {
-            result: Some(result),
-            cached_result: false,
-            status: Some(status),
-            message: completed.message,
-            ..Default::default()
-        })
-    }
-
-    /// Puts a job back in the queue after its worker failed it, unless it has used up
-    /// its attempts.
-    fn retry_or_fail(&self, state: &mut State, job_id: JobId, reason: &str) {
-        let max = self.config.max_attempts.max(1);
-        let Some(job) = state.jobs.get_mut(&job_id) else {
-            return;
-        };
-        if job.attempts >= max {
-            tracing::warn!(action = %job.digest, attempts = job.attempts, %reason, "giving up on an action");
-            metrics::counter!("paddock_executions_total", "outcome" => "lost").increment(1);
-            let message = format!(
-                "the action failed on {} workers; last: {reason}",
-                job.attempts
-            );
-            state.complete(
-                job_id,
-                ExecuteResponse {
-                    status: Some(status::status(Code::Unavailable, message)),
-                    ..Default::default()
-                },
-            );
-            return;
-        }
-        tracing::info!(action = %job.digest, %reason, "requeueing an action");
-        metrics::counter!("paddock_executions_requeued_total").increment(1);
-        job.state = JobState::Queued;
-        let (priority, invocation) = (job.priority, job.invocation.clone());
-        state.queue.push(priority, &invocation, job_id, true);
-        state.notify(job_id);
-    }
-
-    /// Removes a worker session; its running actions are requeued.
-    fn drop_worker(&self, state: &mut State, session: SessionId, reason: &str) {
-        let Some(worker) = state.workers.remove(&session) else {
-            return;
-        };
-        tracing::warn!(worker = %worker.name, running = worker.running.len(), %reason, "worker lost");
-        for (_, job_id) in worker.running {
-            self.retry_or_fail(
-                state,
-                job_id,
-                &format!("worker {} was lost: {reason}", worker.name),
-            );
-        }
-        self.report(state);
-        self.dispatch(state);
-    }
-
-    /// Stops an execution: out of the queue, or cancelled on its worker.
-    fn abort_job(&self, state: &mut State, job_id: JobId, reason: &str) {
-        let Some(job) = state.jobs.get(&job_id) else {
-            return;
-        };
-        tracing::info!(action = %job.digest, %reason, "cancelling an execution");
-        metrics::counter!("paddock_executions_total", "outcome" => "cancelled").increment(1);
-        if let JobState::Running {
-            session,
-            assignment,
-        } = &job.state
-        {
-            if let Some(worker) = state.workers.get_mut(session) {
-                worker.running.remove(assignment);
-                let _ = worker.outbound.send(wire::SchedulerMessage {
-                    message: Some(wire::scheduler_message::Message::Cancel(wire::Cancel {
-                        assignment_id: assignment.clone(),
-                    })),
-                });
-            }
-        }
-        state.complete(
-            job_id,
-            ExecuteResponse {
-                status: Some(status::status(
-                    Code::Cancelled,
-                    format!("cancelled: {reason}"),
-                )),
-                ..Default::default()
-            },
-        );
-        self.dispatch(state);
-    }
-
-    fn sweep(&self) {
-        let now = Instant::now();
-        let mut state = self.state.lock();
-        let timeout = self.config.heartbeat_timeout.get();
-        let silent: Vec<SessionId> = state
-            .workers
-            .values()
-            .filter(|w| now.duration_since(w.last_seen) > timeout)
-            .map(|w| w.session)
-            .collect();
-        for session in silent {
-            self.drop_worker(&mut state, session, "it missed its heartbeats");
-        }
-
-        let grace = self.config.orphan_grace.get();
-        let orphans: Vec<JobId> = state
-            .jobs
-            .values()
-            // An execution whose operations were all deleted runs on for the cache:
-            // DeleteOperation does not cancel.
-            .filter(|j| !j.operations.is_empty())
-            .filter(|j| {
-                j.orphaned_since
-                    .is_some_and(|t| now.duration_since(t) > grace)
-            })
-            .map(|j| j.id)
-            .collect();
-        for job_id in orphans {
-            self.abort_job(&mut state, job_id, "no client is waiting for it");
-        }
-
-        self.fail_unsatisfiable(&mut state, now);
-
-        let retention = self.config.operation_retention.get();
-        state.operations.retain(|_, op| {
-            op.finished_at
-                .is_none_or(|t| now.duration_since(t) < retention)
-        });
-        self.dispatch(&mut state);
-    }
-
-    /// Fails queued actions that no connected worker could run, once they have waited
-    /// `unsatisfiable_grace` for one to join.
-    fn fail_unsatisfiable(&self, state: &mut State, now: Instant) {
-        let grace = self.config.unsatisfiable_grace.get();
-        let mut verdicts: std::collections::HashMap<Vec<(String, String)>, bool> =
-            Default::default();
-        let queued: Vec<JobId> = state.queue.in_order().collect();
-        let mut doomed = Vec::new();
-        for job_id in queued {
-            let platform = state.jobs[&job_id].platform.clone();
-            let satisfiable = *verdicts.entry(platform).or_insert_with_key(|platform| {
-                state
-                    .workers
-                    .values()
-                    .any(|w| self.policies.satisfies(&w.offer, platform))
-            });
-            let job = state.jobs.get_mut(&job_id).expect("queued job exists");
-            if satisfiable {
-                job.unsatisfiable_since = None;
-                continue;
-            }
-            let since = *job.unsatisfiable_since.get_or_insert(now);
-            if now.duration_since(since) >= grace {
-                doomed.push(job_id);
-            }
-        }
-        for job_id in doomed {
-            let job = &state.jobs[&job_id];
-            let wanted: Vec<String> = job
-                .platform
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let offers: Vec<String> = state
-                .workers
-                .values()
-                .map(|w| {
-                    let unmet: Vec<String> = self
-                        .policies
-                        .unmet(&w.offer, &job.platform)
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
-                    format!("{} (lacks {})", w.name, unmet.join(", "))
-                })
-                .collect();
-            let message = format!(
-                "no connected worker can run this action, which requires platform [{}]; waited {}s; workers: {}",
-                wanted.join(", "),
-                grace.as_secs(),
-                if offers.is_empty() { "none connected".to_owned() } else { offers.join("; ") }
-            );
-            tracing::warn!(action = %job.digest, %message, "failing an unsatisfiable action");
-            metrics::counter!("paddock_executions_total", "outcome" => "unsatisfiable")
-                .increment(1);
-            state.complete(
-                job_id,
-                ExecuteResponse {
-                    status: Some(status::status(Code::FailedPrecondition, message)),
-                    ..Default::default()
-                },
-            );
-        }
-    }
-
     fn report(&self, state: &State) {
         let running: usize = state.workers.values().map(|w| w.running.len()).sum();
         let capacity: usize = state.workers.values().map(|w| w.capacity).sum();
@@ -906,5 +647,23 @@ impl Inner {
         metrics::gauge!("paddock_actions_running").set(running as f64);
         metrics::gauge!("paddock_workers_connected").set(state.workers.len() as f64);
         metrics::gauge!("paddock_worker_capacity").set(capacity as f64);
+        let mut standings: std::collections::BTreeMap<&str, usize> =
+            ["active", "draining", "quarantined", "probing"]
+                .map(|s| (s, 0))
+                .into();
+        for (_, record) in state.fleet.records() {
+            *standings.entry(record.standing.name()).or_default() += 1;
+        }
+        for (standing, count) in standings {
+            metrics::gauge!("paddock_workers", "standing" => standing).set(count as f64);
+        }
+    }
+
+    /// Logs and counts a change of a worker's standing.
+    fn transition(&self, transition: Option<health::Transition>) {
+        if let Some(t) = transition {
+            tracing::warn!(worker = %t.worker, from = t.from, to = t.to, reason = %t.reason, "worker standing changed");
+            metrics::counter!("paddock_worker_transitions_total", "to" => t.to).increment(1);
+        }
     }
 }

@@ -1,18 +1,21 @@
 //! The scheduler's state, guarded by one lock: executions, operations, workers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use hashlink::LinkedHashMap;
 use paddock_cas::ActionKey;
 use paddock_proto::worker::v1 as wire;
-use paddock_reapi::proto::re::ExecuteResponse;
+use paddock_reapi::proto::re::{ActionResult, ExecuteResponse};
 use paddock_reapi::Digest;
 use tokio::sync::{mpsc, watch};
 
+use crate::health::Fleet;
+use crate::history::{Fingerprint, History};
+use crate::results::Outputs;
 use crate::{FairQueue, JobId, Offer, SessionId, Snapshot, Stage};
 
-#[derive(Default)]
 pub(crate) struct State {
     pub jobs: HashMap<JobId, Job>,
     /// The in-flight execution of each cacheable action, for merging.
@@ -20,7 +23,28 @@ pub(crate) struct State {
     pub queue: FairQueue,
     pub workers: HashMap<SessionId, WorkerSession>,
     pub operations: HashMap<String, OperationEntry>,
+    /// Every worker's health, by name.
+    pub fleet: Fleet,
+    /// How long similar actions took.
+    pub history: History,
+    /// Recent results that healthy workers produced, to probe quarantined ones with.
+    pub known: VecDeque<Known>,
+    /// Actions that recently timed out, and where: if one then finishes in time on
+    /// another worker, the timeout counts against the first.
+    pub timeouts: LinkedHashMap<ActionKey, (String, Duration)>,
     next_id: u64,
+}
+
+/// A result whose action can be run again to check a worker.
+#[derive(Clone)]
+pub(crate) struct Known {
+    pub key: ActionKey,
+    pub action: Bytes,
+    pub command: Bytes,
+    pub platform: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub worker: String,
+    pub outputs: Outputs,
 }
 
 /// One execution of an action, shared by every operation that asked for it.
@@ -36,22 +60,63 @@ pub(crate) struct Job {
     pub invocation: String,
     pub cacheable: bool,
     pub queued_at: SystemTime,
-    /// How many workers have been given this execution.
-    pub attempts: u32,
+    /// Attempts that failed on a worker (crash, lost, set-up, an unusable result).
+    pub failures: u32,
     pub state: JobState,
     pub operations: Vec<String>,
     /// Clients currently streaming one of its operations.
     pub waiters: usize,
     pub orphaned_since: Option<Instant>,
     pub unsatisfiable_since: Option<Instant>,
+    pub kind: JobKind,
+    /// Workers that must not run it (a verification runs somewhere new).
+    pub exclude: Vec<String>,
+    /// Workers that failed it: others are preferred while any is connected.
+    pub avoid: Vec<String>,
+    pub fingerprint: Fingerprint,
+    /// Whether a speculative copy has been started.
+    pub speculated: bool,
+}
+
+/// Why an execution exists.
+pub(crate) enum JobKind {
+    /// A client asked for it.
+    Client,
+    /// A finished action run again elsewhere to compare: the runs so far, each with
+    /// its worker, outputs and result.
+    Verify {
+        runs: Vec<(String, Outputs, ActionResult)>,
+    },
+    /// A known action run on a worker being probed.
+    Canary { worker: String, expected: Outputs },
+}
+
+impl JobKind {
+    pub fn is_client(&self) -> bool {
+        matches!(self, JobKind::Client)
+    }
+
+    /// The one worker that may run it, if only one may.
+    pub fn only_on(&self) -> Option<&str> {
+        match self {
+            JobKind::Canary { worker, .. } => Some(worker),
+            _ => None,
+        }
+    }
 }
 
 pub(crate) enum JobState {
     Queued,
-    Running {
-        session: SessionId,
-        assignment: String,
-    },
+    /// On one worker, or more while a speculative copy runs.
+    Running(Vec<Attempt>),
+}
+
+pub(crate) struct Attempt {
+    pub session: SessionId,
+    pub assignment: String,
+    pub worker: String,
+    pub started: Instant,
+    pub speculative: bool,
 }
 
 pub(crate) struct OperationEntry {
@@ -82,14 +147,25 @@ pub(crate) struct WorkerSession {
     pub last_seen: Instant,
 }
 
+impl WorkerSession {
+    /// Tells the worker to stop an assignment and forgets it.
+    pub fn cancel(&mut self, assignment: &str) {
+        self.running.remove(assignment);
+        let _ = self.outbound.send(wire::SchedulerMessage {
+            message: Some(wire::scheduler_message::Message::Cancel(wire::Cancel {
+                assignment_id: assignment.to_owned(),
+            })),
+        });
+    }
+}
+
 impl Job {
-    pub fn snapshot(&self, name: &str, state: &State) -> Snapshot {
+    pub fn snapshot(&self, name: &str) -> Snapshot {
         let (stage, worker) = match &self.state {
             JobState::Queued => (Stage::Queued, None),
-            JobState::Running { session, .. } => (
-                Stage::Executing,
-                state.workers.get(session).map(|w| w.name.clone()),
-            ),
+            JobState::Running(attempts) => {
+                (Stage::Executing, attempts.first().map(|a| a.worker.clone()))
+            }
         };
         Snapshot {
             name: name.to_owned(),
@@ -102,6 +178,21 @@ impl Job {
 }
 
 impl State {
+    pub fn new(fleet: Fleet) -> State {
+        State {
+            jobs: HashMap::new(),
+            merge: HashMap::new(),
+            queue: FairQueue::default(),
+            workers: HashMap::new(),
+            operations: HashMap::new(),
+            fleet,
+            history: History::default(),
+            known: VecDeque::new(),
+            timeouts: LinkedHashMap::new(),
+            next_id: 0,
+        }
+    }
+
     pub fn next_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -111,7 +202,7 @@ impl State {
     pub fn enqueue(&mut self, mut job: Job) -> JobId {
         let id = self.next_id();
         job.id = id;
-        if job.cacheable {
+        if job.cacheable && job.kind.is_client() {
             self.merge.insert(job.key.clone(), id);
         }
         self.queue.push(job.priority, &job.invocation, id, false);
@@ -126,7 +217,7 @@ impl State {
         };
         for name in &job.operations {
             if let Some(entry) = self.operations.get(name) {
-                let snapshot = job.snapshot(name, self);
+                let snapshot = job.snapshot(name);
                 entry.updates.send_if_modified(|s| {
                     let changed = s.stage != snapshot.stage || s.worker != snapshot.worker;
                     *s = snapshot;
@@ -149,12 +240,14 @@ impl State {
                 self.queue
                     .remove(job.priority, &job.invocation, job_id, false);
             }
-            JobState::Running {
-                session,
-                assignment,
-            } => {
-                if let Some(worker) = self.workers.get_mut(session) {
-                    worker.running.remove(assignment);
+            JobState::Running(attempts) => {
+                // Whatever still runs (a speculative copy) is not needed any more.
+                for attempt in attempts {
+                    if let Some(worker) = self.workers.get_mut(&attempt.session) {
+                        if worker.running.contains_key(&attempt.assignment) {
+                            worker.cancel(&attempt.assignment);
+                        }
+                    }
                 }
             }
         }

@@ -16,7 +16,7 @@ use paddock_reapi::proto::re::{
     ExecutedActionMetadata, RequestMetadata, WaitExecutionRequest,
 };
 use paddock_reapi::status::pack;
-use paddock_scheduler::{OperationWatch, Scheduler, Snapshot, Stage};
+use paddock_scheduler::{OperationWatch, Requester, Scheduler, Snapshot, Stage};
 
 use crate::action_cache::inline_outputs;
 use crate::Storage;
@@ -128,14 +128,18 @@ fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> 
     Box::pin(stream)
 }
 
-/// The client's tool invocation, for fair queueing; empty when it sends none.
-fn tool_invocation(metadata: &tonic::metadata::MetadataMap) -> String {
-    metadata
+/// Who is asking, from the client's RequestMetadata: its tool invocation (for fair
+/// queueing) and the action's mnemonic (for spotting stragglers); empty when unsent.
+fn requester(metadata: &tonic::metadata::MetadataMap) -> Requester {
+    let sent = metadata
         .get_bin(REQUEST_METADATA)
         .and_then(|v| v.to_bytes().ok())
         .and_then(|bytes| RequestMetadata::decode(bytes).ok())
-        .map(|m| m.tool_invocation_id)
-        .unwrap_or_default()
+        .unwrap_or_default();
+    Requester {
+        invocation: sent.tool_invocation_id,
+        mnemonic: sent.action_mnemonic,
+    }
 }
 
 #[tonic::async_trait]
@@ -146,14 +150,14 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let invocation = tool_invocation(request.metadata());
+        let requester = requester(request.metadata());
         let request = request.into_inner();
         let inline = Inline {
             stdout: request.inline_stdout,
             stderr: request.inline_stderr,
             files: request.inline_output_files.clone(),
         };
-        let watch = self.scheduler.execute(request, invocation).await?;
+        let watch = self.scheduler.execute(request, requester).await?;
         Ok(Response::new(operation_stream(
             watch,
             self.storage.clone(),
@@ -274,17 +278,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_invocation_from_request_metadata() {
+    fn reads_the_requester_from_request_metadata() {
         let mut map = tonic::metadata::MetadataMap::new();
         let metadata = RequestMetadata {
             tool_invocation_id: "inv-1".into(),
+            action_mnemonic: "CppCompile".into(),
             ..Default::default()
         };
         map.insert_bin(
             REQUEST_METADATA,
             tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
         );
-        assert_eq!(tool_invocation(&map), "inv-1");
-        assert_eq!(tool_invocation(&tonic::metadata::MetadataMap::new()), "");
+        let found = requester(&map);
+        assert_eq!(
+            (found.invocation.as_str(), found.mnemonic.as_str()),
+            ("inv-1", "CppCompile")
+        );
+        let none = requester(&tonic::metadata::MetadataMap::new());
+        assert_eq!((none.invocation.as_str(), none.mnemonic.as_str()), ("", ""));
     }
 }

@@ -7,6 +7,7 @@
 //! with per-RPC metrics until shutdown.
 
 mod action_cache;
+mod admin;
 mod bytestream;
 mod capabilities;
 mod cas;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 pub use action_cache::ActionCacheService;
+pub use admin::AdminService;
 pub use bytestream::ByteStreamService;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
@@ -81,8 +83,8 @@ pub fn cache_routes(storage: &Storage, limits: Limits, execution_enabled: bool) 
     )
 }
 
-/// The execution services, over `scheduler`: Execution, Operations and the worker
-/// protocol.
+/// The execution services, over `scheduler`: Execution, Operations, the worker
+/// protocol and the operators' protocol.
 pub fn execution_routes(
     routes: Routes,
     storage: &Storage,
@@ -104,6 +106,9 @@ pub fn execution_routes(
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
         )
+        .add_service(paddock_proto::admin::v1::admin_server::AdminServer::new(
+            AdminService::new(scheduler.clone(), storage.clone()),
+        ))
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets in-flight

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::cache::FileCache;
+use crate::faults::Faults;
 use crate::inputs::{materialize, InputError};
 use crate::outputs::{self, OutputError};
 
@@ -27,6 +28,7 @@ pub struct Context {
     pub cache: Arc<FileCache>,
     pub runner: Arc<dyn Runner>,
     pub actions_dir: PathBuf,
+    pub faults: Faults,
 }
 
 type Outcome = wire::finished::Outcome;
@@ -135,6 +137,20 @@ async fn run_assignment(
         return failed(Code::Cancelled, "cancelled", true);
     }
 
+    if Faults::strikes(ctx.faults.fail_setup) {
+        return failed(
+            Code::Internal,
+            "injected fault: the sandbox failed to set up",
+            true,
+        );
+    }
+    if !ctx.faults.delay.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.faults.delay) => {}
+            _ = cancel.cancelled() => return failed(Code::Cancelled, "cancelled", true),
+        }
+    }
+
     started();
     metadata.execution_start_timestamp = Some(timestamp(SystemTime::now()));
     let spec = RunSpec {
@@ -174,6 +190,9 @@ async fn run_assignment(
             .push(pack(RESOURCE_USAGE, &usage));
     }
 
+    if Faults::strikes(ctx.faults.alter_outputs) {
+        Faults::alter(&working_dir, &declared_outputs(&command));
+    }
     metadata.output_upload_start_timestamp = Some(timestamp(SystemTime::now()));
     let collected = {
         let (working_dir, command) = (working_dir.clone(), command.clone());
@@ -191,11 +210,29 @@ async fn run_assignment(
         Ok(Err(OutputError::Worker(e))) => return failed(Code::Internal, e, true),
         Err(e) => return failed(Code::Internal, e.to_string(), true),
     };
-    let mut blobs = collected.blobs;
+    let corrupt = Faults::strikes(ctx.faults.corrupt_outputs);
+    let mut blobs: Vec<(Digest, Source)> = match corrupt {
+        false => collected.blobs,
+        true => collected
+            .blobs
+            .into_iter()
+            .map(|(digest, source)| {
+                let bytes = match source {
+                    Source::Memory(bytes) => bytes.to_vec(),
+                    Source::File(path) => std::fs::read(path).unwrap_or_default(),
+                };
+                (digest, Source::Memory(Faults::corrupt(&bytes).into()))
+            })
+            .collect(),
+    };
     blobs.push((stdout_digest, Source::File(dir.join("stdout"))));
     blobs.push((stderr_digest, Source::File(dir.join("stderr"))));
-    if let Err(e) = remote.upload_missing(blobs).await {
-        return failed(Code::Unavailable, format!("uploading outputs: {e}"), true);
+    match remote.upload_missing(blobs).await {
+        // A corrupting worker does not notice that the CAS refused its bytes.
+        Err(e) if !corrupt => {
+            return failed(Code::Unavailable, format!("uploading outputs: {e}"), true)
+        }
+        _ => {}
     }
     metadata.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
     adopt_outputs(&ctx.cache, collected.files).await;
@@ -213,6 +250,18 @@ async fn run_assignment(
         timed_out: outcome.timed_out,
         message: outcome.message,
     })
+}
+
+/// The paths the command declares as outputs, in either REAPI version's fields.
+#[allow(deprecated)] // REAPI 2.0's output_files and output_directories
+fn declared_outputs(command: &Command) -> Vec<String> {
+    command
+        .output_paths
+        .iter()
+        .chain(&command.output_files)
+        .chain(&command.output_directories)
+        .cloned()
+        .collect()
 }
 
 /// Keeps freshly uploaded outputs in the local cache: the next action on this worker

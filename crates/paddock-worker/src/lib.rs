@@ -6,6 +6,7 @@
 
 mod cache;
 mod execute;
+mod faults;
 mod inputs;
 mod outputs;
 
@@ -27,6 +28,7 @@ use tokio_util::task::TaskTracker;
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
 
 pub use cache::FileCache;
+pub use faults::Faults;
 
 /// How a worker is set up.
 pub struct WorkerOptions {
@@ -39,6 +41,8 @@ pub struct WorkerOptions {
     /// Offered on top of the detected properties.
     pub properties: Vec<(String, String)>,
     pub runner: Arc<dyn Runner>,
+    /// For testing the farm only: see [`Faults`].
+    pub faults: Faults,
 }
 
 /// The properties every worker offers: OS, ISA, CPU count and memory.
@@ -100,6 +104,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
                 cache: cache.clone(),
                 runner: options.runner.clone(),
                 actions_dir: actions_dir.clone(),
+                faults: options.faults.clone(),
             });
             session(ctx, &options, &properties, &shutdown).await
         }

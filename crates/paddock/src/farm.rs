@@ -141,6 +141,7 @@ pub fn worker_options(
         cache_size: config.cache_size.bytes(),
         properties,
         runner,
+        faults: Default::default(),
     })
 }
 

@@ -2,6 +2,7 @@
 //! the benchmarks (`bench`).
 
 mod farm;
+mod operate;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -50,6 +51,16 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// The fleet's workers: their standing and health; drain, quarantine, release.
+    Workers {
+        #[command(subcommand)]
+        command: operate::WorkersCommand,
+    },
+    /// Operate on the ActionCache: invalidate entries.
+    Cache {
+        #[command(subcommand)]
+        command: operate::CacheCommand,
     },
     /// Helpers for Nix-hermetic platforms.
     Nix {
@@ -111,6 +122,10 @@ struct WorkerArgs {
     /// How to run actions: `container` (default) or `host` (no isolation).
     #[arg(long)]
     runner: Option<RunnerKind>,
+    /// FOR TESTING THE FARM ONLY: make this worker misbehave on purpose, e.g.
+    /// `corrupt-outputs=1` (see RELIABILITY.md). Never on a production fleet.
+    #[arg(long, hide = true, value_name = "SPEC")]
+    dangerous_fault_injection: Option<paddock_worker::Faults>,
 }
 
 #[derive(Args)]
@@ -433,17 +448,23 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 .name
                 .or_else(|| config.name.clone())
                 .unwrap_or_else(paddock_worker::host_name);
-            let options = farm::worker_options(
+            let mut options = farm::worker_options(
                 &config,
                 config.scheduler.clone(),
                 name,
                 paddock_config::default_data_dir().join("worker"),
                 zygote.as_ref(),
             )?;
+            if let Some(faults) = args.dangerous_fault_injection.filter(|f| f.any()) {
+                tracing::error!(worker = %options.name, ?faults, "THIS WORKER INJECTS FAULTS ON PURPOSE: for testing the farm only");
+                options.faults = faults;
+            }
             farm::run_worker(options).await
         }
         Command::Exec(args) => exec(args).await,
         Command::Cas { command } => cas(command).await,
+        Command::Workers { command } => operate::workers(command).await,
+        Command::Cache { command } => operate::cache(command).await,
         Command::Config {
             command: ConfigCommand::Check { files },
         } => {

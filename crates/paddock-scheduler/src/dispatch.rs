@@ -1,0 +1,562 @@
+//! Giving work to workers and taking it back: dispatch (with each job's constraints
+//! and each worker's standing), speculative copies of stragglers, canaries for
+//! probed workers, retries, lost workers, cancellations and the periodic sweep.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use paddock_cas::ActionKey;
+use paddock_proto::worker::v1 as wire;
+use paddock_reapi::proto::re::{
+    Action, ActionResult, Command, Directory, ExecuteResponse, OutputFile,
+};
+use paddock_reapi::{status, Digest};
+use prost::Message;
+use tonic::Code;
+
+use crate::health::Outcome;
+use crate::results::Outputs;
+use crate::state::{Attempt, Job, JobKind, JobState, Known, State};
+use crate::{history, Inner, JobId, SessionId};
+
+/// The lowest priority: checks run when clients' work leaves room.
+const BACKGROUND: i32 = i32::MAX;
+/// How long a canary may run.
+const CANARY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Inner {
+    /// Whether the worker on `session` may run `job`.
+    fn eligible(&self, state: &State, job: &Job, session: SessionId) -> bool {
+        let worker = &state.workers[&session];
+        let allowed = match job.kind.only_on() {
+            Some(only) => worker.name == only,
+            None => state.fleet.takes_work(&worker.name) && !job.exclude.contains(&worker.name),
+        };
+        allowed && self.policies.satisfies(&worker.offer, &job.platform)
+    }
+
+    /// Offers queued actions to workers with free slots until no more can start.
+    pub(crate) fn dispatch(&self, state: &mut State) {
+        loop {
+            if state.queue.is_empty() {
+                break;
+            }
+            let free: Vec<(SessionId, usize)> = state
+                .workers
+                .values()
+                .filter(|w| w.running.len() < w.capacity)
+                .map(|w| (w.session, w.capacity - w.running.len()))
+                .collect();
+            if free.is_empty() {
+                break;
+            }
+            let choice = state.queue.in_order().find_map(|job_id| {
+                let job = &state.jobs[&job_id];
+                // A retry goes to a worker that has not failed it, unless no such
+                // worker is connected at all.
+                let fresh = |s: &SessionId| !job.avoid.contains(&state.workers[s].name);
+                let wait_for_fresh = !job.avoid.is_empty()
+                    && state
+                        .workers
+                        .keys()
+                        .any(|s| fresh(s) && self.eligible(state, job, *s));
+                free.iter()
+                    .filter(|(s, _)| self.eligible(state, job, *s))
+                    .filter(|(s, _)| !wait_for_fresh || fresh(s))
+                    .max_by_key(|(_, slots)| *slots)
+                    .map(|(s, _)| (job_id, *s))
+            });
+            let Some((job_id, session)) = choice else {
+                break;
+            };
+            self.assign(state, job_id, session, false);
+        }
+        self.report(state);
+    }
+
+    /// Sends a job to a worker: its first attempt (out of the queue), or a
+    /// speculative copy beside the running one.
+    fn assign(&self, state: &mut State, job_id: JobId, session: SessionId, speculative: bool) {
+        let assignment_id = uuid::Uuid::new_v4().to_string();
+        let worker_name = state.workers[&session].name.clone();
+        let job = state.jobs.get_mut(&job_id).expect("the job exists");
+        if !speculative {
+            state
+                .queue
+                .remove(job.priority, &job.invocation, job_id, true);
+        }
+        job.unsatisfiable_since = None;
+        let attempt = Attempt {
+            session,
+            assignment: assignment_id.clone(),
+            worker: worker_name,
+            started: Instant::now(),
+            speculative,
+        };
+        match &mut job.state {
+            JobState::Running(attempts) => attempts.push(attempt),
+            JobState::Queued => job.state = JobState::Running(vec![attempt]),
+        }
+        let queued_at_micros = job
+            .queued_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as i64;
+        let assignment = wire::Assignment {
+            assignment_id: assignment_id.clone(),
+            instance_name: job.key.instance.clone(),
+            action_digest: Some(wire::Digest {
+                hash: job.digest.hash_hex(),
+                size_bytes: job.digest.size() as i64,
+            }),
+            action: job.action.to_vec(),
+            command: job.command.to_vec(),
+            timeout_ms: job.timeout.as_millis() as u64,
+            queued_at_micros,
+        };
+        let worker = state
+            .workers
+            .get_mut(&session)
+            .expect("a free worker exists");
+        worker.running.insert(assignment_id, job_id);
+        let _ = worker.outbound.send(wire::SchedulerMessage {
+            message: Some(wire::scheduler_message::Message::Assignment(assignment)),
+        });
+        tracing::debug!(action = %state.jobs[&job_id].digest, worker = %worker.name, speculative, "assigned");
+        state.notify(job_id);
+    }
+
+    /// An attempt of a job failed on its worker: if no other attempt runs, the job
+    /// goes back to the queue (to be tried elsewhere first), unless it has failed too
+    /// often.
+    pub(crate) fn attempt_failed(
+        &self,
+        state: &mut State,
+        job_id: JobId,
+        assignment: &str,
+        reason: &str,
+    ) {
+        let Some(job) = state.jobs.get_mut(&job_id) else {
+            return;
+        };
+        if let JobState::Running(attempts) = &mut job.state {
+            if let Some(failed) = attempts.iter().find(|a| a.assignment == assignment) {
+                if !job.avoid.contains(&failed.worker) {
+                    job.avoid.push(failed.worker.clone());
+                }
+            }
+            attempts.retain(|a| a.assignment != assignment);
+            if !attempts.is_empty() {
+                return; // a copy runs on elsewhere
+            }
+        }
+        job.failures += 1;
+        let max = self.config.max_attempts.max(1);
+        if !job.kind.is_client() {
+            // A verification or canary that could not run proves nothing; a canary
+            // that failed is judged by the caller.
+            state.complete(job_id, ExecuteResponse::default());
+            return;
+        }
+        if job.failures >= max {
+            tracing::warn!(action = %job.digest, failures = job.failures, %reason, "giving up on an action");
+            metrics::counter!("paddock_executions_total", "outcome" => "lost").increment(1);
+            let message = format!(
+                "the action failed on {} workers; last: {reason}",
+                job.failures
+            );
+            state.complete(
+                job_id,
+                ExecuteResponse {
+                    status: Some(status::status(Code::Unavailable, message)),
+                    ..Default::default()
+                },
+            );
+            return;
+        }
+        tracing::info!(action = %job.digest, %reason, "requeueing an action");
+        metrics::counter!("paddock_executions_requeued_total").increment(1);
+        job.state = JobState::Queued;
+        let (priority, invocation) = (job.priority, job.invocation.clone());
+        state.queue.push(priority, &invocation, job_id, true);
+        state.notify(job_id);
+    }
+
+    /// Removes a worker session; its running actions count against it and run
+    /// elsewhere.
+    pub(crate) fn drop_worker(&self, state: &mut State, session: SessionId, reason: &str) {
+        let Some(worker) = state.workers.remove(&session) else {
+            return;
+        };
+        tracing::warn!(worker = %worker.name, running = worker.running.len(), %reason, "worker lost");
+        for (assignment, job_id) in worker.running {
+            let canary = matches!(
+                state.jobs.get(&job_id).map(|j| &j.kind),
+                Some(JobKind::Canary { .. })
+            );
+            let transition = match canary {
+                true => state
+                    .fleet
+                    .canary(&worker.name, false, "lost during a canary"),
+                false => state.fleet.record(&worker.name, Outcome::InfraFailure),
+            };
+            self.transition(transition);
+            self.attempt_failed(
+                state,
+                job_id,
+                &assignment,
+                &format!("worker {} was lost: {reason}", worker.name),
+            );
+        }
+        self.report(state);
+        self.dispatch(state);
+    }
+
+    /// Stops an execution: out of the queue, or cancelled on its workers.
+    pub(crate) fn abort_job(&self, state: &mut State, job_id: JobId, reason: &str) {
+        let Some(job) = state.jobs.get(&job_id) else {
+            return;
+        };
+        tracing::info!(action = %job.digest, %reason, "cancelling an execution");
+        metrics::counter!("paddock_executions_total", "outcome" => "cancelled").increment(1);
+        state.complete(
+            job_id,
+            ExecuteResponse {
+                status: Some(status::status(
+                    Code::Cancelled,
+                    format!("cancelled: {reason}"),
+                )),
+                ..Default::default()
+            },
+        );
+        self.dispatch(state);
+    }
+
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let timeout = self.config.heartbeat_timeout.get();
+        let silent: Vec<SessionId> = state
+            .workers
+            .values()
+            .filter(|w| now.duration_since(w.last_seen) > timeout)
+            .map(|w| w.session)
+            .collect();
+        for session in silent {
+            self.drop_worker(&mut state, session, "it missed its heartbeats");
+        }
+
+        let grace = self.config.orphan_grace.get();
+        let orphans: Vec<JobId> = state
+            .jobs
+            .values()
+            // An execution whose operations were all deleted runs on for the cache:
+            // DeleteOperation does not cancel.
+            .filter(|j| !j.operations.is_empty())
+            .filter(|j| {
+                j.orphaned_since
+                    .is_some_and(|t| now.duration_since(t) > grace)
+            })
+            .map(|j| j.id)
+            .collect();
+        for job_id in orphans {
+            self.abort_job(&mut state, job_id, "no client is waiting for it");
+        }
+
+        self.fail_unsatisfiable(&mut state, now);
+        self.start_probes(&mut state, now);
+        self.speculate(&mut state, now);
+
+        let retention = self.config.operation_retention.get();
+        state.operations.retain(|_, op| {
+            op.finished_at
+                .is_none_or(|t| now.duration_since(t) < retention)
+        });
+        self.dispatch(&mut state);
+    }
+
+    /// Fails queued actions that no connected worker could run, once they have waited
+    /// `unsatisfiable_grace` for one to join. Checks (verifications, canaries) that
+    /// cannot run are dropped the same way.
+    fn fail_unsatisfiable(&self, state: &mut State, now: Instant) {
+        let grace = self.config.unsatisfiable_grace.get();
+        let queued: Vec<JobId> = state.queue.in_order().collect();
+        let mut doomed = Vec::new();
+        for job_id in queued {
+            let job = &state.jobs[&job_id];
+            let satisfiable = state
+                .workers
+                .keys()
+                .any(|session| self.eligible(state, job, *session));
+            let job = state.jobs.get_mut(&job_id).expect("queued job exists");
+            if satisfiable {
+                job.unsatisfiable_since = None;
+                continue;
+            }
+            let since = *job.unsatisfiable_since.get_or_insert(now);
+            if now.duration_since(since) >= grace {
+                doomed.push(job_id);
+            }
+        }
+        for job_id in doomed {
+            let job = &state.jobs[&job_id];
+            if let JobKind::Canary { worker, .. } = &job.kind {
+                let worker = worker.clone();
+                let transition =
+                    state
+                        .fleet
+                        .canary(&worker, false, "it did not come to run its canary");
+                self.transition(transition);
+            }
+            if !job.kind.is_client() {
+                state.complete(job_id, ExecuteResponse::default());
+                continue;
+            }
+            let wanted: Vec<String> = job
+                .platform
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let offers: Vec<String> = state
+                .workers
+                .values()
+                .map(|w| {
+                    if !state.fleet.takes_work(&w.name) {
+                        let standing = state.fleet.get(&w.name).map(|r| r.standing.name());
+                        return format!("{} ({})", w.name, standing.unwrap_or("unknown"));
+                    }
+                    let unmet: Vec<String> = self
+                        .policies
+                        .unmet(&w.offer, &job.platform)
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    format!("{} (lacks {})", w.name, unmet.join(", "))
+                })
+                .collect();
+            let message = format!(
+                "no connected worker can run this action, which requires platform [{}]; waited {}s; workers: {}",
+                wanted.join(", "),
+                grace.as_secs(),
+                if offers.is_empty() { "none connected".to_owned() } else { offers.join("; ") }
+            );
+            tracing::warn!(action = %job.digest, %message, "failing an unsatisfiable action");
+            metrics::counter!("paddock_executions_total", "outcome" => "unsatisfiable")
+                .increment(1);
+            state.complete(
+                job_id,
+                ExecuteResponse {
+                    status: Some(status::status(Code::FailedPrecondition, message)),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+
+    /// Starts speculative copies of stragglers: clients' actions running far longer
+    /// than similar ones did, when a worker is free and the budget allows.
+    fn speculate(&self, state: &mut State, now: Instant) {
+        let config = &self.config.speculation;
+        if !config.enabled {
+            return;
+        }
+        let capacity: usize = state.workers.values().map(|w| w.capacity).sum();
+        let budget = ((capacity as f64 * config.max_fraction) as usize).max(1);
+        let copies = state
+            .jobs
+            .values()
+            .filter_map(|j| match &j.state {
+                JobState::Running(attempts) => {
+                    Some(attempts.iter().filter(|a| a.speculative).count())
+                }
+                JobState::Queued => None,
+            })
+            .sum::<usize>();
+        let mut room = budget.saturating_sub(copies);
+        let stragglers: Vec<(JobId, String)> = state
+            .jobs
+            .values()
+            .filter(|j| j.kind.is_client() && !j.speculated)
+            .filter_map(|j| {
+                let JobState::Running(attempts) = &j.state else {
+                    return None;
+                };
+                let [only] = attempts.as_slice() else {
+                    return None;
+                };
+                let expected = state.history.expected(&j.fingerprint, config.min_samples)?;
+                let limit = expected
+                    .mul_f64(config.multiple)
+                    .max(config.min_runtime.get());
+                (now.duration_since(only.started) > limit).then(|| (j.id, only.worker.clone()))
+            })
+            .collect();
+        for (job_id, running_on) in stragglers {
+            if room == 0 {
+                break;
+            }
+            let job = &state.jobs[&job_id];
+            let free = state
+                .workers
+                .values()
+                .filter(|w| w.running.len() < w.capacity && w.name != running_on)
+                .filter(|w| self.eligible(state, job, w.session))
+                .max_by_key(|w| w.capacity - w.running.len())
+                .map(|w| w.session);
+            let Some(session) = free else {
+                continue;
+            };
+            tracing::info!(action = %job.digest, slow = %running_on, "starting a speculative copy of a straggler");
+            metrics::counter!("paddock_speculative_executions_total", "event" => "started")
+                .increment(1);
+            state
+                .jobs
+                .get_mut(&job_id)
+                .expect("the job exists")
+                .speculated = true;
+            self.assign(state, job_id, session, true);
+            room -= 1;
+        }
+    }
+
+    /// Workers whose quarantine cool-down is over get their canaries.
+    fn start_probes(&self, state: &mut State, now: Instant) {
+        for (worker, transition) in state.fleet.due_for_probing(now) {
+            self.transition(Some(transition));
+            let offer = state
+                .workers
+                .values()
+                .find(|w| w.name == worker)
+                .map(|w| w.offer.clone());
+            // Real actions that healthy workers ran check the worker's toolchain; at
+            // least one canary is new, with outputs no worker has uploaded, so that
+            // the worker's own uploads are checked too.
+            let wanted = self.config.quarantine.canaries.max(1);
+            let mut picked: Vec<Known> = match &offer {
+                Some(offer) => state
+                    .known
+                    .iter()
+                    .rev()
+                    .filter(|k| k.worker != worker && self.policies.satisfies(offer, &k.platform))
+                    .take(wanted - 1)
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            while picked.len() < wanted {
+                picked.push(self.synthetic_canary());
+            }
+            for known in picked {
+                let job = Job {
+                    id: 0,
+                    digest: known.key.action,
+                    key: known.key,
+                    action: known.action,
+                    command: known.command,
+                    platform: known.platform,
+                    timeout: known.timeout,
+                    priority: BACKGROUND,
+                    invocation: format!("paddock-canary-{worker}"),
+                    cacheable: false,
+                    queued_at: SystemTime::now(),
+                    failures: 0,
+                    state: JobState::Queued,
+                    operations: Vec::new(),
+                    waiters: 0,
+                    orphaned_since: None,
+                    unsatisfiable_since: None,
+                    kind: JobKind::Canary {
+                        worker: worker.clone(),
+                        expected: known.outputs,
+                    },
+                    exclude: Vec::new(),
+                    avoid: Vec::new(),
+                    fingerprint: [0; 16],
+                    speculated: false,
+                };
+                state.enqueue(job);
+            }
+        }
+    }
+
+    /// A canary whose result is known without any worker: `/bin/sh` writes a line
+    /// with a fresh nonce to a file, in an empty input root (the empty blob, always
+    /// in the CAS).
+    fn synthetic_canary(&self) -> Known {
+        let line = format!("paddock canary {:016x}\n", rand::random::<u64>());
+        let command = Command {
+            arguments: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("printf '{}' > canary.txt", line.replace('\n', "\\n")),
+            ],
+            output_paths: vec!["canary.txt".into()],
+            ..Default::default()
+        };
+        let command_bytes = Bytes::from(command.encode_to_vec());
+        let root = Bytes::from(Directory::default().encode_to_vec());
+        let action = Action {
+            command_digest: Some(Digest::of(&command_bytes).to_proto()),
+            input_root_digest: Some(Digest::of(&root).to_proto()),
+            do_not_cache: true,
+            ..Default::default()
+        };
+        let action_bytes = Bytes::from(action.encode_to_vec());
+        let expected = ActionResult {
+            output_files: vec![OutputFile {
+                path: "canary.txt".into(),
+                digest: Some(Digest::of(line.as_bytes()).to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        Known {
+            key: ActionKey {
+                instance: String::new(),
+                action: Digest::of(&action_bytes),
+            },
+            action: action_bytes,
+            command: command_bytes,
+            platform: Vec::new(),
+            timeout: CANARY_TIMEOUT,
+            worker: String::new(),
+            outputs: Outputs::of(&expected),
+        }
+    }
+
+    /// Queues another run of a finished action on a worker that has not run it, to
+    /// compare with the `runs` so far.
+    pub(crate) fn verify(
+        &self,
+        state: &mut State,
+        template: &Known,
+        runs: Vec<(String, Outputs, ActionResult)>,
+    ) {
+        let exclude = runs.iter().map(|(w, _, _)| w.clone()).collect();
+        let job = Job {
+            id: 0,
+            key: template.key.clone(),
+            digest: template.key.action,
+            action: template.action.clone(),
+            command: template.command.clone(),
+            platform: template.platform.clone(),
+            timeout: template.timeout,
+            priority: BACKGROUND,
+            invocation: "paddock-verification".into(),
+            cacheable: false,
+            queued_at: SystemTime::now(),
+            failures: 0,
+            state: JobState::Queued,
+            operations: Vec::new(),
+            waiters: 0,
+            orphaned_since: None,
+            unsatisfiable_since: None,
+            kind: JobKind::Verify { runs },
+            exclude,
+            avoid: Vec::new(),
+            fingerprint: history::fingerprint("", "", &[]),
+            speculated: false,
+        };
+        state.enqueue(job);
+    }
+}

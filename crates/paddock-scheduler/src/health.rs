@@ -1,0 +1,495 @@
+//! Worker health: what each worker's recent actions came to, whether that is
+//! anomalous against the other workers of its pool, and the states a worker goes
+//! through (active, draining, quarantined, probed with canaries).
+//!
+//! Two signals are kept per worker over a sliding window of its latest outcomes:
+//! infrastructure failures (sandbox or resolver set-up, uploads, results that fail
+//! validation, crashes, lost heartbeats, timeouts of actions that then finish in time
+//! elsewhere, and disagreements with other workers on the same action), and
+//! separately non-zero exit codes. A worker is anomalous when, given the rate of the
+//! rest of its pool, a count at least as high as its own would be very unlikely
+//! (a one-sided binomial test). Judging against the pool, not a fixed threshold,
+//! means that a pool where everything fails (a broken commit, an outage of a
+//! shared service) quarantines nobody, while one bad worker among healthy ones is
+//! caught as soon as it has `min_samples` outcomes.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use paddock_config::QuarantineConfig;
+
+/// What one action came to on one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command ran and its result was valid (exit code 0).
+    Success,
+    /// The command ran and exited non-zero: the action's business, usually.
+    NonzeroExit,
+    /// The worker failed the action, or its result was unusable.
+    InfraFailure,
+    /// The worker's result differed from what two other workers agreed on.
+    Disagreement,
+}
+
+impl Outcome {
+    fn infrastructure(self) -> bool {
+        matches!(self, Outcome::InfraFailure | Outcome::Disagreement)
+    }
+}
+
+/// Counts over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub outcomes: usize,
+    pub infra_failures: usize,
+    pub nonzero_exits: usize,
+    pub disagreements: usize,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.outcomes += other.outcomes;
+        self.infra_failures += other.infra_failures;
+        self.nonzero_exits += other.nonzero_exits;
+        self.disagreements += other.disagreements;
+    }
+}
+
+/// Where a worker stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Standing {
+    /// Takes work.
+    Active,
+    /// Takes no new work (an operator's request); what runs finishes.
+    Draining,
+    /// Takes no work but canaries. An automatic quarantine is probed after its
+    /// cool-down; an operator's lasts until released.
+    Quarantined {
+        manual: bool,
+        /// When probing may start.
+        probe_at: Option<Instant>,
+        /// Failed probes so far, which lengthen the next cool-down.
+        strikes: u32,
+    },
+    /// Running its canaries: released when all pass.
+    Probing { strikes: u32, passed: usize },
+}
+
+impl Standing {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Standing::Active => "active",
+            Standing::Draining => "draining",
+            Standing::Quarantined { .. } => "quarantined",
+            Standing::Probing { .. } => "probing",
+        }
+    }
+
+    /// Whether the worker may be given clients' actions.
+    pub fn takes_work(&self) -> bool {
+        matches!(self, Standing::Active)
+    }
+}
+
+/// One worker's health, kept by name across its reconnections.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub pool: String,
+    pub standing: Standing,
+    /// Why it stands where it does (for operators and logs).
+    pub reason: String,
+    pub since: SystemTime,
+    window: VecDeque<Outcome>,
+    /// Every outcome since the scheduler started.
+    pub totals: Counts,
+}
+
+impl Record {
+    fn new(pool: String) -> Record {
+        Record {
+            pool,
+            standing: Standing::Active,
+            reason: "connected".into(),
+            since: SystemTime::now(),
+            window: VecDeque::new(),
+            totals: Counts::default(),
+        }
+    }
+
+    pub fn recent(&self) -> Counts {
+        let mut counts = Counts::default();
+        for outcome in &self.window {
+            counts += count(*outcome);
+        }
+        counts
+    }
+}
+
+fn count(outcome: Outcome) -> Counts {
+    Counts {
+        outcomes: 1,
+        infra_failures: outcome.infrastructure() as usize,
+        nonzero_exits: (outcome == Outcome::NonzeroExit) as usize,
+        disagreements: (outcome == Outcome::Disagreement) as usize,
+    }
+}
+
+/// A change of standing, to log and count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub worker: String,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub reason: String,
+}
+
+/// Every worker's health.
+pub struct Fleet {
+    config: QuarantineConfig,
+    records: HashMap<String, Record>,
+}
+
+impl Fleet {
+    pub fn new(config: QuarantineConfig) -> Fleet {
+        Fleet {
+            config,
+            records: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &QuarantineConfig {
+        &self.config
+    }
+
+    /// The record of `worker`, made on first sight (in `pool`). A known worker keeps
+    /// its standing and statistics when it reconnects: restarting does not lift a
+    /// quarantine.
+    pub fn enroll(&mut self, worker: &str, pool: String) -> &Record {
+        let record = self
+            .records
+            .entry(worker.to_owned())
+            .or_insert_with(|| Record::new(pool.clone()));
+        record.pool = pool;
+        record
+    }
+
+    pub fn get(&self, worker: &str) -> Option<&Record> {
+        self.records.get(worker)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = (&String, &Record)> {
+        self.records.iter()
+    }
+
+    pub fn takes_work(&self, worker: &str) -> bool {
+        self.records
+            .get(worker)
+            .is_none_or(|r| r.standing.takes_work())
+    }
+
+    /// Records an outcome; returns the quarantine it triggers, if any.
+    pub fn record(&mut self, worker: &str, outcome: Outcome) -> Option<Transition> {
+        let window = self.config.window.max(1);
+        let record = self.records.get_mut(worker)?;
+        record.totals += count(outcome);
+        record.window.push_back(outcome);
+        while record.window.len() > window {
+            record.window.pop_front();
+        }
+        if !self.config.enabled || !record.standing.takes_work() {
+            return None;
+        }
+        let reason = self.anomaly(worker)?;
+        self.set(
+            worker,
+            Standing::Quarantined {
+                manual: false,
+                probe_at: Some(Instant::now() + self.config.cooldown.get()),
+                strikes: 0,
+            },
+            reason,
+        )
+    }
+
+    /// Why `worker` is anomalous against its pool, if it is.
+    pub fn anomaly(&self, worker: &str) -> Option<String> {
+        let record = self.records.get(worker)?;
+        let own = record.recent();
+        let mut pool = Counts::default();
+        for (name, other) in &self.records {
+            if name != worker && other.pool == record.pool && other.standing.takes_work() {
+                pool += other.recent();
+            }
+        }
+        let min = self.config.min_samples.max(1);
+        if own.outcomes < min || pool.outcomes < min {
+            return None;
+        }
+        let alpha = self.config.significance;
+        for (what, mine, theirs) in [
+            (
+                "infrastructure failures",
+                own.infra_failures,
+                pool.infra_failures,
+            ),
+            ("non-zero exits", own.nonzero_exits, pool.nonzero_exits),
+        ] {
+            // The pool's rate, smoothed so that a spotless pool is not taken as a
+            // rate of exactly zero.
+            let rate = (theirs as f64 + 1.0) / (pool.outcomes as f64 + 2.0);
+            let tail = binomial_upper_tail(own.outcomes, mine, rate);
+            if tail < alpha && mine as f64 / own.outcomes as f64 > rate {
+                return Some(format!(
+                    "{what}: {mine} of its last {} actions, against {theirs} of {} on the rest of pool {:?} (p = {tail:.2e})",
+                    own.outcomes, pool.outcomes, record.pool
+                ));
+            }
+        }
+        None
+    }
+
+    /// Sets a worker's standing; returns the transition if it changed.
+    pub fn set(&mut self, worker: &str, standing: Standing, reason: String) -> Option<Transition> {
+        let record = self.records.get_mut(worker)?;
+        let from = record.standing.name();
+        let to = standing.name();
+        let changed = from != to;
+        if matches!(standing, Standing::Active) && changed {
+            // A fresh start: the window that got it quarantined is history.
+            record.window.clear();
+        }
+        record.standing = standing;
+        record.reason = reason.clone();
+        record.since = SystemTime::now();
+        changed.then(|| Transition {
+            worker: worker.to_owned(),
+            from,
+            to,
+            reason,
+        })
+    }
+
+    /// Quarantined workers whose cool-down is over: they start probing.
+    pub fn due_for_probing(&mut self, now: Instant) -> Vec<(String, Transition)> {
+        let due: Vec<(String, u32)> = self
+            .records
+            .iter()
+            .filter_map(|(name, r)| match r.standing {
+                Standing::Quarantined {
+                    manual: false,
+                    probe_at: Some(at),
+                    strikes,
+                } if at <= now => Some((name.clone(), strikes)),
+                _ => None,
+            })
+            .collect();
+        due.into_iter()
+            .filter_map(|(name, strikes)| {
+                let transition = self.set(
+                    &name,
+                    Standing::Probing { strikes, passed: 0 },
+                    "cool-down over: running canaries".into(),
+                )?;
+                Some((name, transition))
+            })
+            .collect()
+    }
+
+    /// A canary's verdict on a probing worker: released after `canaries` passes,
+    /// back in quarantine (for longer) at the first failure.
+    pub fn canary(&mut self, worker: &str, passed: bool, detail: &str) -> Option<Transition> {
+        let needed = self.config.canaries.max(1);
+        let cooldown = self.config.cooldown.get();
+        let record = self.records.get_mut(worker)?;
+        let Standing::Probing {
+            strikes,
+            passed: so_far,
+        } = record.standing
+        else {
+            return None;
+        };
+        if !passed {
+            let strikes = strikes + 1;
+            let wait = cooldown * 2u32.pow(strikes.min(4));
+            return self.set(
+                worker,
+                Standing::Quarantined {
+                    manual: false,
+                    probe_at: Some(Instant::now() + wait),
+                    strikes,
+                },
+                format!(
+                    "failed a canary: {detail}; next probe in {}s",
+                    wait.as_secs()
+                ),
+            );
+        }
+        if so_far + 1 < needed {
+            record.standing = Standing::Probing {
+                strikes,
+                passed: so_far + 1,
+            };
+            return None;
+        }
+        self.set(
+            worker,
+            Standing::Active,
+            format!("passed {needed} canaries"),
+        )
+    }
+
+    /// How long before probing a quarantined worker whose cool-down is `cooldown`.
+    pub fn cooldown(&self) -> Duration {
+        self.config.cooldown.get()
+    }
+}
+
+/// P(X ≥ k) for X ~ Binomial(n, p), summed in log space so that it stays accurate
+/// for tiny tails.
+pub fn binomial_upper_tail(n: usize, k: usize, p: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n {
+        return 0.0;
+    }
+    let p = p.clamp(1e-12, 1.0 - 1e-12);
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    let mut log_choose = 0.0f64; // ln C(n, 0)
+    let mut total = 0.0;
+    for i in 0..=n {
+        if i > 0 {
+            log_choose += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        if i >= k {
+            total += (log_choose + i as f64 * lp + (n - i) as f64 * lq).exp();
+        }
+    }
+    total.min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> Fleet {
+        Fleet::new(QuarantineConfig {
+            min_samples: 8,
+            ..QuarantineConfig::default()
+        })
+    }
+
+    #[test]
+    fn binomial_tails() {
+        assert!((binomial_upper_tail(10, 0, 0.3) - 1.0).abs() < 1e-12);
+        assert!((binomial_upper_tail(1, 1, 0.25) - 0.25).abs() < 1e-12);
+        // P(X >= 8 | 10, 0.5) = (45 + 10 + 1) / 1024
+        assert!((binomial_upper_tail(10, 8, 0.5) - 56.0 / 1024.0).abs() < 1e-12);
+        assert!(binomial_upper_tail(100, 50, 0.01) < 1e-50);
+    }
+
+    #[test]
+    fn one_bad_worker_among_healthy_ones_is_caught_at_the_minimum_sample() {
+        let mut fleet = fleet();
+        for w in ["a", "b", "c"] {
+            fleet.enroll(w, String::new());
+        }
+        for _ in 0..20 {
+            assert!(fleet.record("a", Outcome::Success).is_none());
+            assert!(fleet.record("b", Outcome::Success).is_none());
+        }
+        let mut caught = None;
+        for i in 1..=20 {
+            if let Some(t) = fleet.record("c", Outcome::InfraFailure) {
+                caught = Some((i, t));
+                break;
+            }
+        }
+        let (after, transition) = caught.expect("quarantined");
+        assert_eq!(after, 8, "caught as soon as it has min_samples outcomes");
+        assert_eq!((transition.from, transition.to), ("active", "quarantined"));
+        assert!(transition
+            .reason
+            .contains("infrastructure failures: 8 of its last 8"));
+        assert!(!fleet.takes_work("c"));
+    }
+
+    #[test]
+    fn a_pool_where_everything_fails_quarantines_nobody() {
+        let mut fleet = fleet();
+        for w in ["a", "b", "c"] {
+            fleet.enroll(w, String::new());
+        }
+        for _ in 0..50 {
+            for w in ["a", "b", "c"] {
+                assert!(fleet.record(w, Outcome::NonzeroExit).is_none());
+                assert!(fleet.record(w, Outcome::InfraFailure).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn pools_are_judged_apart_and_a_lone_worker_is_not_judged() {
+        let mut fleet = fleet();
+        fleet.enroll("gpu", "gpu".into());
+        fleet.enroll("cpu1", "cpu".into());
+        fleet.enroll("cpu2", "cpu".into());
+        for _ in 0..20 {
+            fleet.record("cpu1", Outcome::Success);
+            fleet.record("cpu2", Outcome::Success);
+            // Nothing to compare the only GPU worker with.
+            assert!(fleet.record("gpu", Outcome::NonzeroExit).is_none());
+        }
+    }
+
+    #[test]
+    fn probes_release_or_extend_a_quarantine() {
+        let mut fleet = Fleet::new(QuarantineConfig {
+            canaries: 2,
+            cooldown: paddock_config::Span::secs(0),
+            ..QuarantineConfig::default()
+        });
+        fleet.enroll("w", String::new());
+        fleet.set(
+            "w",
+            Standing::Quarantined {
+                manual: false,
+                probe_at: Some(Instant::now()),
+                strikes: 0,
+            },
+            "test".into(),
+        );
+        let due = fleet.due_for_probing(Instant::now());
+        assert_eq!(due.len(), 1);
+        assert!(fleet.canary("w", true, "").is_none());
+        let failed = fleet.canary("w", false, "wrong output").unwrap();
+        assert_eq!(failed.to, "quarantined");
+        assert!(matches!(
+            fleet.get("w").unwrap().standing,
+            Standing::Quarantined { strikes: 1, .. }
+        ));
+        fleet.due_for_probing(Instant::now() + Duration::from_secs(1));
+        assert!(fleet.canary("w", true, "").is_none());
+        let released = fleet.canary("w", true, "").unwrap();
+        assert_eq!(released.to, "active");
+        assert_eq!(fleet.get("w").unwrap().recent().outcomes, 0);
+    }
+
+    #[test]
+    fn an_operators_quarantine_is_never_probed() {
+        let mut fleet = fleet();
+        fleet.enroll("w", String::new());
+        fleet.set(
+            "w",
+            Standing::Quarantined {
+                manual: true,
+                probe_at: None,
+                strikes: 0,
+            },
+            "operator".into(),
+        );
+        assert!(fleet
+            .due_for_probing(Instant::now() + Duration::from_secs(3600))
+            .is_empty());
+    }
+}
