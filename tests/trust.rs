@@ -294,14 +294,16 @@ async fn a_quarantined_worker_is_probed_with_canaries_and_released_when_healthy(
         &["--dangerous-fault-injection", "corrupt-outputs=1"],
     );
     let remote = server.remote("").await;
+    let started = Instant::now();
     run_checked(&remote, "probe", 40, 6).await;
-    wait_for_standing(
+    let quarantined = wait_for_standing(
         &server.url,
         "phoenix",
         "quarantined",
         Duration::from_secs(10),
     )
     .await;
+    let handled = quarantined.totals.unwrap_or_default().outcomes;
     // Still corrupting, it fails its canaries and goes back for longer.
     tokio::time::timeout(Duration::from_secs(15), async {
         while failed_probe(&server.url).await.is_none() {
@@ -310,11 +312,21 @@ async fn a_quarantined_worker_is_probed_with_canaries_and_released_when_healthy(
     })
     .await
     .expect("a failed probe");
+    let failed_at = started.elapsed();
     // Repaired (restarted without the fault, same name), it passes and is released.
     phoenix.kill9();
     let _phoenix = host_worker(&server.url, "phoenix", &[]);
+    let repaired_at = started.elapsed();
     let released =
         wait_for_standing(&server.url, "phoenix", "active", Duration::from_secs(30)).await;
+    println!(
+        "RELIABILITY probes: quarantined after {handled} actions; still corrupting, it failed its \
+         canaries {:.1} s in (cool-down 1 s); repaired at {:.1} s, it passed 2 canaries and was \
+         released at {:.1} s",
+        failed_at.as_secs_f64(),
+        repaired_at.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     assert!(
         released.reason.contains("passed 2 canaries"),
         "{released:?}"

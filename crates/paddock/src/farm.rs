@@ -361,8 +361,23 @@ impl Embedded {
         worker_config: &WorkerConfig,
         zygote: Option<&Zygote>,
     ) -> Result<Embedded> {
+        let faults = vec![paddock_worker::Faults::default(); workers];
+        Embedded::start_with(Default::default(), worker_config, faults, zygote).await
+    }
+
+    /// A farm with this scheduler configuration and one worker per entry of
+    /// `faults` (which a benchmark may give faults, e.g. a delay).
+    pub async fn start_with(
+        scheduler: paddock_config::SchedulerConfig,
+        worker_config: &WorkerConfig,
+        faults: Vec<paddock_worker::Faults>,
+        zygote: Option<&Zygote>,
+    ) -> Result<Embedded> {
         let data_dir = tempfile::tempdir()?;
-        let mut config = Config::default();
+        let mut config = Config {
+            scheduler,
+            ..Config::default()
+        };
         config.server.listen = "127.0.0.1:0".parse()?;
         config.server.metrics_listen = "127.0.0.1:0".parse()?;
         let farm = Farm::build(&config, data_dir.path().to_owned()).await?;
@@ -372,14 +387,15 @@ impl Embedded {
             let _ = stopped.await;
         }));
         let stop_workers = CancellationToken::new();
-        for i in 0..workers {
-            let options = worker_options(
+        for (i, faults) in faults.into_iter().enumerate() {
+            let mut options = worker_options(
                 worker_config,
                 url.clone(),
                 format!("bench-{i}"),
                 data_dir.path().join("workers").join(i.to_string()),
                 zygote,
             )?;
+            options.faults = faults;
             tokio::spawn(paddock_worker::run(options, stop_workers.clone()));
         }
         Ok(Embedded {

@@ -3,6 +3,7 @@
 
 mod farm;
 mod operate;
+mod stragglers;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -342,6 +343,21 @@ enum BenchCommand {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// A build with one slow worker, with and without speculative execution.
+    Stragglers {
+        /// Actions in the build, all submitted at once.
+        #[arg(long, default_value_t = 60)]
+        actions: usize,
+        /// Workers of the embedded farm (host runner, 2 slots each).
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// The extra time the slow worker takes per action.
+        #[arg(long, default_value = "10s")]
+        delay: paddock_config::Span,
+        /// What each action takes on a healthy worker.
+        #[arg(long, default_value = "300ms")]
+        action_time: paddock_config::Span,
+    },
     /// No-op actions end to end: cache-miss and cache-hit latency, throughput with
     /// concurrent clients, and a burst that fills the queue.
     Exec {
@@ -566,6 +582,20 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                     .await?;
                 }
                 Ok(())
+            }
+            BenchCommand::Stragglers {
+                actions,
+                workers,
+                delay,
+                action_time,
+            } => {
+                stragglers::run(stragglers::Options {
+                    actions,
+                    workers,
+                    delay: delay.get(),
+                    action_time: action_time.get(),
+                })
+                .await
             }
             BenchCommand::Exec {
                 remote,

@@ -63,6 +63,11 @@ pub enum CacheCommand {
     },
 }
 
+/// The server's answer, as an error a person can read.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
 async fn client(remote: &str) -> Result<AdminClient<tonic::transport::Channel>> {
     let remote = Remote::connect(remote, "").await?;
     Ok(AdminClient::new(remote.channel()))
@@ -113,7 +118,8 @@ pub async fn workers(command: WorkersCommand) -> Result<()> {
             let listed = client(&remote)
                 .await?
                 .list_workers(wire::ListWorkersRequest {})
-                .await?
+                .await
+                .map_err(refused)?
                 .into_inner();
             print_workers(&listed.workers);
             return Ok(());
@@ -130,6 +136,7 @@ pub async fn workers(command: WorkersCommand) -> Result<()> {
             reason: order.reason,
         })
         .await
+        .map_err(refused)
         .with_context(|| format!("ordering {}", order.name))?
         .into_inner();
     print_workers(&[worker]);
@@ -170,7 +177,8 @@ pub async fn cache(command: CacheCommand) -> Result<()> {
         .invalidate_action_results(wire::InvalidateActionResultsRequest {
             target: Some(target),
         })
-        .await?
+        .await
+        .map_err(refused)?
         .into_inner()
         .removed;
     println!("removed {removed} ActionCache entries");
