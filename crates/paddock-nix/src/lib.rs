@@ -352,11 +352,7 @@ impl RootfsResolver for NixResolver {
     }
 
     async fn resolve(&self, platform: &[(String, String)]) -> Result<Option<Rootfs>, ResolveError> {
-        let values: Vec<&str> = platform
-            .iter()
-            .filter(|(k, _)| k == PROPERTY)
-            .map(|(_, v)| v.as_str())
-            .collect();
+        let values = paddock_sandbox::property_values(platform, PROPERTY);
         if values.is_empty() {
             return Ok(None);
         }

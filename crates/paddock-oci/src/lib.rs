@@ -376,11 +376,7 @@ impl RootfsResolver for OciResolver {
     }
 
     async fn resolve(&self, platform: &[(String, String)]) -> Result<Option<Rootfs>, ResolveError> {
-        let values: Vec<&str> = platform
-            .iter()
-            .filter(|(k, _)| k == PROPERTY)
-            .map(|(_, v)| v.as_str())
-            .collect();
+        let values = paddock_sandbox::property_values(platform, PROPERTY);
         match values.as_slice() {
             [] => Ok(None),
             [value] => self.prepare(value).await.map(Some).map_err(ResolveError),

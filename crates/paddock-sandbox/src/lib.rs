@@ -20,7 +20,8 @@ pub mod spec;
 mod zygote;
 
 pub use rootfs::{
-    prepare_mount_points, BindMount, HostResolver, ResolveError, Rootfs, RootfsResolver,
+    prepare_mount_points, property_values, BindMount, HostResolver, ResolveError, Rootfs,
+    RootfsResolver,
 };
 pub use runner::{ContainerRunner, SandboxOptions};
 pub use spec::Limits;

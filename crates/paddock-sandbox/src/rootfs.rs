@@ -38,6 +38,15 @@ pub struct Rootfs {
     pub lease: Option<Box<dyn Any + Send + Sync>>,
 }
 
+/// The values of one platform property, in order (a property may repeat).
+pub fn property_values<'a>(platform: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    platform
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// Why a platform's root filesystem could not be provided. The action fails with
 /// FAILED_PRECONDITION and this message; retrying elsewhere would not help.
 #[derive(Debug, thiserror::Error)]

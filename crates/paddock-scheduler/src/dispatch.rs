@@ -2,7 +2,7 @@
 //! and each worker's standing), speculative copies of stragglers, canaries for
 //! probed workers, retries, lost workers, cancellations and the periodic sweep.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use paddock_cas::ActionKey;
@@ -17,7 +17,7 @@ use tonic::Code;
 use crate::health::Outcome;
 use crate::results::Outputs;
 use crate::state::{Attempt, Job, JobKind, JobState, Known, State};
-use crate::{history, Inner, JobId, SessionId};
+use crate::{Inner, JobId, SessionId};
 
 /// The lowest priority: checks run when clients' work leaves room.
 const BACKGROUND: i32 = i32::MAX;
@@ -265,6 +265,8 @@ impl Inner {
 
         self.fail_unsatisfiable(&mut state, now);
         self.start_probes(&mut state, now);
+        let connected = state.workers.values().map(|w| w.name.clone()).collect();
+        state.fleet.forget_gone(&connected, now);
         self.speculate(&mut state, now);
 
         let retention = self.config.operation_retention.get();
@@ -447,32 +449,21 @@ impl Inner {
                 picked.push(self.synthetic_canary());
             }
             for known in picked {
+                let kind = JobKind::Canary {
+                    worker: worker.clone(),
+                    expected: known.outputs,
+                };
                 let job = Job {
-                    id: 0,
-                    digest: known.key.action,
-                    key: known.key,
-                    action: known.action,
-                    command: known.command,
-                    platform: known.platform,
-                    timeout: known.timeout,
                     priority: BACKGROUND,
                     invocation: format!("paddock-canary-{worker}"),
-                    cacheable: false,
-                    queued_at: SystemTime::now(),
-                    failures: 0,
-                    state: JobState::Queued,
-                    operations: Vec::new(),
-                    waiters: 0,
-                    orphaned_since: None,
-                    unsatisfiable_since: None,
-                    kind: JobKind::Canary {
-                        worker: worker.clone(),
-                        expected: known.outputs,
-                    },
-                    exclude: Vec::new(),
-                    avoid: Vec::new(),
-                    fingerprint: [0; 16],
-                    speculated: false,
+                    ..Job::new(
+                        known.key,
+                        known.action,
+                        known.command,
+                        known.platform,
+                        known.timeout,
+                        kind,
+                    )
                 };
                 state.enqueue(job);
             }
@@ -534,28 +525,17 @@ impl Inner {
     ) {
         let exclude = runs.iter().map(|(w, _, _)| w.clone()).collect();
         let job = Job {
-            id: 0,
-            key: template.key.clone(),
-            digest: template.key.action,
-            action: template.action.clone(),
-            command: template.command.clone(),
-            platform: template.platform.clone(),
-            timeout: template.timeout,
             priority: BACKGROUND,
             invocation: "paddock-verification".into(),
-            cacheable: false,
-            queued_at: SystemTime::now(),
-            failures: 0,
-            state: JobState::Queued,
-            operations: Vec::new(),
-            waiters: 0,
-            orphaned_since: None,
-            unsatisfiable_since: None,
-            kind: JobKind::Verify { runs },
             exclude,
-            avoid: Vec::new(),
-            fingerprint: history::fingerprint("", "", &[]),
-            speculated: false,
+            ..Job::new(
+                template.key.clone(),
+                template.action.clone(),
+                template.command.clone(),
+                template.platform.clone(),
+                template.timeout,
+                JobKind::Verify { runs },
+            )
         };
         state.enqueue(job);
     }

@@ -102,6 +102,8 @@ pub struct Record {
     window: VecDeque<Outcome>,
     /// Every outcome since the scheduler started.
     pub totals: Counts,
+    /// When the worker last connected or finished something.
+    seen: Instant,
 }
 
 impl Record {
@@ -113,6 +115,7 @@ impl Record {
             since: SystemTime::now(),
             window: VecDeque::new(),
             totals: Counts::default(),
+            seen: Instant::now(),
         }
     }
 
@@ -157,10 +160,6 @@ impl Fleet {
         }
     }
 
-    pub fn config(&self) -> &QuarantineConfig {
-        &self.config
-    }
-
     /// The record of `worker`, made on first sight (in `pool`). A known worker keeps
     /// its standing and statistics when it reconnects: restarting does not lift a
     /// quarantine.
@@ -170,7 +169,24 @@ impl Fleet {
             .entry(worker.to_owned())
             .or_insert_with(|| Record::new(pool.clone()));
         record.pool = pool;
+        record.seen = Instant::now();
         record
+    }
+
+    /// Forgets workers gone for a while, so that a fleet with ephemeral names (an
+    /// autoscaled one) does not grow the scheduler's memory: active ones after an
+    /// hour, quarantined ones after a day (a worker back within the day is still
+    /// quarantined).
+    pub fn forget_gone(&mut self, connected: &std::collections::HashSet<String>, now: Instant) {
+        self.records.retain(|name, record| {
+            let keep_for = match record.standing {
+                Standing::Quarantined { .. } | Standing::Probing { .. } => {
+                    Duration::from_secs(86_400)
+                }
+                _ => Duration::from_secs(3_600),
+            };
+            connected.contains(name) || now.duration_since(record.seen) < keep_for
+        });
     }
 
     pub fn get(&self, worker: &str) -> Option<&Record> {
@@ -191,6 +207,7 @@ impl Fleet {
     pub fn record(&mut self, worker: &str, outcome: Outcome) -> Option<Transition> {
         let window = self.config.window.max(1);
         let record = self.records.get_mut(worker)?;
+        record.seen = Instant::now();
         record.totals += count(outcome);
         record.window.push_back(outcome);
         while record.window.len() > window {
@@ -337,11 +354,6 @@ impl Fleet {
             format!("passed {needed} canaries"),
         )
     }
-
-    /// How long before probing a quarantined worker whose cool-down is `cooldown`.
-    pub fn cooldown(&self) -> Duration {
-        self.config.cooldown.get()
-    }
 }
 
 /// P(X ≥ k) for X ~ Binomial(n, p), summed in log space so that it stays accurate
@@ -473,6 +485,17 @@ mod tests {
         let released = fleet.canary("w", true, "").unwrap();
         assert_eq!(released.to, "active");
         assert_eq!(fleet.get("w").unwrap().recent().outcomes, 0);
+    }
+
+    #[test]
+    fn workers_long_gone_are_forgotten() {
+        let mut fleet = fleet();
+        fleet.enroll("here", String::new());
+        fleet.enroll("gone", String::new());
+        let later = Instant::now() + Duration::from_secs(7200);
+        fleet.forget_gone(&["here".to_owned()].into_iter().collect(), later);
+        assert!(fleet.get("here").is_some());
+        assert!(fleet.get("gone").is_none());
     }
 
     #[test]

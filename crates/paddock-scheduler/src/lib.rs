@@ -44,7 +44,7 @@ use tonic::{Code, Status};
 
 pub use matching::{Offer, Policies};
 use queue::FairQueue;
-use state::{Job, JobKind, JobState, OperationEntry, State, WorkerSession};
+use state::{Job, JobKind, OperationEntry, State, WorkerSession};
 
 /// Identifies one execution.
 pub type JobId = u64;
@@ -296,28 +296,18 @@ impl Scheduler {
         let program = command.arguments.first().map(String::as_str).unwrap_or("");
         let fingerprint = history::fingerprint(&requester.mnemonic, program, &platform);
         let job = Job {
-            id: 0,
-            key,
-            digest: action_digest,
-            action: action_bytes,
-            command: command_bytes,
-            platform,
-            timeout,
             priority,
             invocation: requester.invocation,
             cacheable: !action.do_not_cache,
-            queued_at: SystemTime::now(),
-            failures: 0,
-            state: JobState::Queued,
-            operations: Vec::new(),
-            waiters: 0,
-            orphaned_since: None,
-            unsatisfiable_since: None,
-            kind: JobKind::Client,
-            exclude: Vec::new(),
-            avoid: Vec::new(),
             fingerprint,
-            speculated: false,
+            ..Job::new(
+                key,
+                action_bytes,
+                command_bytes,
+                platform,
+                timeout,
+                JobKind::Client,
+            )
         };
         let mut state = inner.state.lock();
         let job_id = match state.merge.get(&job.key).copied().filter(|_| job.cacheable) {

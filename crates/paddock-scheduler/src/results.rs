@@ -2,7 +2,7 @@
 //! two results of one action are compared by.
 
 use paddock_cas::{referenced_blobs, BlobStore};
-use paddock_reapi::proto::re::{ActionResult, Command};
+use paddock_reapi::proto::re::{ActionResult, Command, OutputSymlink};
 use paddock_reapi::validate;
 
 /// Checks a result against the command it answers and the CAS: well formed, every
@@ -10,7 +10,7 @@ use paddock_reapi::validate;
 /// every blob it references (files, stdout and stderr, trees and every file in
 /// them) present in the CAS, which verified each one's digest as it was written.
 /// An error says what is wrong; the result is then the worker's fault.
-#[allow(deprecated)] // REAPI 2.0 clients declare outputs, and workers report symlinks, the old way
+#[allow(deprecated)] // REAPI 2.0 clients declare outputs the old way
 pub async fn check(
     cas: &dyn BlobStore,
     command: &Command,
@@ -32,14 +32,7 @@ pub async fn check(
                 .iter()
                 .map(|d| ("directory", &d.path)),
         )
-        .chain(
-            result
-                .output_symlinks
-                .iter()
-                .chain(&result.output_file_symlinks)
-                .chain(&result.output_directory_symlinks)
-                .map(|s| ("symlink", &s.path)),
-        );
+        .chain(symlinks(result).map(|s| ("symlink", &s.path)));
     for (kind, path) in outputs {
         if !declared(path) {
             return Err(format!(
@@ -65,6 +58,16 @@ pub async fn check(
     Ok(())
 }
 
+/// Every output symlink, in REAPI 2.1's field and 2.0's.
+#[allow(deprecated)] // REAPI 2.0's output_file_symlinks and output_directory_symlinks
+fn symlinks(result: &ActionResult) -> impl Iterator<Item = &OutputSymlink> {
+    result
+        .output_symlinks
+        .iter()
+        .chain(&result.output_file_symlinks)
+        .chain(&result.output_directory_symlinks)
+}
+
 /// What two runs of a deterministic action must agree on: the exit code and every
 /// output (files with their digests and executable bits, directories by their tree,
 /// symlinks by their targets). Standard output and error are left out, as they often
@@ -76,7 +79,6 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    #[allow(deprecated)] // REAPI 2.0 symlink fields
     pub fn of(result: &ActionResult) -> Outputs {
         let digest = |d: &Option<paddock_reapi::proto::re::Digest>| {
             d.as_ref()
@@ -93,14 +95,7 @@ impl Outputs {
                     .iter()
                     .map(|d| format!("dir {} {}", d.path, digest(&d.tree_digest))),
             )
-            .chain(
-                result
-                    .output_symlinks
-                    .iter()
-                    .chain(&result.output_file_symlinks)
-                    .chain(&result.output_directory_symlinks)
-                    .map(|s| format!("link {} {}", s.path, s.target)),
-            )
+            .chain(symlinks(result).map(|s| format!("link {} {}", s.path, s.target)))
             .collect();
         entries.sort();
         entries.dedup();

@@ -160,6 +160,42 @@ impl WorkerSession {
 }
 
 impl Job {
+    /// An execution not yet queued, with no priority, invocation or constraints;
+    /// `State::enqueue` gives it its id.
+    pub fn new(
+        key: ActionKey,
+        action: Bytes,
+        command: Bytes,
+        platform: Vec<(String, String)>,
+        timeout: Duration,
+        kind: JobKind,
+    ) -> Job {
+        Job {
+            id: 0,
+            digest: key.action,
+            key,
+            action,
+            command,
+            platform,
+            timeout,
+            priority: 0,
+            invocation: String::new(),
+            cacheable: false,
+            queued_at: SystemTime::now(),
+            failures: 0,
+            state: JobState::Queued,
+            operations: Vec::new(),
+            waiters: 0,
+            orphaned_since: None,
+            unsatisfiable_since: None,
+            kind,
+            exclude: Vec::new(),
+            avoid: Vec::new(),
+            fingerprint: [0; 16],
+            speculated: false,
+        }
+    }
+
     pub fn snapshot(&self, name: &str) -> Snapshot {
         let (stage, worker) = match &self.state {
             JobState::Queued => (Stage::Queued, None),
