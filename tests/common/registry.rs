@@ -67,7 +67,12 @@ impl Registry {
         }
         std::fs::write(&config, text).unwrap();
         let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
+        // Debian calls the distribution registry `docker-registry`; nixpkgs, `registry`.
+        let program = ["docker-registry", "registry"]
+            .into_iter()
+            .find(|p| Command::new(p).arg("--version").output().is_ok())
+            .unwrap_or("docker-registry");
+        let child = Command::new(program)
             .arg("serve")
             .arg(&config)
             .stdout(log.try_clone().unwrap())
