@@ -225,6 +225,13 @@ async fn runc_samples(
         }
         std::fs::remove_dir_all(dir.join(format!("action-{i}"))).map_err(|e| e.to_string())?;
     }
+    // runc makes the parent in every hierarchy, the named `systemd` one and the
+    // unified one included, where Paddock's own clean-up does not look.
+    let parent = runner.cgroup_parent();
+    let relative = parent.strip_prefix("/").unwrap_or(parent);
+    for hierarchy in ["systemd", "unified"] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(hierarchy).join(relative));
+    }
     Ok(Some(samples))
 }
 

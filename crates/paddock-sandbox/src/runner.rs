@@ -164,6 +164,9 @@ impl ContainerRunner {
 
 impl Drop for ContainerRunner {
     fn drop(&mut self) {
+        // A helper may still be deleting its last container's cgroup (teardown follows
+        // the answer): whatever is left goes now, so the parent can go too.
+        crate::cgroups::remove_children(&self.options.cgroup_parent);
         crate::cgroups::remove_parent(&self.options.cgroup_parent);
     }
 }
