@@ -132,7 +132,10 @@ impl Farm {
                 if std::time::Instant::now() > deadline {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("paddock did not stop within 20 s of SIGTERM");
+                    panic!(
+                        "paddock did not stop within 20 s of SIGTERM; log:\n{}",
+                        self.log()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -286,10 +286,13 @@ impl Inner {
         let mut doomed = Vec::new();
         for job_id in queued {
             let job = &state.jobs[&job_id];
-            let satisfiable = state
-                .workers
-                .keys()
-                .any(|session| self.eligible(state, job, *session));
+            // A client's action waits for drained or quarantined workers that could
+            // run it (an operator may be draining the whole fleet); a check that no
+            // eligible worker can run is dropped.
+            let satisfiable = state.workers.values().any(|w| match job.kind.is_client() {
+                true => self.policies.satisfies(&w.offer, &job.platform),
+                false => self.eligible(state, job, w.session),
+            });
             let job = state.jobs.get_mut(&job_id).expect("queued job exists");
             if satisfiable {
                 job.unsatisfiable_since = None;
@@ -323,10 +326,6 @@ impl Inner {
                 .workers
                 .values()
                 .map(|w| {
-                    if !state.fleet.takes_work(&w.name) {
-                        let standing = state.fleet.get(&w.name).map(|r| r.standing.name());
-                        return format!("{} ({})", w.name, standing.unwrap_or("unknown"));
-                    }
                     let unmet: Vec<String> = self
                         .policies
                         .unmet(&w.offer, &job.platform)

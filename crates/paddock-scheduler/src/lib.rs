@@ -206,8 +206,8 @@ impl Scheduler {
     /// shutdown is not held up by long-lived streams.
     pub fn shutdown(&self) {
         let inner = &self.inner;
-        inner.closing.send_replace(true);
         let mut state = inner.state.lock();
+        inner.closing.send_replace(true);
         state.workers.clear();
         inner.report(&state);
     }
@@ -403,12 +403,14 @@ impl Scheduler {
         if register.capacity == 0 {
             return Err(invalid("a worker's capacity must be at least 1"));
         }
-        if *inner.closing.borrow() {
-            return Err(Status::unavailable("the scheduler is shutting down"));
-        }
         let offer = Offer::new(register.properties.into_iter().map(|p| (p.name, p.value)));
         let (tx, outbound) = mpsc::unbounded_channel();
         let mut state = inner.state.lock();
+        // Checked under the lock that `shutdown` takes, so no session can slip in
+        // after it has ended them all.
+        if *inner.closing.borrow() {
+            return Err(Status::unavailable("the scheduler is shutting down"));
+        }
         let pool = offer
             .values(&inner.config.quarantine.pool_property)
             .next()

@@ -111,9 +111,40 @@ pub fn execution_routes(
         ))
 }
 
+/// How long calls still in flight at shutdown may take to finish before their
+/// connections are closed under them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets in-flight
-/// calls finish.
+/// calls finish for up to [`SHUTDOWN_GRACE`].
 pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (began, draining) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = began.send(());
+    };
+    // A client that keeps a stream open (or a stalled upload) must not keep the
+    // server from stopping.
+    let deadline = async move {
+        match draining.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = serve_until(listener, routes, shutdown) => served,
+        _ = deadline => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still in flight after the shutdown grace period; stopping without them");
+            Ok(())
+        }
+    }
+}
+
+async fn serve_until(
     listener: TcpListener,
     routes: Routes,
     shutdown: impl Future<Output = ()>,

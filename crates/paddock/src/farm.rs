@@ -13,6 +13,7 @@ use paddock_scheduler::Scheduler;
 use paddock_server::{Limits, Storage};
 use paddock_worker::WorkerOptions;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -66,7 +67,13 @@ impl Farm {
         )
     }
 
-    async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    /// Serves until `shutdown`, then stops `local_workers` and ends the scheduler's
+    /// long-lived streams so that the graceful drain has only short calls to wait for.
+    async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        local_workers: CancellationToken,
+    ) -> Result<()> {
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
         let metrics = tokio::spawn(paddock_telemetry::serve_metrics(
             self.metrics_listener,
@@ -79,7 +86,8 @@ impl Farm {
         let shutdown = async move {
             shutdown.await;
             // Long-lived streams (workers, clients waiting on actions) would hold up a
-            // graceful shutdown: end them first.
+            // graceful shutdown: end them first, and keep local workers from reconnecting.
+            local_workers.cancel();
             scheduler.shutdown();
         };
         let served = paddock_server::serve(self.listener, self.routes, shutdown).await;
@@ -290,6 +298,9 @@ pub fn container_runner(
 /// `config.server.local_workers` workers in this process (their containers forked by
 /// `zygote`).
 pub async fn run(config: Config, zygote: Option<Zygote>) -> Result<()> {
+    // Listening before anything is announced: a signal sent as soon as the farm says
+    // it serves must stop it gracefully, not kill it.
+    let stop = ShutdownSignal::install()?;
     let data_dir = data_dir(&config);
     paddock_telemetry::metrics();
     let farm = Farm::build(&config, data_dir.clone()).await?;
@@ -318,8 +329,7 @@ pub async fn run(config: Config, zygote: Option<Zygote>) -> Result<()> {
             stop_workers.clone(),
         )));
     }
-    farm.serve(shutdown_signal()).await?;
-    stop_workers.cancel();
+    farm.serve(stop.received(), stop_workers).await?;
     for worker in workers {
         let _ = worker.await;
     }
@@ -329,20 +339,34 @@ pub async fn run(config: Config, zygote: Option<Zygote>) -> Result<()> {
 
 /// Runs one worker until SIGINT or SIGTERM.
 pub async fn run_worker(options: WorkerOptions) -> Result<()> {
+    let signal = ShutdownSignal::install()?;
     let stop = CancellationToken::new();
     let worker = tokio::spawn(paddock_worker::run(options, stop.clone()));
-    shutdown_signal().await;
+    signal.received().await;
     stop.cancel();
     worker.await??;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+/// SIGINT and SIGTERM, caught from the moment of `install` on.
+struct ShutdownSignal {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> Result<ShutdownSignal> {
+        Ok(ShutdownSignal {
+            interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = self.terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
     }
 }
 
@@ -383,10 +407,13 @@ impl Embedded {
         let farm = Farm::build(&config, data_dir.path().to_owned()).await?;
         let url = farm.url();
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(farm.serve(async move {
-            let _ = stopped.await;
-        }));
         let stop_workers = CancellationToken::new();
+        tokio::spawn(farm.serve(
+            async move {
+                let _ = stopped.await;
+            },
+            stop_workers.clone(),
+        ));
         for (i, faults) in faults.into_iter().enumerate() {
             let mut options = worker_options(
                 worker_config,
