@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{config_file, free_address, Farm, Worker};
+use common::{config_file, free_address, wait_for_process, Farm, Worker};
 use futures::StreamExt;
 use paddock_client::exec::{execute, execute_digest, prepare, ExecSpec};
 use paddock_client::{Remote, Source};
@@ -416,32 +416,8 @@ fn unique_sleep() -> String {
     )
 }
 
-/// The PID (in the host's namespace) of a process whose command line has `needle`.
-fn find_process(needle: &str) -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline.contains(needle).then_some(pid)
-        })
-}
-
-/// Waits until a process with `needle` in its command line runs; returns its PID.
-async fn wait_for_process(needle: &str) -> i32 {
-    for _ in 0..400 {
-        if let Some(pid) = find_process(needle) {
-            return pid;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no process with {needle:?} started");
-}
-
 async fn wait_gone(pid: i32) -> bool {
-    for _ in 0..200 {
+    for _ in 0..600 {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return true;
         }
@@ -564,7 +540,7 @@ async fn platforms_are_matched_and_impossible_ones_fail_fast() {
     let farm = Farm::start(&[
         "--config",
         &config_file(
-            "[scheduler]\nunsatisfiable_grace = \"1s\"\n[worker.properties]\nPool = \"fast\"\n",
+            "[scheduler]\nunsatisfiable_grace = \"3s\"\n[worker.properties]\nPool = \"fast\"\n",
         ),
     ]);
     let remote = farm.remote("").await;
@@ -648,14 +624,14 @@ async fn a_silent_worker_loses_its_actions_and_its_late_result_is_ignored() {
         &[
             "--config",
             &config_file(
-                "[scheduler]\nheartbeat_interval = \"200ms\"\nheartbeat_timeout = \"1s\"\n",
+                "[scheduler]\nheartbeat_interval = \"200ms\"\nheartbeat_timeout = \"2s\"\n",
             ),
         ],
     );
     let frozen = Worker::start(&server.url, "frozen", &["--capacity", "1"]);
     let remote = server.remote("").await;
     let sleep = unique_sleep();
-    let script = format!("sleep {sleep} & sleep 1; echo ok");
+    let script = format!("sleep {sleep} & sleep 3; echo ok");
     let (_, mut stream) = start(&remote, &shell(&script)).await;
     wait_for_process(&format!("sleep {sleep}")).await;
     frozen.freeze();
@@ -786,13 +762,13 @@ async fn input_trees_with_symlinks_and_executables_are_materialised() {
 async fn operations_can_be_polled_deleted_and_inlined() {
     let farm = Farm::start(&[
         "--config",
-        &config_file("[scheduler]\norphan_grace = \"500ms\"\n"),
+        &config_file("[scheduler]\norphan_grace = \"1500ms\"\n"),
     ]);
     let remote = farm.remote("").await;
     let mut operations = OperationsClient::new(remote.channel());
 
     // A client that drops its stream but polls GetOperation keeps the action alive.
-    let (name, stream) = start(&remote, &shell("sleep 2; echo polled")).await;
+    let (name, stream) = start(&remote, &shell("sleep 4; echo polled")).await;
     drop(stream);
     let mut last = None;
     for _ in 0..100 {

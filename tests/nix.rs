@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::bazel::Workspace;
-use common::{config_file, Farm, Worker};
+use common::{config_file, wait_for_process, Farm, Worker};
 use paddock_client::exec::{execute, ExecSpec};
 use paddock_client::Remote;
 use paddock_reapi::Digest;
@@ -339,9 +339,17 @@ async fn paths_that_cannot_be_made_valid_fail_with_failed_precondition() {
         "--runner",
         "host",
         "--config",
-        &config_file("[scheduler]\nunsatisfiable_grace = \"1s\"\n"),
+        &config_file("[scheduler]\nunsatisfiable_grace = \"3s\"\n"),
     ]);
-    let response = execute(&plain.remote("").await, &in_closure(missing, "true"))
+    let remote = plain.remote("").await;
+    // Once an ordinary action has run, the farm's worker is surely connected.
+    let plain_action = ExecSpec {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let response = execute(&remote, &plain_action).await.unwrap();
+    assert_eq!(response.status.unwrap_or_default().code, 0);
+    let response = execute(&remote, &in_closure(missing, "true"))
         .await
         .unwrap();
     let status = response.status.unwrap();
@@ -360,12 +368,13 @@ async fn garbage_collection_cannot_pull_a_closure_away_and_the_cache_is_bounded(
     let remote = farm.remote("").await;
 
     // A collection while the action sleeps: its closure stays.
+    let marker = format!("gc-while-running-{}", rand::random::<u32>());
     let running = {
         let remote = remote.clone();
-        let spec = in_closure(&first.both(), "sleep 2; hello");
+        let spec = in_closure(&first.both(), &format!("sleep 2; hello # {marker}"));
         tokio::spawn(async move { stdout(&remote, &spec).await })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for_process(&marker).await;
     nix(&["nix-store", "--gc"]);
     assert!(valid(&first.tools), "the GC took a closure in use");
     let (code, out, err) = running.await.unwrap();

@@ -472,43 +472,35 @@ async fn bytestream_uploads_resume_after_a_broken_stream() {
         .await
         .unwrap();
     // Wait until the server has taken both chunks, then break the stream.
-    let mut committed = 0;
-    for _ in 0..200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Ok(status) = remote
+    let query = || async {
+        remote
             .bytestream()
             .query_write_status(QueryWriteStatusRequest {
                 resource_name: name.clone(),
             })
             .await
-        {
-            committed = status.into_inner().committed_size;
-            break;
+            .map(|status| status.into_inner())
+    };
+    let mut committed = 0;
+    for _ in 0..1500 {
+        if let Ok(status) = query().await {
+            committed = status.committed_size;
+            if committed == 2 << 20 || call.is_finished() {
+                break;
+            }
         }
-        if call.is_finished() {
-            break;
-        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(committed, 2 << 20, "the server took both chunks");
     call.abort();
     let _ = call.await;
-    for _ in 0..200 {
-        if committed == 2 << 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Ok(status) = remote
-            .bytestream()
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.clone(),
-            })
-            .await
-        {
-            let status = status.into_inner();
-            assert!(!status.complete);
-            committed = status.committed_size;
-        }
-    }
-    assert_eq!(committed, 2 << 20, "the server kept what arrived");
+    let status = query().await.unwrap();
+    assert!(!status.complete);
+    assert_eq!(
+        status.committed_size,
+        2 << 20,
+        "the server kept what arrived"
+    );
 
     // A resumption at the wrong offset is refused; at the committed size it completes.
     let err = remote
@@ -988,12 +980,18 @@ async fn in_memory_farm_and_metrics_endpoint() {
     let (digest, data) = blob(10);
     remote.upload(vec![(digest, data)]).await.unwrap();
     let _ = remote.find_missing(&[digest]).await.unwrap();
-    let metrics = http_get(&farm.metrics_url);
+    // A call is counted once its response is finished, a moment after the client has it.
+    let counted = r#"paddock_grpc_requests_total{rpc="ContentAddressableStorage/FindMissingBlobs",code="Ok"}"#;
+    let mut metrics = http_get(&farm.metrics_url);
+    for _ in 0..100 {
+        if metrics.contains(counted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = http_get(&farm.metrics_url);
+    }
     assert!(metrics.starts_with("HTTP/1.1 200"));
-    assert!(
-        metrics.contains(r#"paddock_grpc_requests_total{rpc="ContentAddressableStorage/FindMissingBlobs",code="Ok"}"#),
-        "{metrics}"
-    );
+    assert!(metrics.contains(counted), "{metrics}");
     assert!(metrics.contains("paddock_grpc_request_duration_seconds_bucket"));
     assert!(metrics.contains("paddock_cas_bytes_written_total 10"));
     assert!(!std::path::Path::new(&farm.data_dir).join("cas").exists());
@@ -1009,6 +1007,38 @@ async fn edge_cases_of_the_specification() {
     let farm = Farm::start(&["--in-memory"]);
     let remote = farm.remote("edge").await;
 
+    // A batch far over the advertised limit is INVALID_ARGUMENT (not a transport
+    // error), and a ByteStream chunk far larger than a batch is welcome.
+    let big: Vec<(Digest, Bytes)> = (0..4).map(|_| blob(3 << 20)).collect();
+    let err = remote
+        .cas()
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: "edge".into(),
+            requests: big
+                .iter()
+                .map(|(digest, data)| batch_update_blobs_request::Request {
+                    digest: Some(digest.to_proto()),
+                    data: data.to_vec(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let (digest, data) = blob(12 << 20);
+    let name = resource::write_name("edge", "one-chunk", &digest);
+    let written = remote
+        .bytestream()
+        .write(futures::stream::iter([write_request(
+            &name, 0, &data, true,
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(written.committed_size, 12 << 20);
+
     // QueryWriteStatus sees an upload whose stream is still open.
     let (digest, data) = blob(3 << 20);
     let name = resource::write_name("edge", "open-upload", &digest);
@@ -1022,7 +1052,7 @@ async fn edge_cases_of_the_specification() {
         .await
         .unwrap();
     let mut committed = 0;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if let Ok(status) = remote
             .bytestream()
             .query_write_status(QueryWriteStatusRequest {
@@ -1062,12 +1092,29 @@ async fn edge_cases_of_the_specification() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    // Inlined contents sent with an update are not stored, so not served unasked;
-    // `..` in an output symlink's target is allowed.
+    // Inlined contents that disagree with their digest are refused.
     let (out, out_data) = blob(10);
     remote.upload(vec![(out, out_data)]).await.unwrap();
     let action = Digest::of(b"inline action");
     let mut result = result_with(out, out);
+    result.stdout_raw = b"not what the digest says".to_vec();
+    let err = remote
+        .action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            instance_name: "edge".into(),
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Inlined contents sent with an update go to the CAS, so the cached result stays
+    // equivalent but is not inlined unasked; `..` in an output symlink's target is
+    // allowed.
+    let mut result = result_with(out, out);
+    result.stdout_digest = None;
     result.stdout_raw = b"sent anyway".to_vec();
     result
         .output_symlinks
@@ -1097,5 +1144,21 @@ async fn edge_cases_of_the_specification() {
         .unwrap()
         .into_inner();
     assert!(got.stdout_raw.is_empty());
+    assert_eq!(
+        got.stdout_digest,
+        Some(Digest::of(b"sent anyway").to_proto())
+    );
     assert_eq!(got.output_symlinks[0].target, "../../elsewhere");
+    let inlined = remote
+        .action_cache()
+        .get_action_result(GetActionResultRequest {
+            instance_name: "edge".into(),
+            action_digest: Some(action.to_proto()),
+            inline_stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inlined.stdout_raw, b"sent anyway");
 }

@@ -153,6 +153,7 @@ async fn a_corrupting_worker_never_reaches_clients_or_the_cache_and_is_quarantin
         "corrupter",
         &["--dangerous-fault-injection", "corrupt-outputs=1"],
     );
+    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
     let remote = server.remote("").await;
     let started = Instant::now();
     let producers = run_checked(&remote, "corrupt", 80, 8).await;
@@ -193,6 +194,7 @@ async fn a_worker_whose_sandbox_fails_half_the_time_loses_nothing() {
         "flaky",
         &["--dangerous-fault-injection", "fail-setup=0.5"],
     );
+    wait_connected(&server.url, &["steady", "flaky"]).await;
     let remote = server.remote("").await;
     run_checked(&remote, "flaky", 60, 6).await;
     let fleet = workers(&server.url).await;
@@ -216,6 +218,7 @@ async fn disagreeing_results_are_settled_by_a_third_worker() {
         "liar",
         &["--dangerous-fault-injection", "alter-outputs=1"],
     );
+    wait_connected(&server.url, &["honest-1", "honest-2", "liar"]).await;
     let remote = server.remote("").await;
     // Its answers are consistent, so they pass validation: a client may get one.
     // Verification catches them afterwards.
@@ -293,6 +296,7 @@ async fn a_quarantined_worker_is_probed_with_canaries_and_released_when_healthy(
         "phoenix",
         &["--dangerous-fault-injection", "corrupt-outputs=1"],
     );
+    wait_connected(&server.url, &["steady-1", "steady-2", "phoenix"]).await;
     let remote = server.remote("").await;
     let started = Instant::now();
     run_checked(&remote, "probe", 40, 6).await;
@@ -551,7 +555,7 @@ async fn a_straggler_gets_a_speculative_copy_that_wins() {
         .command_worker(order("fast", Order::Drain))
         .await
         .unwrap();
-    wait_connected(&server.url, "slow").await;
+    wait_connected(&server.url, &["slow"]).await;
     let started = Instant::now();
     let straggler = {
         let remote = remote.clone();
@@ -563,7 +567,15 @@ async fn a_straggler_gets_a_speculative_copy_that_wins() {
             execute(&remote, &spec).await.unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Only once the slow worker has it may the fast one come back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workers(&server.url).await["slow"].running == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow worker never took the action"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     admin()
         .await
         .command_worker(order("fast", Order::Release))
@@ -586,14 +598,20 @@ async fn a_straggler_gets_a_speculative_copy_that_wins() {
     );
 }
 
-async fn wait_connected(url: &str, worker: &str) {
-    for _ in 0..200 {
-        if workers(url).await.get(worker).is_some_and(|w| w.connected) {
+/// Waits until every one of `names` has a session with the scheduler: load sent
+/// earlier would find only part of the fleet.
+async fn wait_connected(url: &str, names: &[&str]) {
+    for _ in 0..600 {
+        let fleet = workers(url).await;
+        if names
+            .iter()
+            .all(|name| fleet.get(*name).is_some_and(|w| w.connected))
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{worker} did not connect");
+    panic!("not all of {names:?} connected");
 }
 
 #[tokio::test(flavor = "multi_thread")]

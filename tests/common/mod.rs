@@ -333,6 +333,30 @@ fn remove_cgroup_tree(dir: &Path) {
     }
 }
 
+/// The PID (in the host's namespace) of a process whose command line has `needle`.
+pub fn find_process(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(needle).then_some(pid)
+        })
+}
+
+/// Waits until a process with `needle` in its command line runs; returns its PID.
+pub async fn wait_for_process(needle: &str) -> i32 {
+    for _ in 0..1200 {
+        if let Some(pid) = find_process(needle) {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no process with {needle:?} started");
+}
+
 /// The processes whose parent is `pid`.
 pub fn children_of(pid: i32) -> Vec<i32> {
     std::fs::read_dir("/proc")

@@ -86,7 +86,7 @@ impl Registry {
             login,
             dir,
         };
-        for _ in 0..200 {
+        for _ in 0..1200 {
             if std::net::TcpStream::connect(&registry.host).is_ok() {
                 return registry;
             }

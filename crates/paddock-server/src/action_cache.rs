@@ -1,5 +1,6 @@
 //! ActionCache: cached ActionResults, per instance name.
 
+use bytes::Bytes;
 use paddock_cas::{read_all, ActionKey};
 use paddock_reapi::digest::check_digest_function;
 use paddock_reapi::proto::re::{
@@ -22,6 +23,48 @@ pub struct ActionCacheService {
 impl ActionCacheService {
     pub fn new(storage: Storage) -> Self {
         ActionCacheService { storage }
+    }
+}
+
+impl ActionCacheService {
+    /// Stores contents that a client inlined into the CAS and refers to them by digest
+    /// instead. Inlined contents are for answers, not for the cache (REAPI says clients
+    /// should not send them and servers should not return them unasked), yet what is
+    /// cached must stay equivalent to what was sent.
+    async fn move_inlined_to_cas(&self, result: &mut ActionResult) -> Result<(), Status> {
+        let cas = &self.storage.cas;
+        let streams = [
+            ("stdout", &mut result.stdout_raw, &mut result.stdout_digest),
+            ("stderr", &mut result.stderr_raw, &mut result.stderr_digest),
+        ];
+        for (name, raw, digest) in streams {
+            if raw.is_empty() {
+                continue;
+            }
+            let actual = Digest::of(raw);
+            match digest.as_ref() {
+                Some(stated) if Digest::from_proto(Some(stated)).ok() != Some(actual) => {
+                    return Err(invalid(format!("{name}_raw does not match {name}_digest")));
+                }
+                _ => *digest = Some(actual.to_proto()),
+            }
+            cas.put(&actual, Bytes::from(std::mem::take(raw))).await?;
+        }
+        for file in &mut result.output_files {
+            if file.contents.is_empty() {
+                continue;
+            }
+            let actual = Digest::of(&file.contents);
+            if Digest::from_proto(file.digest.as_ref()).ok() != Some(actual) {
+                return Err(invalid(format!(
+                    "output file {}: its contents do not match its digest",
+                    file.path
+                )));
+            }
+            cas.put(&actual, Bytes::from(std::mem::take(&mut file.contents)))
+                .await?;
+        }
+        Ok(())
     }
 }
 
@@ -128,13 +171,7 @@ impl ActionCache for ActionCacheService {
             .action_result
             .ok_or_else(|| invalid("action_result is missing"))?;
         validate::action_result(&result).map_err(invalid)?;
-        // Inlined contents are for answers, not for the cache: REAPI says clients
-        // should not send them, and servers should not return them unasked.
-        result.stdout_raw.clear();
-        result.stderr_raw.clear();
-        for file in &mut result.output_files {
-            file.contents.clear();
-        }
+        self.move_inlined_to_cas(&mut result).await?;
         let key = ActionKey {
             instance: request.instance_name,
             action,

@@ -47,13 +47,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The largest gRPC message accepted: twice a full batch plus room for framing, so
-    /// that an oversized batch still arrives and is answered with a clear error.
+    /// The largest gRPC message accepted: well beyond a full batch, so that an
+    /// oversized batch still arrives and is answered with REAPI's INVALID_ARGUMENT
+    /// (tonic would refuse a larger message itself, with OUT_OF_RANGE), and so that
+    /// clients writing large ByteStream chunks are served.
     pub fn max_message_size(&self) -> usize {
         (self.max_batch_size as usize)
-            .saturating_mul(2)
+            .saturating_mul(4)
             .saturating_add(1 << 20)
-            .max(4 << 20)
+            .max(64 << 20)
     }
 }
 
