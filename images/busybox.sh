@@ -12,13 +12,7 @@ busybox=/bin/busybox
     echo "busybox.sh: needs $busybox (apt-get install busybox-static)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-if [ ! -e "$layout/index.json" ]; then
-    rmdir "$layout" 2>/dev/null || true # umoci makes the directory itself
-    umoci init --layout "$layout"
-fi
-umoci new --image "$layout:$tag"
-umoci unpack --image "$layout:$tag" "$work/bundle" >/dev/null
-root=$work/bundle/rootfs
+. "$(dirname "$0")/umoci-start.sh"
 mkdir -p "$root/bin" "$root/etc" "$root/root"
 cp "$busybox" "$root/bin/busybox"
 for applet in $("$root/bin/busybox" --list); do

@@ -22,13 +22,7 @@ packages=$(apt-cache depends --recurse --installed --no-recommends --no-suggests
 installed=$({ dpkg-query -W -f '${db:Status-Abbrev} ${Package}\n' $packages 2>/dev/null || true; } \
     | awk '$1 == "ii" { print $2 }')
 
-if [ ! -e "$layout/index.json" ]; then
-    rmdir "$layout" 2>/dev/null || true # umoci makes the directory itself
-    umoci init --layout "$layout"
-fi
-umoci new --image "$layout:$tag"
-umoci unpack --image "$layout:$tag" "$work/bundle" >/dev/null
-root=$work/bundle/rootfs
+. "$(dirname "$0")/umoci-start.sh"
 
 # Every file the packages own, as dpkg lists it; directories without recursion.
 # Debian 12 has a merged /usr: /bin, /lib, /lib64 and /sbin are symlinks into it,

@@ -30,19 +30,7 @@ fn bazel_rebuild_after_clean_is_all_remote_cache_hits() {
     let calc = ws.output("app/calc");
     let squares = ws.output("gen/squares.cc");
 
-    let clean = ws.bazel(&["clean"]);
-    assert!(clean.success, "{}", clean.output);
-
-    let second = ws.bazel(&args);
-    assert!(second.success, "rebuild failed:\n{}", second.output);
-    let hits = second.count("remote cache hit");
-    assert_eq!(
-        second.non_internal(),
-        vec![(hits, "remote cache hit".to_owned())],
-        "every action must come from the cache:\n{}",
-        second.output
-    );
-    assert_eq!(hits, executed);
+    assert_eq!(ws.rebuild_from_cache(&args), executed);
     assert_eq!(ws.output("app/calc"), calc);
     assert_eq!(ws.output("gen/squares.cc"), squares);
 }

@@ -58,13 +58,7 @@ fn bazel_builds_and_tests_everything_remotely() {
         first.output,
         farm.log()
     );
-    let remote = first.count("remote");
-    assert_eq!(
-        first.non_internal(),
-        vec![(remote, "remote".to_owned())],
-        "every action must run remotely:\n{}",
-        first.output
-    );
+    let remote = first.all_of_kind("remote");
     assert!(remote > 80, "{}", first.output);
     assert!(
         first
@@ -80,15 +74,5 @@ fn bazel_builds_and_tests_everything_remotely() {
         );
     }
 
-    assert!(ws.bazel(&["clean"]).success);
-    let second = ws.bazel(&args);
-    assert!(second.success, "rebuild failed:\n{}", second.output);
-    let hits = second.count("remote cache hit");
-    assert_eq!(
-        second.non_internal(),
-        vec![(hits, "remote cache hit".to_owned())],
-        "after clean, everything must come from the cache:\n{}",
-        second.output
-    );
-    assert_eq!(hits, remote);
+    assert_eq!(ws.rebuild_from_cache(&args), remote);
 }

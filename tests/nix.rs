@@ -462,28 +462,12 @@ fn bazel_genrules_run_in_a_nix_closure_and_rebuild_from_the_cache() {
         first.output,
         farm.log()
     );
-    let remote = first.count("remote");
-    assert_eq!(
-        first.non_internal(),
-        vec![(remote, "remote".to_owned())],
-        "{}",
-        first.output
-    );
+    let remote = first.all_of_kind("remote");
     assert!(remote >= 3, "{}", first.output);
     let greeting = String::from_utf8(ws.output("greeting.txt")).unwrap();
     assert!(greeting.contains("hello from tools-bazel"), "{greeting}");
     let store = String::from_utf8(ws.output("store.txt")).unwrap();
     assert_eq!(store.lines().count(), 2, "{store}");
 
-    assert!(ws.bazel(&["clean"]).success);
-    let second = ws.bazel(&args);
-    assert!(second.success, "{}", second.output);
-    let hits = second.count("remote cache hit");
-    assert_eq!(
-        second.non_internal(),
-        vec![(hits, "remote cache hit".to_owned())],
-        "{}",
-        second.output
-    );
-    assert_eq!(hits, remote);
+    assert_eq!(ws.rebuild_from_cache(&args), remote);
 }

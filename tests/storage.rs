@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{config_file, http_get, Farm};
 use futures::StreamExt;
-use paddock_reapi::proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
+use paddock_reapi::proto::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, WriteRequest, WriteResponse,
+};
 use paddock_reapi::proto::re::capabilities_client::CapabilitiesClient;
 use paddock_reapi::proto::re::{
     batch_update_blobs_request, ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
@@ -442,6 +444,51 @@ async fn bytestream_read_refuses_bad_requests() {
     );
 }
 
+/// A ByteStream Write whose requests the test sends one by one through the sender.
+fn open_upload(
+    remote: &paddock_client::Remote,
+) -> (
+    tokio::sync::mpsc::Sender<WriteRequest>,
+    tokio::task::JoinHandle<Result<tonic::Response<WriteResponse>, tonic::Status>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut bs = remote.bytestream();
+    let call = tokio::spawn(async move {
+        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    (tx, call)
+}
+
+async fn write_status(
+    remote: &paddock_client::Remote,
+    name: &str,
+) -> Result<QueryWriteStatusResponse, tonic::Status> {
+    remote
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.to_owned(),
+        })
+        .await
+        .map(|status| status.into_inner())
+}
+
+/// Polls the upload `name` until the server reports `committed` bytes (for up to 30 s);
+/// returns the last committed size it reported.
+async fn wait_committed(remote: &paddock_client::Remote, name: &str, committed: i64) -> i64 {
+    let mut last = 0;
+    for _ in 0..1500 {
+        if let Ok(status) = write_status(remote, name).await {
+            last = status.committed_size;
+            if last == committed {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
 fn write_request(name: &str, offset: usize, data: &[u8], finish: bool) -> WriteRequest {
     WriteRequest {
         resource_name: name.to_owned(),
@@ -459,12 +506,7 @@ async fn bytestream_uploads_resume_after_a_broken_stream() {
     let name = resource::write_name("main", "6b0d6a4e-5c58-4a3c-9a53-000000000001", &digest);
 
     // First attempt: send 2 MiB, then the client goes away mid-stream.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut bs = remote.bytestream();
-    let call = tokio::spawn(async move {
-        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let (tx, call) = open_upload(&remote);
     tx.send(write_request(&name, 0, &data[..1 << 20], false))
         .await
         .unwrap();
@@ -472,29 +514,11 @@ async fn bytestream_uploads_resume_after_a_broken_stream() {
         .await
         .unwrap();
     // Wait until the server has taken both chunks, then break the stream.
-    let query = || async {
-        remote
-            .bytestream()
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.clone(),
-            })
-            .await
-            .map(|status| status.into_inner())
-    };
-    let mut committed = 0;
-    for _ in 0..1500 {
-        if let Ok(status) = query().await {
-            committed = status.committed_size;
-            if committed == 2 << 20 || call.is_finished() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let committed = wait_committed(&remote, &name, 2 << 20).await;
     assert_eq!(committed, 2 << 20, "the server took both chunks");
     call.abort();
     let _ = call.await;
-    let status = query().await.unwrap();
+    let status = write_status(&remote, &name).await.unwrap();
     assert!(!status.complete);
     assert_eq!(
         status.committed_size,
@@ -525,14 +549,7 @@ async fn bytestream_uploads_resume_after_a_broken_stream() {
         .into_inner();
     assert_eq!(response.committed_size, 4 << 20);
     assert_eq!(remote.read_blob(&digest).await.unwrap(), data);
-    let status = remote
-        .bytestream()
-        .query_write_status(QueryWriteStatusRequest {
-            resource_name: name.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = write_status(&remote, &name).await.unwrap();
     assert!(status.complete);
     assert_eq!(status.committed_size, 4 << 20);
 }
@@ -649,11 +666,7 @@ async fn bytestream_write_refuses_bad_uploads_and_keeps_nothing() {
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
     }
     assert_eq!(remote.find_missing(&[digest]).await.unwrap(), vec![digest]);
-    let err = remote
-        .bytestream()
-        .query_write_status(QueryWriteStatusRequest {
-            resource_name: resource::write_name("", "never-started", &digest),
-        })
+    let err = write_status(&remote, &resource::write_name("", "never-started", &digest))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -1042,31 +1055,11 @@ async fn edge_cases_of_the_specification() {
     // QueryWriteStatus sees an upload whose stream is still open.
     let (digest, data) = blob(3 << 20);
     let name = resource::write_name("edge", "open-upload", &digest);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut bs = remote.bytestream();
-    let call = tokio::spawn(async move {
-        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let (tx, call) = open_upload(&remote);
     tx.send(write_request(&name, 0, &data[..1 << 20], false))
         .await
         .unwrap();
-    let mut committed = 0;
-    for _ in 0..1000 {
-        if let Ok(status) = remote
-            .bytestream()
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.clone(),
-            })
-            .await
-        {
-            committed = status.into_inner().committed_size;
-            if committed == 1 << 20 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let committed = wait_committed(&remote, &name, 1 << 20).await;
     assert_eq!(committed, 1 << 20, "an open upload's progress is visible");
     tx.send(write_request("", 1 << 20, &data[1 << 20..], true))
         .await

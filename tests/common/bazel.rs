@@ -63,6 +63,19 @@ impl BazelRun {
             .filter(|(_, k)| k != "internal")
             .collect()
     }
+
+    /// Asserts that every process but the internal ones was of `kind` (e.g. "remote");
+    /// returns how many there were.
+    pub fn all_of_kind(&self, kind: &str) -> usize {
+        let count = self.count(kind);
+        assert_eq!(
+            self.non_internal(),
+            vec![(count, kind.to_owned())],
+            "every action must be {kind}:\n{}",
+            self.output
+        );
+        count
+    }
 }
 
 impl Workspace {
@@ -111,6 +124,16 @@ impl Workspace {
     }
 
     /// The bytes of an output under `bazel-bin`.
+    /// `bazel clean`, then `args` again: asserts that the rebuild succeeds with every
+    /// action a remote cache hit, and returns how many there were.
+    pub fn rebuild_from_cache(&self, args: &[&str]) -> usize {
+        let clean = self.bazel(&["clean"]);
+        assert!(clean.success, "{}", clean.output);
+        let second = self.bazel(args);
+        assert!(second.success, "rebuild failed:\n{}", second.output);
+        second.all_of_kind("remote cache hit")
+    }
+
     pub fn output(&self, path: &str) -> Vec<u8> {
         std::fs::read(self.dir().join("bazel-bin").join(path))
             .unwrap_or_else(|e| panic!("reading bazel-bin/{path}: {e}"))

@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use hashlink::LinkedHashMap;
-use paddock_sandbox::{prepare_mount_points, BindMount, ResolveError, Rootfs, RootfsResolver};
+use paddock_sandbox::{
+    prepare_mount_points, write_etc, BindMount, ResolveError, Rootfs, RootfsResolver,
+};
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
@@ -79,13 +81,19 @@ pub struct NixResolver {
 
 /// The installed Nix's major version (`2` for Nix 2.8), if `nix-store` runs.
 pub fn detect() -> Option<String> {
-    let output = std::process::Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let version = text.split_whitespace().last()?;
-    Some(version.split('.').next()?.to_owned())
+    // Asked once per process: every local worker of `paddock up` wants to know.
+    static DETECTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    DETECTED
+        .get_or_init(|| {
+            let output = std::process::Command::new("nix-store")
+                .arg("--version")
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let version = text.split_whitespace().last()?;
+            Some(version.split('.').next()?.to_owned())
+        })
+        .clone()
 }
 
 impl NixResolver {
@@ -325,24 +333,7 @@ fn make_root(
     }
     let etc = home.join("etc");
     std::fs::create_dir_all(&etc)?;
-    let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
-    let mut group = String::from("root:x:0:\n");
-    if uid != 0 {
-        passwd.push_str(&format!(
-            "build:x:{uid}:{gid}:Paddock action:/tmp:/bin/sh\n"
-        ));
-    }
-    if gid != 0 {
-        group.push_str(&format!("build:x:{gid}:\n"));
-    }
-    std::fs::write(etc.join("passwd"), passwd)?;
-    std::fs::write(etc.join("group"), group)?;
-    std::fs::write(etc.join("hosts"), "127.0.0.1\tlocalhost\n::1\tlocalhost\n")?;
-    std::fs::write(
-        etc.join("nsswitch.conf"),
-        "passwd: files\ngroup: files\nhosts: files\n",
-    )?;
-    Ok(())
+    write_etc(&etc, uid, gid)
 }
 
 #[async_trait]

@@ -5,12 +5,9 @@
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
+use paddock_sandbox::LOOPBACK_HOSTS;
 
 use crate::store::ChainLease;
-
-/// What Paddock writes into every image root, as Docker does: `localhost` must
-/// resolve, whatever the image ships.
-const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
 /// A mounted per-action root; dropping it unmounts and removes it.
 pub struct ActionRoot {
@@ -70,7 +67,8 @@ impl ActionRoot {
             ensure_dir(&self.root, Path::new(point))?;
         }
         ensure_dir(&self.root, work_dir)?;
-        write_file(&self.root, Path::new("etc/hosts"), HOSTS)?;
+        // As Docker does: `localhost` must resolve, whatever the image ships.
+        write_file(&self.root, Path::new("etc/hosts"), LOOPBACK_HOSTS)?;
         write_file(&self.root, Path::new("etc/hostname"), "paddock\n")
     }
 }
@@ -197,7 +195,7 @@ mod tests {
         std::fs::create_dir_all(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("etc")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("src")).unwrap();
-        write_file(&root, Path::new("etc/hosts"), HOSTS).unwrap();
+        write_file(&root, Path::new("etc/hosts"), LOOPBACK_HOSTS).unwrap();
         ensure_dir(&root, Path::new("src/app")).unwrap();
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         assert!(root.join("etc").is_dir() && !root.join("etc").is_symlink());

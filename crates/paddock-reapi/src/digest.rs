@@ -23,6 +23,8 @@ pub enum DigestError {
     BadSize(String),
     #[error("digest function {0} is not supported: this server uses SHA256 only")]
     UnsupportedFunction(i32),
+    #[error("digest {0:?} is not written HASH/SIZE")]
+    NotHashSlashSize(String),
 }
 
 /// A validated SHA-256 digest: the hash of a blob and its size in bytes.
@@ -161,6 +163,18 @@ pub fn check_digest_function(value: i32) -> Result<(), DigestError> {
     match re::digest_function::Value::try_from(value) {
         Ok(re::digest_function::Value::Unknown) | Ok(re::digest_function::Value::Sha256) => Ok(()),
         _ => Err(DigestError::UnsupportedFunction(value)),
+    }
+}
+
+/// The inverse of `Display`: `HASH/SIZE`.
+impl std::str::FromStr for Digest {
+    type Err = DigestError;
+
+    fn from_str(text: &str) -> Result<Self, DigestError> {
+        let (hash, size) = text
+            .split_once('/')
+            .ok_or_else(|| DigestError::NotHashSlashSize(text.to_owned()))?;
+        Digest::parse_parts(hash, size)
     }
 }
 

@@ -12,6 +12,19 @@ pub fn timestamp(at: SystemTime) -> protobuf::Timestamp {
     }
 }
 
+/// Microseconds since the Unix epoch (0 before it), as Paddock's own protocols carry
+/// times.
+pub fn unix_micros(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64
+}
+
+/// The inverse of [`unix_micros`]; a negative value is the epoch.
+pub fn from_unix_micros(micros: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64)
+}
+
 pub fn now() -> protobuf::Timestamp {
     timestamp(SystemTime::now())
 }

@@ -20,8 +20,8 @@ pub mod spec;
 mod zygote;
 
 pub use rootfs::{
-    prepare_mount_points, property_values, BindMount, HostResolver, ResolveError, Rootfs,
-    RootfsResolver,
+    prepare_mount_points, property_values, write_etc, BindMount, HostResolver, ResolveError,
+    Rootfs, RootfsResolver, LOOPBACK_HOSTS,
 };
 pub use runner::{ContainerRunner, SandboxOptions};
 pub use spec::Limits;

@@ -166,8 +166,12 @@ pub fn prepare_mount_points(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `/etc/hosts` for a container whose only network is loopback.
+pub const LOOPBACK_HOSTS: &str =
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
 /// A minimal `/etc`: who the action runs as, and that `localhost` is loopback.
-fn write_etc(etc: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+pub fn write_etc(etc: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
     let mut group = String::from("root:x:0:\n");
     if uid != 0 {
@@ -180,10 +184,7 @@ fn write_etc(etc: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     }
     std::fs::write(etc.join("passwd"), passwd)?;
     std::fs::write(etc.join("group"), group)?;
-    std::fs::write(
-        etc.join("hosts"),
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-    )?;
+    std::fs::write(etc.join("hosts"), LOOPBACK_HOSTS)?;
     std::fs::write(
         etc.join("nsswitch.conf"),
         "passwd: files\ngroup: files\nhosts: files\n",

@@ -42,7 +42,7 @@ impl Inner {
         let state = self.state.lock();
         if let Some(worker) = state.workers.get(&session) {
             if let Some(job) = worker.running.get(assignment) {
-                tracing::debug!(action = %state.jobs[job].digest, worker = %worker.name, "started");
+                tracing::debug!(action = %state.jobs[job].key.action, worker = %worker.name, "started");
             }
         }
     }

@@ -97,17 +97,13 @@ impl Inner {
             JobState::Running(attempts) => attempts.push(attempt),
             JobState::Queued => job.state = JobState::Running(vec![attempt]),
         }
-        let queued_at_micros = job
-            .queued_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as i64;
+        let queued_at_micros = paddock_reapi::time::unix_micros(job.queued_at);
         let assignment = wire::Assignment {
             assignment_id: assignment_id.clone(),
             instance_name: job.key.instance.clone(),
             action_digest: Some(wire::Digest {
-                hash: job.digest.hash_hex(),
-                size_bytes: job.digest.size() as i64,
+                hash: job.key.action.hash_hex(),
+                size_bytes: job.key.action.size() as i64,
             }),
             action: job.action.to_vec(),
             command: job.command.to_vec(),
@@ -122,7 +118,7 @@ impl Inner {
         let _ = worker.outbound.send(wire::SchedulerMessage {
             message: Some(wire::scheduler_message::Message::Assignment(assignment)),
         });
-        tracing::debug!(action = %state.jobs[&job_id].digest, worker = %worker.name, speculative, "assigned");
+        tracing::debug!(action = %state.jobs[&job_id].key.action, worker = %worker.name, speculative, "assigned");
         state.notify(job_id);
     }
 
@@ -159,7 +155,7 @@ impl Inner {
             return;
         }
         if job.failures >= max {
-            tracing::warn!(action = %job.digest, failures = job.failures, %reason, "giving up on an action");
+            tracing::warn!(action = %job.key.action, failures = job.failures, %reason, "giving up on an action");
             metrics::counter!("paddock_executions_total", "outcome" => "lost").increment(1);
             let message = format!(
                 "the action failed on {} workers; last: {reason}",
@@ -174,7 +170,7 @@ impl Inner {
             );
             return;
         }
-        tracing::info!(action = %job.digest, %reason, "requeueing an action");
+        tracing::info!(action = %job.key.action, %reason, "requeueing an action");
         metrics::counter!("paddock_executions_requeued_total").increment(1);
         job.state = JobState::Queued;
         let (priority, invocation) = (job.priority, job.invocation.clone());
@@ -217,7 +213,7 @@ impl Inner {
         let Some(job) = state.jobs.get(&job_id) else {
             return;
         };
-        tracing::info!(action = %job.digest, %reason, "cancelling an execution");
+        tracing::info!(action = %job.key.action, %reason, "cancelling an execution");
         metrics::counter!("paddock_executions_total", "outcome" => "cancelled").increment(1);
         state.complete(
             job_id,
@@ -289,9 +285,12 @@ impl Inner {
             // A client's action waits for drained or quarantined workers that could
             // run it (an operator may be draining the whole fleet); a check that no
             // eligible worker can run is dropped.
-            let satisfiable = state.workers.values().any(|w| match job.kind.is_client() {
-                true => self.policies.satisfies(&w.offer, &job.platform),
-                false => self.eligible(state, job, w.session),
+            let satisfiable = state.workers.values().any(|w| {
+                if job.kind.is_client() {
+                    self.policies.satisfies(&w.offer, &job.platform)
+                } else {
+                    self.eligible(state, job, w.session)
+                }
             });
             let job = state.jobs.get_mut(&job_id).expect("queued job exists");
             if satisfiable {
@@ -341,7 +340,7 @@ impl Inner {
                 grace.as_secs(),
                 if offers.is_empty() { "none connected".to_owned() } else { offers.join("; ") }
             );
-            tracing::warn!(action = %job.digest, %message, "failing an unsatisfiable action");
+            tracing::warn!(action = %job.key.action, %message, "failing an unsatisfiable action");
             metrics::counter!("paddock_executions_total", "outcome" => "unsatisfiable")
                 .increment(1);
             state.complete(
@@ -407,7 +406,7 @@ impl Inner {
             let Some(session) = free else {
                 continue;
             };
-            tracing::info!(action = %job.digest, slow = %running_on, "starting a speculative copy of a straggler");
+            tracing::info!(action = %job.key.action, slow = %running_on, "starting a speculative copy of a straggler");
             metrics::counter!("paddock_speculative_executions_total", "event" => "started")
                 .increment(1);
             state

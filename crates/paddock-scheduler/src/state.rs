@@ -8,7 +8,6 @@ use hashlink::LinkedHashMap;
 use paddock_cas::ActionKey;
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{ActionResult, ExecuteResponse};
-use paddock_reapi::Digest;
 use tokio::sync::{mpsc, watch};
 
 use crate::health::Fleet;
@@ -51,7 +50,6 @@ pub(crate) struct Known {
 pub(crate) struct Job {
     pub id: JobId,
     pub key: ActionKey,
-    pub digest: Digest,
     pub action: Bytes,
     pub command: Bytes,
     pub platform: Vec<(String, String)>,
@@ -172,7 +170,6 @@ impl Job {
     ) -> Job {
         Job {
             id: 0,
-            digest: key.action,
             key,
             action,
             command,
@@ -205,7 +202,7 @@ impl Job {
         };
         Snapshot {
             name: name.to_owned(),
-            action_digest: self.digest,
+            action_digest: self.key.action,
             stage,
             worker,
             response: None,

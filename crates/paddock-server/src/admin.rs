@@ -1,13 +1,12 @@
 //! The operators' protocol (`proto/paddock/admin/v1`): the fleet's workers and
 //! their health, orders for them, and ActionCache invalidation.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use paddock_cas::ActionKey;
 use paddock_proto::admin::v1::{
     self as wire, admin_server::Admin, command_worker_request::Command,
     invalidate_action_results_request::Target,
 };
+use paddock_reapi::time::unix_micros;
 use paddock_reapi::Digest;
 use paddock_scheduler::health::Counts;
 use paddock_scheduler::{Scheduler, WorkerCommand, WorkerReport};
@@ -26,12 +25,6 @@ impl AdminService {
     }
 }
 
-fn micros(at: SystemTime) -> i64 {
-    at.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as i64
-}
-
 fn counts(c: Counts) -> wire::Counts {
     wire::Counts {
         outcomes: c.outcomes as u64,
@@ -47,7 +40,7 @@ fn worker(report: WorkerReport) -> wire::Worker {
         pool: report.pool,
         standing: report.standing,
         reason: report.reason,
-        since_unix_micros: micros(report.since),
+        since_unix_micros: unix_micros(report.since),
         connected: report.connected,
         capacity: report.capacity as u32,
         running: report.running as u32,
@@ -90,11 +83,9 @@ impl Admin for AdminService {
         let cache = &self.storage.action_cache;
         let removed = match request.into_inner().target {
             Some(Target::Action(by)) => {
-                let (hash, size) = by
+                let action: Digest = by
                     .action_digest
-                    .split_once('/')
-                    .ok_or_else(|| invalid("action_digest must be HASH/SIZE"))?;
-                let action = Digest::parse_parts(hash, size)
+                    .parse()
                     .map_err(|e| invalid(format!("action_digest: {e}")))?;
                 let key = ActionKey {
                     instance: by.instance_name,
@@ -124,7 +115,7 @@ impl Admin for AdminService {
                         .worker_completed_timestamp
                         .as_ref()
                         .and_then(paddock_reapi::time::system_time)
-                        .map(micros);
+                        .map(unix_micros);
                     metadata.worker == name
                         && at.is_some_and(|at| at >= from && (until == 0 || at < until))
                 };

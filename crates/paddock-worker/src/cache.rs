@@ -157,6 +157,11 @@ impl FileCache {
                 entry.0
             )));
         }
+        self.write(entry, data)
+    }
+
+    /// Writes `data`, already known to match its digest, as an entry and admits it.
+    fn write(&self, entry: Entry, data: &[u8]) -> io::Result<()> {
         let tmp = self.tmp.join(uuid::Uuid::new_v4().to_string());
         let mode = if entry.1 { 0o555 } else { 0o444 };
         let written = (|| {
@@ -207,7 +212,7 @@ impl FileCache {
                 continue;
             }
             if entry.0.is_empty_blob() {
-                self.store(*entry, &[])?;
+                self.write(*entry, &[])?;
                 continue;
             }
             if self.derive(*entry)? {
@@ -257,9 +262,14 @@ impl FileCache {
         }
     }
 
+    /// Writes every wanted variant of one blob, checking its digest once.
     fn store_all(&self, entries: &[Entry], data: &Bytes) -> io::Result<()> {
-        for entry in entries {
-            self.store(*entry, data)?;
+        let Some((first, others)) = entries.split_first() else {
+            return Ok(());
+        };
+        self.store(*first, data)?;
+        for entry in others {
+            self.write(*entry, data)?;
         }
         Ok(())
     }

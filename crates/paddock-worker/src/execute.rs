@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use paddock_client::{Remote, Source};
 use paddock_proto::execution::v1::{ResourceUsage, RESOURCE_USAGE};
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{Action, ActionResult, Command, ExecutedActionMetadata};
 use paddock_reapi::status::pack;
-use paddock_reapi::time::{proto_duration, timestamp};
+use paddock_reapi::time::{from_unix_micros, proto_duration, timestamp};
 use paddock_reapi::{validate, Digest};
 use paddock_runner::{RunError, RunSpec, Runner};
 use prost::Message;
@@ -68,9 +68,7 @@ async fn run_assignment(
 ) -> Outcome {
     let mut metadata = ExecutedActionMetadata {
         worker: ctx.name.clone(),
-        queued_timestamp: Some(timestamp(
-            UNIX_EPOCH + Duration::from_micros(assignment.queued_at_micros.max(0) as u64),
-        )),
+        queued_timestamp: Some(timestamp(from_unix_micros(assignment.queued_at_micros))),
         worker_start_timestamp: Some(timestamp(SystemTime::now())),
         ..Default::default()
     };

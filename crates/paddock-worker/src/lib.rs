@@ -45,6 +45,13 @@ pub struct WorkerOptions {
     pub faults: Faults,
 }
 
+/// This machine's memory in bytes, as `/proc/meminfo` gives it.
+pub fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
 /// The properties every worker offers: OS, ISA, CPU count and memory.
 pub fn detected_properties() -> Vec<(String, String)> {
     let isa = match std::env::consts::ARCH {
@@ -59,12 +66,7 @@ pub fn detected_properties() -> Vec<(String, String)> {
         ("ISA".to_owned(), isa.to_owned()),
         ("cores".to_owned(), cores.to_string()),
     ];
-    let memory = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    });
-    if let Some(bytes) = memory {
+    if let Some(bytes) = machine_memory() {
         properties.push(("memory".to_owned(), bytes.to_string()));
     }
     properties

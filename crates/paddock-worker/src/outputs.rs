@@ -17,7 +17,7 @@ use paddock_reapi::proto::re::{
     command::OutputDirectoryFormat, ActionResult, Command, Directory, DirectoryNode, FileNode,
     OutputDirectory, OutputFile, OutputSymlink, SymlinkNode, Tree,
 };
-use paddock_reapi::{Digest, DigestHasher};
+use paddock_reapi::{validate, Digest, DigestHasher};
 use prost::Message;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,22 @@ impl Collected {
         self.blobs.push((digest, Source::File(path.to_owned())));
         self.files.push((digest, executable, path.to_owned()));
         Ok((digest, executable))
+    }
+
+    /// A declared output file at `rel`.
+    fn output_file(
+        &mut self,
+        rel: &str,
+        path: &Path,
+        meta: &fs::Metadata,
+    ) -> Result<OutputFile, OutputError> {
+        let (digest, is_executable) = self.file(path, meta)?;
+        Ok(OutputFile {
+            path: rel.to_owned(),
+            digest: Some(digest.to_proto()),
+            is_executable,
+            ..Default::default()
+        })
     }
 
     fn message<M: Message>(&mut self, message: &M) -> Digest {
@@ -183,6 +199,15 @@ impl Collected {
     }
 }
 
+/// An output symlink at `rel`, its target read from `path`.
+fn output_symlink(path: &Path, rel: &str) -> Result<OutputSymlink, OutputError> {
+    Ok(OutputSymlink {
+        path: rel.to_owned(),
+        target: symlink_target(path, rel)?,
+        ..Default::default()
+    })
+}
+
 /// Reads a symlink among the outputs; absolute targets are refused, as this server
 /// advertises `SymlinkAbsolutePathStrategy.DISALLOWED`.
 fn symlink_target(path: &Path, rel: &str) -> Result<String, OutputError> {
@@ -192,11 +217,7 @@ fn symlink_target(path: &Path, rel: &str) -> Result<String, OutputError> {
             "output symlink {rel:?} has a target that is not UTF-8"
         ))
     })?;
-    if target.starts_with('/') {
-        return Err(OutputError::Invalid(format!(
-            "output symlink {rel:?} has the absolute target {target:?}; this server disallows absolute symlinks"
-        )));
-    }
+    validate::output_symlink_target(rel, &target).map_err(OutputError::Invalid)?;
     Ok(target)
 }
 
@@ -219,23 +240,14 @@ pub fn collect(working_dir: &Path, command: &Command) -> Result<Collected, Outpu
                 continue;
             };
             if meta.file_type().is_symlink() {
-                let target = symlink_target(&path, rel)?;
-                out.result.output_symlinks.push(OutputSymlink {
-                    path: rel.clone(),
-                    target,
-                    ..Default::default()
-                });
+                let symlink = output_symlink(&path, rel)?;
+                out.result.output_symlinks.push(symlink);
             } else if meta.is_dir() {
                 let dir = out.directory(rel, &path, format)?;
                 out.result.output_directories.push(dir);
             } else if meta.is_file() {
-                let (digest, is_executable) = out.file(&path, &meta)?;
-                out.result.output_files.push(OutputFile {
-                    path: rel.clone(),
-                    digest: Some(digest.to_proto()),
-                    is_executable,
-                    ..Default::default()
-                });
+                let file = out.output_file(rel, &path, &meta)?;
+                out.result.output_files.push(file);
             } else {
                 return Err(OutputError::Invalid(format!(
                     "output {rel:?} is not a file, directory or symlink"
@@ -254,20 +266,11 @@ pub fn collect(working_dir: &Path, command: &Command) -> Result<Collected, Outpu
                     "output file {rel:?} is a symlink to a directory"
                 )));
             }
-            let target = symlink_target(&path, rel)?;
-            out.result.output_file_symlinks.push(OutputSymlink {
-                path: rel.clone(),
-                target,
-                ..Default::default()
-            });
+            let symlink = output_symlink(&path, rel)?;
+            out.result.output_file_symlinks.push(symlink);
         } else if meta.is_file() {
-            let (digest, is_executable) = out.file(&path, &meta)?;
-            out.result.output_files.push(OutputFile {
-                path: rel.clone(),
-                digest: Some(digest.to_proto()),
-                is_executable,
-                ..Default::default()
-            });
+            let file = out.output_file(rel, &path, &meta)?;
+            out.result.output_files.push(file);
         } else {
             return Err(OutputError::Invalid(format!(
                 "output file {rel:?} is not a regular file"
@@ -284,12 +287,8 @@ pub fn collect(working_dir: &Path, command: &Command) -> Result<Collected, Outpu
                     "output directory {rel:?} is a symlink to a non-directory"
                 )));
             }
-            let target = symlink_target(&path, rel)?;
-            out.result.output_directory_symlinks.push(OutputSymlink {
-                path: rel.clone(),
-                target,
-                ..Default::default()
-            });
+            let symlink = output_symlink(&path, rel)?;
+            out.result.output_directory_symlinks.push(symlink);
         } else if meta.is_dir() {
             let dir = out.directory(rel, &path, format)?;
             out.result.output_directories.push(dir);

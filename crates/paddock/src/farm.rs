@@ -230,12 +230,6 @@ pub fn data_dir(config: &Config) -> PathBuf {
 }
 
 /// The machine's memory in bytes, from /proc/meminfo.
-fn machine_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
 /// A container runner for `worker`, whose containers `zygote` forks, asking
 /// `resolvers` (then the host) for root filesystems.
 pub fn container_runner(
@@ -262,7 +256,7 @@ pub fn container_runner(
         .chain(std::iter::once('-'))
         .chain(place[..8].chars())
         .collect();
-    let machine = machine_memory();
+    let machine = paddock_worker::machine_memory();
     let options = paddock_sandbox::SandboxOptions {
         zygote,
         dir: work_dir.join("sandbox"),

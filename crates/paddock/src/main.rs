@@ -384,13 +384,6 @@ enum BenchCommand {
     },
 }
 
-fn parse_digest(text: &str) -> Result<Digest> {
-    let (hash, size) = text
-        .split_once('/')
-        .context("a digest is written hash/size")?;
-    Ok(Digest::parse_parts(hash, size)?)
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Logs go to a copy of stderr: in the containers that this process's zygote
@@ -939,7 +932,7 @@ async fn cas(command: CasCommand) -> Result<()> {
             digest,
             output,
         } => {
-            let digest = parse_digest(&digest)?;
+            let digest: Digest = digest.parse()?;
             let client = Remote::connect(&remote.remote, &remote.instance).await?;
             match output {
                 Some(path) => client.read_to_file(&digest, &path).await?,

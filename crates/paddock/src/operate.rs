@@ -1,7 +1,7 @@
 //! Operators' commands over the admin protocol: `paddock workers ...` and
 //! `paddock cache invalidate ...`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -13,6 +13,7 @@ use paddock_proto::admin::v1::{
     command_worker_request::Command,
     invalidate_action_results_request::{ByAction, ByWorker, Target},
 };
+use paddock_reapi::time::{from_unix_micros, unix_micros};
 
 #[derive(Subcommand)]
 pub enum WorkersCommand {
@@ -74,9 +75,8 @@ async fn client(remote: &str) -> Result<AdminClient<tonic::transport::Channel>> 
 }
 
 fn ago(micros: i64) -> String {
-    let then = UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64);
     let secs = SystemTime::now()
-        .duration_since(then)
+        .duration_since(from_unix_micros(micros))
         .unwrap_or_default()
         .as_secs();
     match secs {
@@ -153,13 +153,7 @@ pub async fn cache(command: CacheCommand) -> Result<()> {
         until,
     } = command;
     let now = SystemTime::now();
-    let before = |span: Span| {
-        now.checked_sub(span.get())
-            .unwrap_or(UNIX_EPOCH)
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as i64
-    };
+    let before = |span: Span| unix_micros(now.checked_sub(span.get()).unwrap_or(UNIX_EPOCH));
     let target = match (action, worker) {
         (Some(action_digest), _) => Target::Action(ByAction {
             instance_name: instance,
