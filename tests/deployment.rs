@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{paddock_bin, repo_root};
+use common::{nix_command, paddock_bin, repo_root};
 
 fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -31,7 +31,7 @@ fn every_nix_file_parses() {
         .iter()
         .any(|f| f.ends_with("nixos-modules/paddock.nix")));
     for file in files {
-        let output = Command::new("nix-instantiate")
+        let output = nix_command("nix-instantiate")
             .arg("--parse")
             .arg(&file)
             .output()
@@ -66,7 +66,7 @@ fn check(name: &str, text: &str) -> (bool, String) {
 /// Evaluates the module's settings renderer with Nix, as JSON.
 fn render(expression: &str) -> String {
     let settings = repo_root().join("nixos-modules/settings.nix");
-    let output = Command::new("nix-instantiate")
+    let output = nix_command("nix-instantiate")
         .args(["--eval", "--strict", "--json", "-E"])
         .arg(format!(
             "let s = import {}; in {expression}",

@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::bazel::Workspace;
-use common::{config_file, wait_for_process, Farm, Worker};
+use common::{config_file, nix_command, wait_for_process, Farm, Worker, WorkerSetup};
 use paddock_client::exec::{execute, ExecSpec};
 use paddock_client::Remote;
 use paddock_reapi::Digest;
@@ -21,7 +20,7 @@ use tonic::Code;
 static STORE: Mutex<()> = Mutex::const_new(());
 
 fn nix(args: &[&str]) -> String {
-    let output = Command::new(args[0])
+    let output = nix_command(args[0])
         .args(&args[1..])
         .output()
         .unwrap_or_else(|e| panic!("running {args:?} (apt-get install nix-bin): {e}"));
@@ -34,7 +33,7 @@ fn nix(args: &[&str]) -> String {
 }
 
 fn valid(path: &str) -> bool {
-    Command::new("nix-store")
+    nix_command("nix-store")
         .args(["--check-validity", path])
         .stderr(std::process::Stdio::null())
         .status()
@@ -82,7 +81,7 @@ impl StorePaths {
 derivation {{
   name = "tools-{tag}";
   system = builtins.currentSystem;
-  builder = "/bin/sh";
+  builder = "${{bb}}/bin/sh";
   PATH = "${{bb}}/bin";
   args = [ "-c" "mkdir -p $out/bin; printf '#!${{bb}}/bin/sh\necho hello from tools-{tag}\n' > $out/bin/hello; busybox chmod +x $out/bin/hello" ];
 }}
@@ -470,4 +469,86 @@ fn bazel_genrules_run_in_a_nix_closure_and_rebuild_from_the_cache() {
     assert_eq!(store.lines().count(), 2, "{store}");
 
     assert_eq!(ws.rebuild_from_cache(&args), remote);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_nix_cannot_serve_says_why_and_offers_no_nix_platform() {
+    let _store = STORE.lock().await;
+    // The paths are valid in the store: only the workers' Nix is broken.
+    let paths = StorePaths::make(&format!("unusable-{}", rand::random::<u32>()));
+    let server = Farm::server(
+        "127.0.0.1:0",
+        &[
+            "--config",
+            &config_file("[scheduler]\nunsatisfiable_grace = \"2s\"\n"),
+        ],
+    );
+    let remote = server.remote("").await;
+    let daemon_conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        daemon_conf.path().join("nix.conf"),
+        "store = daemon\nsubstituters =\n",
+    )
+    .unwrap();
+    let conf_dir = daemon_conf.path().display().to_string();
+    let cases = [
+        (
+            "read-only-store",
+            WorkerSetup {
+                read_only: vec!["/nix".into()],
+                ..Default::default()
+            },
+            "the store is not writable",
+        ),
+        (
+            "no-daemon",
+            WorkerSetup {
+                env: vec![
+                    ("NIX_CONF_DIR".into(), conf_dir.clone()),
+                    ("NIX_USER_CONF_FILES".into(), format!("{conf_dir}/nix.conf")),
+                ],
+                ..Default::default()
+            },
+            "the Nix daemon does not answer",
+        ),
+    ];
+    for (name, setup, hint) in cases {
+        let mut worker = Worker::start_with(&server.url, name, &["--capacity", "1"], setup);
+        // An ordinary action runs: the worker is up and connected.
+        let plain = ExecSpec {
+            arguments: vec!["/bin/true".into()],
+            skip_cache_lookup: true,
+            ..Default::default()
+        };
+        let response = execute(&remote, &plain).await.unwrap();
+        assert_eq!(
+            response.status.unwrap_or_default().code,
+            0,
+            "{name}: {}",
+            worker.log()
+        );
+        let log = worker.log();
+        assert!(
+            log.contains("this worker's Nix is not usable: it offers no Nix platform"),
+            "{name}: {log}"
+        );
+        assert!(log.contains(hint), "{name}: expected {hint:?} in\n{log}");
+        // It offers no Nix platform: with no other worker, a Nix action has nowhere to run.
+        let response = execute(&remote, &in_closure(&paths.both(), "hello"))
+            .await
+            .unwrap();
+        let status = response.status.unwrap();
+        assert_eq!(
+            Code::from_i32(status.code),
+            Code::FailedPrecondition,
+            "{name}: {}",
+            status.message
+        );
+        assert!(
+            status.message.contains(name) && status.message.contains("nix"),
+            "{name}: {}",
+            status.message
+        );
+        worker.stop();
+    }
 }

@@ -24,6 +24,47 @@ pub fn repo_root() -> PathBuf {
         .unwrap()
 }
 
+/// The Nix configuration of every Nix command the tests run, and of every `paddock`
+/// process they start: nothing of the machine's own (`/etc/nix` may be absent, or
+/// configured for something else), and nothing from the network.
+///
+/// Debian's `nix-bin` ships no `nix.conf` and no `nixbld` group, so Nix's defaults
+/// would fail every build as root (`build-users-group = nixbld`) and try
+/// `cache.nixos.org` for seconds before each command. The tests build as root with
+/// Nix's sandbox on (their builders come from the store, so the sandbox needs no
+/// `/bin/sh`), and substitute only from the binary caches a test makes itself.
+pub fn nix_env() -> Vec<(&'static str, String)> {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        // One directory for every test process (the same text each time), replaced
+        // atomically so that a concurrent reader never sees half of it.
+        let dir = std::env::temp_dir().join("paddock-test-nix");
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join(format!("nix.conf.{}", std::process::id()));
+        std::fs::write(
+            &tmp,
+            "build-users-group =\nsandbox = true\nsubstituters =\nexperimental-features = nix-command\n",
+        )
+        .unwrap();
+        std::fs::rename(&tmp, dir.join("nix.conf")).unwrap();
+        dir
+    });
+    let conf = dir.join("nix.conf").display().to_string();
+    vec![
+        ("NIX_CONF_DIR", dir.display().to_string()),
+        // The user's own nix.conf (~/.config/nix) would apply on top: not in tests.
+        ("NIX_USER_CONF_FILES", conf),
+    ]
+}
+
+/// A command for a Nix program (`nix-store`, `nix-build`, ...) with the tests' Nix
+/// configuration.
+pub fn nix_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    command.envs(nix_env());
+    command
+}
+
 /// A `paddock up` (or `paddock server`) process with its own data directory, stopped
 /// when dropped.
 pub struct Farm {
@@ -88,6 +129,7 @@ impl Farm {
             .arg(&self.data_dir)
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(nix_env())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -198,17 +240,36 @@ pub struct Worker {
     pub name: String,
     url: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
+    read_only: Vec<PathBuf>,
     _tmp: tempfile::TempDir,
+}
+
+/// How a test changes a worker's surroundings.
+#[derive(Default)]
+pub struct WorkerSetup {
+    /// Environment variables on top of the harness's.
+    pub env: Vec<(String, String)>,
+    /// Directories the worker sees read-only: it runs in its own mount namespace in
+    /// which they are remounted so (nothing changes for the rest of the machine).
+    pub read_only: Vec<PathBuf>,
 }
 
 impl Worker {
     /// Starts a worker named `name` for the scheduler at `url`, with `args`.
     pub fn start(url: &str, name: &str, args: &[&str]) -> Worker {
+        Worker::start_with(url, name, args, WorkerSetup::default())
+    }
+
+    /// Starts a worker as [`Worker::start`] does, in the surroundings `setup` describes.
+    pub fn start_with(url: &str, name: &str, args: &[&str], setup: WorkerSetup) -> Worker {
         let mut worker = Worker {
             child: None,
             name: name.to_owned(),
             url: url.to_owned(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: setup.env,
+            read_only: setup.read_only,
             _tmp: tempfile::tempdir().unwrap(),
         };
         worker.spawn();
@@ -222,12 +283,26 @@ impl Worker {
             .append(true)
             .open(self._tmp.path().join("worker.log"))
             .unwrap();
-        let child = Command::new(paddock_bin())
+        let mut command = Command::new(paddock_bin());
+        if !self.read_only.is_empty() {
+            let read_only: Vec<std::ffi::CString> = self
+                .read_only
+                .iter()
+                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
+                .collect();
+            // SAFETY: between fork and exec the closure makes raw syscalls only.
+            unsafe {
+                command.pre_exec(move || isolate_read_only(&read_only));
+            }
+        }
+        let child = command
             .args(["worker", "--scheduler", &self.url, "--name", &self.name])
             .arg("--work-dir")
             .arg(self.work_dir())
             .args(&self.args)
             .env("RUST_LOG", "info")
+            .envs(nix_env())
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0)
@@ -319,6 +394,43 @@ impl Drop for Worker {
             remove_cgroup_tree(&hierarchy.join(&group));
         }
     }
+}
+
+/// In a child about to exec: a private mount namespace in which each of `paths` is
+/// bind-mounted onto itself read-only.
+fn isolate_read_only(paths: &[std::ffi::CString]) -> std::io::Result<()> {
+    let check = |r: libc::c_int| match r {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
+    // SAFETY: unshare and mount with valid NUL-terminated strings or nulls.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        for path in paths {
+            check(libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                std::ptr::null(),
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes an empty cgroup and its empty descendants, deepest first.

@@ -11,6 +11,7 @@
 //! container mounts each closure path read-only, so `/nix/store` shows the closure and
 //! nothing else, and the host's `/usr`, `/bin` and `/lib` are absent.
 
+mod check;
 mod store_path;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 
+pub use check::{check, unreachable_caches, Readiness, Unusable};
 pub use store_path::{parse_list, StorePath};
 
 /// The platform property that lists store paths.
@@ -79,21 +81,52 @@ pub struct NixResolver {
     pending: Mutex<HashMap<Key, Arc<OnceCell<Arc<Closure>>>>>,
 }
 
-/// The installed Nix's major version (`2` for Nix 2.8), if `nix-store` runs.
-pub fn detect() -> Option<String> {
-    // Asked once per process: every local worker of `paddock up` wants to know.
-    static DETECTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    DETECTED
-        .get_or_init(|| {
-            let output = std::process::Command::new("nix-store")
-                .arg("--version")
-                .output()
-                .ok()?;
-            let text = String::from_utf8_lossy(&output.stdout);
-            let version = text.split_whitespace().last()?;
-            Some(version.split('.').next()?.to_owned())
-        })
-        .clone()
+/// The resolver for a worker, if it offers Nix platforms: `enabled` is the
+/// configuration's `[worker.nix] enabled` (unset: when Nix is installed). Nix is
+/// checked first ([`check`]); a worker whose Nix cannot do what `options` ask offers
+/// no Nix platform and says why, or refuses to start if Nix was explicitly enabled.
+/// Returns the resolver and the value of the `nix` property it offers.
+pub async fn offer(
+    enabled: Option<bool>,
+    options: NixOptions,
+) -> Result<Option<(NixResolver, String)>, Unusable> {
+    if enabled == Some(false) {
+        return Ok(None);
+    }
+    let ready = match check(&options).await {
+        Ok(ready) => ready,
+        Err(unusable) if enabled == Some(true) => return Err(unusable),
+        Err(unusable) => {
+            match unusable.installed {
+                true => {
+                    for problem in &unusable.problems {
+                        tracing::error!(problem = %problem, "this worker's Nix is not usable: it offers no Nix platform");
+                    }
+                }
+                false => tracing::debug!(%unusable, "no Nix here: no Nix platform"),
+            }
+            return Ok(None);
+        }
+    };
+    for warning in &ready.warnings {
+        tracing::warn!(warning = %warning, "Nix");
+    }
+    tracing::info!(version = %ready.version, substituters = ?ready.substituters, "Nix is usable: offering nix-store-paths platforms");
+    let resolver = NixResolver::new(options.clone()).map_err(|e| Unusable {
+        installed: true,
+        problems: vec![format!("preparing {}: {e}", options.dir.display())],
+    })?;
+    if !ready.substituters.is_empty() {
+        // Unreachable caches slow every missing path down; say so, without delaying
+        // the start.
+        let caches = ready.substituters.clone();
+        tokio::spawn(async move {
+            for cache in unreachable_caches(&options, &caches).await {
+                tracing::warn!(cache = %cache, "a Nix binary cache does not answer: paths it would provide cannot be substituted");
+            }
+        });
+    }
+    Ok(Some((resolver, ready.major)))
 }
 
 impl NixResolver {
@@ -246,33 +279,8 @@ impl NixResolver {
     }
 
     async fn nix_store(&self, args: &[String]) -> Result<String, String> {
-        let mut command = tokio::process::Command::new("nix-store");
-        command.args(args);
-        if !self.options.substituters.is_empty() {
-            command.args([
-                "--option",
-                "substituters",
-                &self.options.substituters.join(" "),
-            ]);
-        }
-        if !self.options.trusted_public_keys.is_empty() {
-            command.args([
-                "--option",
-                "trusted-public-keys",
-                &self.options.trusted_public_keys.join(" "),
-            ]);
-        }
-        let output = command
-            .output()
-            .await
-            .map_err(|e| format!("running nix-store: {e}"))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(tail.join("; "));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        check::run(&self.options, "nix-store", &args).await
     }
 }
 

@@ -101,7 +101,7 @@ impl Farm {
 /// The options of a worker as the configuration describes it; `data_dir` holds its
 /// files unless `work_dir` is set. Prepares the container runner (its root templates
 /// and cgroups) unless the configuration asks for the host runner.
-pub fn worker_options(
+pub async fn worker_options(
     config: &WorkerConfig,
     scheduler: String,
     name: String,
@@ -124,7 +124,7 @@ pub fn worker_options(
         RunnerKind::Container => {
             let zygote = zygote.context("the container runner needs the sandbox zygote")?;
             let mut resolvers: Vec<Arc<dyn paddock_sandbox::RootfsResolver>> = Vec::new();
-            if let Some((resolver, version)) = nix_resolver(config, &work_dir)? {
+            if let Some((resolver, version)) = nix_resolver(config, &work_dir).await? {
                 resolvers.push(Arc::new(resolver));
                 properties.push(("nix".into(), version));
             }
@@ -153,20 +153,12 @@ pub fn worker_options(
     })
 }
 
-/// The Nix resolver, if this worker offers Nix platforms, with Nix's major version.
-fn nix_resolver(
+/// The Nix resolver, if this worker offers Nix platforms, with the `nix` property's value.
+async fn nix_resolver(
     config: &WorkerConfig,
     work_dir: &std::path::Path,
 ) -> Result<Option<(paddock_nix::NixResolver, String)>> {
-    let installed = paddock_nix::detect();
-    let version = match (config.nix.enabled, installed) {
-        (Some(false), _) | (None, None) => return Ok(None),
-        (_, Some(version)) => version,
-        (Some(true), None) => {
-            anyhow::bail!("[worker.nix] enabled = true, but nix-store does not run here")
-        }
-    };
-    let resolver = paddock_nix::NixResolver::new(paddock_nix::NixOptions {
+    let options = paddock_nix::NixOptions {
         dir: work_dir.join("nix"),
         substituters: config.nix.substituters.clone(),
         trusted_public_keys: config.nix.trusted_public_keys.clone(),
@@ -174,9 +166,12 @@ fn nix_resolver(
         max_closures: config.nix.max_closures,
         uid: config.sandbox.uid,
         gid: config.sandbox.gid,
-    })
-    .context("preparing the Nix resolver")?;
-    Ok(Some((resolver, version)))
+    };
+    paddock_nix::offer(config.nix.enabled, options)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("[worker.nix] enabled = true, but this worker's Nix cannot serve: {e}")
+        })
 }
 
 /// The image resolver, if this worker offers image platforms.
@@ -317,7 +312,8 @@ pub async fn run(config: Config, zygote: Option<Zygote>) -> Result<()> {
             format!("{host}-local-{i}"),
             data_dir.join("workers").join(i.to_string()),
             zygote.as_ref(),
-        )?;
+        )
+        .await?;
         workers.push(tokio::spawn(paddock_worker::run(
             options,
             stop_workers.clone(),
@@ -415,7 +411,8 @@ impl Embedded {
                 format!("bench-{i}"),
                 data_dir.path().join("workers").join(i.to_string()),
                 zygote,
-            )?;
+            )
+            .await?;
             options.faults = faults;
             tokio::spawn(paddock_worker::run(options, stop_workers.clone()));
         }

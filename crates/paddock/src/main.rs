@@ -463,7 +463,8 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 name,
                 paddock_config::default_data_dir().join("worker"),
                 zygote.as_ref(),
-            )?;
+            )
+            .await?;
             if let Some(faults) = args.dangerous_fault_injection.filter(|f| f.any()) {
                 tracing::error!(worker = %options.name, ?faults, "THIS WORKER INJECTS FAULTS ON PURPOSE: for testing the farm only");
                 options.faults = faults;
