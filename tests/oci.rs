@@ -115,7 +115,7 @@ async fn an_action_runs_inside_its_image_and_sees_nothing_of_the_host() {
     ran.assert_succeeded();
     assert_eq!(
         ran.stdout,
-        "busybox image\n/bin|from the command\n/work\n65534\nno-host\nscratch\n127.0.0.1\tlocalhost\n"
+        "busybox image\n/bin|from the command\n/work\n70000\nno-host\nscratch\n127.0.0.1\tlocalhost\n"
     );
     // The Command's variables win over the image's.
     let ran = run(

@@ -104,7 +104,10 @@ async fn actions_cannot_see_or_change_the_host() {
     let (code, stdout, stderr, _) = run(&remote, spec).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], "65534", "an unprivileged uid");
+    assert_eq!(
+        lines[0], "70000",
+        "an unprivileged uid, the first of the worker's"
+    );
     assert_eq!(lines[1], "paddock", "its own UTS namespace");
     for forbidden in [
         "SAW-",

@@ -280,9 +280,12 @@ impl std::str::FromStr for RunnerKind {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
-    /// The uid and gid actions run as inside their containers.
+    /// The first uid and gid actions run as: each running action has its own pair,
+    /// `uid + i` and `gid + i` with `i < identities`.
     pub uid: u32,
     pub gid: u32,
+    /// How many uid and gid pairs actions may use: at least the worker's capacity.
+    pub identities: u32,
     /// Limits of actions whose platform sets none (`memory`, `pids`, `cores`).
     pub default_memory: ByteSize,
     pub default_pids: u64,
@@ -305,8 +308,12 @@ pub struct SandboxConfig {
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
-            uid: 65534,
-            gid: 65534,
+            // Between the ids systems give users and services (below 65536) and
+            // those they delegate to containers (100000 and up), and within six
+            // digits, which `ar` needs to record an owner.
+            uid: 70_000,
+            gid: 70_000,
+            identities: 1024,
             default_memory: ByteSize::gib(4),
             default_pids: 4096,
             default_cores: None,
@@ -360,8 +367,20 @@ pub struct OciConfig {
     /// Registries (`HOST[:PORT]`) reached over plain HTTP. Loopback registries
     /// always are, as Docker does.
     pub insecure_registries: Vec<String>,
-    /// Credentials per registry host (`HOST[:PORT]`); anonymous elsewhere.
+    /// Registries (`HOST[:PORT]`) workers may pull from. Empty: any registry at a
+    /// public address. Registries at loopback, link-local or private addresses are
+    /// refused unless listed here.
+    pub registries: Vec<String>,
+    /// Credentials per repository prefix (`HOST[:PORT]/REPOSITORY...`, or
+    /// `HOST[:PORT]` for every repository there); anonymous elsewhere. The longest
+    /// matching prefix applies.
     pub credentials: BTreeMap<String, RegistryCredentials>,
+    /// The most an image's compressed layers may take, each and together.
+    pub max_layer_size: ByteSize,
+    pub max_image_size: ByteSize,
+    /// The most an image may unpack to, and how many entries its layers may hold.
+    pub max_unpacked_size: ByteSize,
+    pub max_entries: u64,
 }
 
 impl Default for OciConfig {
@@ -370,7 +389,12 @@ impl Default for OciConfig {
             enabled: None,
             cache_size: ByteSize::gib(20),
             insecure_registries: Vec::new(),
+            registries: Vec::new(),
             credentials: BTreeMap::new(),
+            max_layer_size: ByteSize::gib(8),
+            max_image_size: ByteSize::gib(16),
+            max_unpacked_size: ByteSize::gib(32),
+            max_entries: 1_000_000,
         }
     }
 }
@@ -410,6 +434,50 @@ pub struct WorkerConfig {
     pub sandbox: SandboxConfig,
     pub nix: NixConfig,
     pub oci: OciConfig,
+    pub limits: ActionLimits,
+}
+
+/// What one action may take on a worker. An action beyond a limit fails with
+/// RESOURCE_EXHAUSTED and a message naming it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionLimits {
+    /// Files, directories and symlinks of an input tree, counted at every place they
+    /// appear (a subtree shared by several directories counts in each), checked
+    /// before anything is laid out.
+    pub max_input_entries: u64,
+    /// The sum of the sizes of an input tree's files, counted the same way.
+    pub max_input_bytes: ByteSize,
+    /// How deeply the directories of an input tree, or of an output directory, nest.
+    pub max_tree_depth: u32,
+    /// The outputs of one action together: bytes of files, and entries.
+    pub max_output_bytes: ByteSize,
+    pub max_output_entries: u64,
+    /// Each of standard output and standard error.
+    pub max_stdout: ByteSize,
+    /// Any one file an action writes (`RLIMIT_FSIZE`; container runner).
+    pub max_file_size: ByteSize,
+    /// What an action may add to the worker's disk, and how many files it may
+    /// create there: enforced with user quotas where the file system of the
+    /// worker's directory has them (see ARCHITECTURE.md).
+    pub max_disk: ByteSize,
+    pub max_disk_entries: u64,
+}
+
+impl Default for ActionLimits {
+    fn default() -> Self {
+        ActionLimits {
+            max_input_entries: 1_000_000,
+            max_input_bytes: ByteSize::gib(64),
+            max_tree_depth: 256,
+            max_output_bytes: ByteSize::gib(32),
+            max_output_entries: 1_000_000,
+            max_stdout: ByteSize::gib(1),
+            max_file_size: ByteSize::gib(16),
+            max_disk: ByteSize::gib(64),
+            max_disk_entries: 2_000_000,
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -425,6 +493,7 @@ impl Default for WorkerConfig {
             sandbox: SandboxConfig::default(),
             nix: NixConfig::default(),
             oci: OciConfig::default(),
+            limits: ActionLimits::default(),
         }
     }
 }
@@ -559,6 +628,24 @@ impl Config {
             self.worker.capacity == Some(0),
             "worker.capacity",
             "must be at least 1",
+        );
+        let sandbox = &self.worker.sandbox;
+        problem(
+            sandbox.identities == 0
+                || self
+                    .worker
+                    .capacity
+                    .is_some_and(|c| c > sandbox.identities as usize),
+            "worker.sandbox.identities",
+            "must be at least 1 and at least worker.capacity (each running action has its own)",
+        );
+        problem(
+            sandbox.uid.checked_add(sandbox.identities).is_none()
+                || sandbox.gid.checked_add(sandbox.identities).is_none()
+                || sandbox.uid == 0
+                || sandbox.gid == 0,
+            "worker.sandbox.uid",
+            "and gid must be more than 0, with room for worker.sandbox.identities ids after them",
         );
         problem(
             !self.worker.sandbox.cgroup_parent.starts_with('/'),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use hashlink::LinkedHashMap;
+use paddock_runner::Identities;
 use paddock_sandbox::{
     prepare_mount_points, write_etc, BindMount, ResolveError, Rootfs, RootfsResolver,
 };
@@ -46,9 +47,8 @@ pub struct NixOptions {
     pub allow_builds: bool,
     /// How many closures stay prepared (and rooted) when no action uses them.
     pub max_closures: usize,
-    /// The uid and gid actions run as, for `/etc/passwd`.
-    pub uid: u32,
-    pub gid: u32,
+    /// The identities actions run as, for `/etc/passwd` and `/etc/group`.
+    pub identities: Identities,
 }
 
 /// A prepared closure: its root template and what to mount.
@@ -195,7 +195,7 @@ impl NixResolver {
     async fn prepare(&self, paths: &[StorePath]) -> Result<Closure, ResolveError> {
         if let Some(drv) = paths.iter().find(|p| p.is_derivation()) {
             if !self.options.allow_builds {
-                return Err(ResolveError(format!(
+                return Err(ResolveError::Precondition(format!(
                     "{drv} is a derivation, and this worker does not build (allow_builds is off); name its outputs instead"
                 )));
             }
@@ -209,10 +209,10 @@ impl NixResolver {
         realise.extend(paths.iter().map(|p| p.to_string()));
         realise.extend(["--add-root".to_owned(), gc_root.display().to_string()]);
         let realised = self.nix_store(&realise).await.map_err(|e| {
-            ResolveError(format!(
-                "cannot make {} valid on this worker: {e}",
-                describe(paths)
-            ))
+            whose(
+                &e,
+                format!("cannot make {} valid on this worker: {e}", describe(paths)),
+            )
         })?;
         // With --add-root, nix-store prints the roots it made; they point at the paths.
         let outputs: Vec<String> = realised
@@ -233,7 +233,7 @@ impl NixResolver {
         let mut query = vec!["--query".to_owned(), "--requisites".to_owned()];
         query.extend(outputs.iter().cloned());
         let requisites = self.nix_store(&query).await.map_err(|e| {
-            ResolveError(format!(
+            ResolveError::Worker(format!(
                 "cannot list the closure of {}: {e}",
                 describe(paths)
             ))
@@ -242,16 +242,21 @@ impl NixResolver {
         let home = self.options.dir.join("roots").join(&key);
         let root = home.join("root");
         let listed: Vec<PathBuf> = outputs.iter().map(PathBuf::from).collect();
-        let (uid, gid) = (self.options.uid, self.options.gid);
+        let identities = self.options.identities;
         let template = home.clone();
         let closure_paths = closure.clone();
         let listed_paths = listed.clone();
         tokio::task::spawn_blocking(move || {
-            make_root(&template, &closure_paths, &listed_paths, uid, gid)
+            make_root(&template, &closure_paths, &listed_paths, identities)
         })
         .await
-        .map_err(|e| ResolveError(e.to_string()))?
-        .map_err(|e| ResolveError(format!("preparing the root for {}: {e}", describe(paths))))?;
+        .map_err(|e| ResolveError::Worker(e.to_string()))?
+        .map_err(|e| {
+            ResolveError::io(
+                format_args!("preparing the root for {}", describe(paths)),
+                e,
+            )
+        })?;
         let mut mounts: Vec<BindMount> = closure
             .iter()
             .map(|p| BindMount {
@@ -281,6 +286,33 @@ impl NixResolver {
     async fn nix_store(&self, args: &[String]) -> Result<String, String> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         check::run(&self.options, "nix-store", &args).await
+    }
+}
+
+/// Whose fault a failure of `nix-store --realise` is, from what Nix said: the
+/// worker's when its own store, disk or network failed (another worker may do
+/// better), the action's when the paths cannot be had (no binary cache has them, or
+/// none that this farm trusts, or what a cache holds is damaged).
+fn whose(nix_said: &str, message: String) -> ResolveError {
+    const WORKER: &[&str] = &[
+        "No space left on device",
+        "Permission denied",
+        "Read-only file system",
+        "remounting",
+        "cannot connect to socket",
+        "database is locked",
+        "Input/output error",
+        "unable to download",
+        "Couldn't resolve host",
+        "Could not resolve host",
+        "Couldn't connect",
+        "Could not connect",
+        "Timeout was reached",
+        "Connection refused",
+    ];
+    match WORKER.iter().any(|w| nix_said.contains(w)) {
+        true => ResolveError::Worker(message),
+        false => ResolveError::Precondition(message),
     }
 }
 
@@ -315,8 +347,7 @@ fn make_root(
     home: &Path,
     closure: &[PathBuf],
     listed: &[PathBuf],
-    uid: u32,
-    gid: u32,
+    identities: Identities,
 ) -> std::io::Result<()> {
     if home.exists() {
         std::fs::remove_dir_all(home)?;
@@ -341,7 +372,7 @@ fn make_root(
     }
     let etc = home.join("etc");
     std::fs::create_dir_all(&etc)?;
-    write_etc(&etc, uid, gid)
+    write_etc(&etc, identities)
 }
 
 #[async_trait]
@@ -355,7 +386,7 @@ impl RootfsResolver for NixResolver {
         if values.is_empty() {
             return Ok(None);
         }
-        let paths = parse_list(&values.join(" ")).map_err(ResolveError)?;
+        let paths = parse_list(&values.join(" ")).map_err(ResolveError::Precondition)?;
         let closure = self.closure(paths).await?;
         Ok(Some(Rootfs {
             root: closure.root.clone(),

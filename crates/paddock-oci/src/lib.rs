@@ -379,8 +379,12 @@ impl RootfsResolver for OciResolver {
         let values = paddock_sandbox::property_values(platform, PROPERTY);
         match values.as_slice() {
             [] => Ok(None),
-            [value] => self.prepare(value).await.map(Some).map_err(ResolveError),
-            _ => Err(ResolveError(format!(
+            [value] => self
+                .prepare(value)
+                .await
+                .map(Some)
+                .map_err(ResolveError::Precondition),
+            _ => Err(ResolveError::Precondition(format!(
                 "the platform names {} container images; an action runs in one",
                 values.len()
             ))),

@@ -11,6 +11,7 @@ pub mod path;
 pub mod resource;
 pub mod status;
 pub mod time;
+pub mod tree;
 pub mod validate;
 
 pub use digest::{Digest, DigestError, DigestHasher};

@@ -34,6 +34,43 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// The action's platform properties, for runners that honour some (limits, images).
     pub platform: Vec<(String, String)>,
+    /// Who the command runs as, for runners that isolate it (the container runner):
+    /// no other action running on the worker at the same time has the same identity.
+    pub identity: Option<Identity>,
+    /// The largest file the command may write (`RLIMIT_FSIZE`), where the runner can
+    /// bound it.
+    pub max_file_size: Option<u64>,
+}
+
+/// A uid and gid an action runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The identities a worker gives its actions: `count` consecutive uids from `uid`, and
+/// as many gids from `gid`, one pair per running action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identities {
+    pub uid: u32,
+    pub gid: u32,
+    pub count: u32,
+}
+
+impl Identities {
+    /// The `index`th identity (`index < count`).
+    pub fn get(&self, index: u32) -> Identity {
+        debug_assert!(index < self.count);
+        Identity {
+            uid: self.uid + index,
+            gid: self.gid + index,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Identity> + '_ {
+        (0..self.count).map(|i| self.get(i))
+    }
 }
 
 /// How a command ended.
@@ -63,19 +100,30 @@ pub struct ResourceUsage {
     pub out_of_memory: bool,
 }
 
-/// Why a command did not run to an outcome.
+/// Why a command did not run to an outcome, and so whose fault that is.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The action cannot run anywhere (its program does not exist, say).
+    /// The action's fault: it cannot run anywhere (its program does not exist, its
+    /// platform property is malformed). INVALID_ARGUMENT, final.
     #[error("{0}")]
     Action(String),
-    /// What the action's platform names cannot be provided (a missing image or store
-    /// path): FAILED_PRECONDITION, and no retry elsewhere.
+    /// The action's fault: what its platform names cannot be provided (an image or a
+    /// store path that does not exist). FAILED_PRECONDITION, final.
     #[error("{0}")]
     Precondition(String),
-    /// This worker could not run it; another may.
+    /// The action's fault: it needs more than a configured limit allows (its input
+    /// tree, its outputs, its disk). RESOURCE_EXHAUSTED, final; the message names the
+    /// limit.
+    #[error("{0}")]
+    Limit(String),
+    /// This worker's fault (its disk, its mounts, its access to a registry): another
+    /// worker may succeed, and the failure counts in this worker's health.
     #[error("{0}")]
     Worker(String),
+    /// A shared service failed (the CAS, a registry, a binary cache): retried, but not
+    /// held against the worker.
+    #[error("{0}")]
+    Infrastructure(String),
     /// It was cancelled and has been stopped.
     #[error("cancelled")]
     Cancelled,

@@ -126,6 +126,8 @@ mod tests {
             stderr: dir.join("stderr"),
             timeout,
             platform: vec![],
+            identity: None,
+            max_file_size: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use paddock_runner::{ProcessRunner, RunSpec, Runner};
+use paddock_runner::{Identities, ProcessRunner, RunSpec, Runner};
 use tokio_util::sync::CancellationToken;
 
 use crate::rootfs::RootfsResolver;
@@ -45,10 +45,20 @@ pub struct SandboxBenchReport {
     pub phases: Vec<(String, u64)>,
 }
 
-fn spec_for(dir: &Path, i: usize, command: &[String]) -> std::io::Result<RunSpec> {
+/// The run of iteration `i`: its own directory, and (as a worker gives each running
+/// action its own) an identity that differs from the previous run's, which owns the
+/// input root.
+fn spec_for(
+    dir: &Path,
+    i: usize,
+    command: &[String],
+    identities: Identities,
+) -> std::io::Result<RunSpec> {
     let action = dir.join(format!("action-{i}"));
     let root = action.join("root");
     std::fs::create_dir_all(&root)?;
+    let identity = identities.get(i as u32 % identities.count.max(1));
+    std::os::unix::fs::chown(&root, Some(identity.uid), Some(identity.gid))?;
     Ok(RunSpec {
         arguments: command.to_vec(),
         environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -58,6 +68,8 @@ fn spec_for(dir: &Path, i: usize, command: &[String]) -> std::io::Result<RunSpec
         stderr: action.join("stderr"),
         timeout: Duration::from_secs(60),
         platform: Vec::new(),
+        identity: Some(identity),
+        max_file_size: None,
     })
 }
 
@@ -87,7 +99,7 @@ pub async fn run(
 
     let mut samples = Vec::new();
     for i in 0..iterations {
-        let spec = spec_for(dir, i, &command).map_err(io)?;
+        let spec = spec_for(dir, i, &command, runner.identities()).map_err(io)?;
         let started = Instant::now();
         ProcessRunner
             .run(spec, CancellationToken::new())
@@ -127,7 +139,7 @@ pub async fn time_container(
     let mut samples = Vec::new();
     let mut phases: BTreeMap<usize, (String, Vec<u64>)> = BTreeMap::new();
     for i in 0..iterations.max(1) {
-        let mut spec = spec_for(dir, i, command).map_err(io)?;
+        let mut spec = spec_for(dir, i, command, runner.identities()).map_err(io)?;
         spec.platform = platform.to_vec();
         let started = Instant::now();
         let (outcome, timed) = runner
@@ -182,7 +194,7 @@ async fn runc_samples(
         .ok_or("no host root")?;
     let mut samples = Vec::new();
     for i in 0..iterations {
-        let run = spec_for(dir, i, command).map_err(|e| e.to_string())?;
+        let run = spec_for(dir, i, command, runner.identities()).map_err(|e| e.to_string())?;
         let bundle = dir.join(format!("action-{i}/bundle"));
         std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
         let mut oci = spec::build(&ContainerSpec {
@@ -191,9 +203,9 @@ async fn runc_samples(
             working_directory: "",
             rootfs: &rootfs,
             input_root: &run.input_root,
-            uid: 65534,
-            gid: 65534,
+            identity: run.identity.expect("made above"),
             limits: Default::default(),
+            max_file_size: None,
             cgroups_path: runner.cgroup_parent().join(format!("runc-{i}")),
             tmp_size: 64 << 20,
         })?;

@@ -9,6 +9,7 @@ use std::any::Any;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use paddock_runner::{Identities, Identity};
 
 /// A read-only bind mount into the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,11 +48,41 @@ pub fn property_values<'a>(platform: &'a [(String, String)], name: &str) -> Vec<
         .collect()
 }
 
-/// Why a platform's root filesystem could not be provided. The action fails with
-/// FAILED_PRECONDITION and this message; retrying elsewhere would not help.
+/// Why a platform's root filesystem could not be provided, and whose fault that is.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ResolveError(pub String);
+pub enum ResolveError {
+    /// The action's: what it names cannot exist or be had (a malformed reference, an
+    /// image or store path that no registry or cache holds). FAILED_PRECONDITION,
+    /// final: retrying elsewhere would not help.
+    #[error("{0}")]
+    Precondition(String),
+    /// This worker's: its disk, its mounts, its own access to a registry or cache.
+    /// Another worker may succeed; it counts in this worker's health.
+    #[error("{0}")]
+    Worker(String),
+    /// A shared service's (a registry or binary cache that fails for everyone):
+    /// retried, not held against the worker.
+    #[error("{0}")]
+    Infrastructure(String),
+}
+
+impl ResolveError {
+    /// A failure of the worker's own file system work (I/O), said with what it was
+    /// doing.
+    pub fn io(doing: impl std::fmt::Display, error: std::io::Error) -> ResolveError {
+        ResolveError::Worker(format!("{doing}: {error}"))
+    }
+}
+
+impl From<ResolveError> for paddock_runner::RunError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Precondition(m) => paddock_runner::RunError::Precondition(m),
+            ResolveError::Worker(m) => paddock_runner::RunError::Worker(m),
+            ResolveError::Infrastructure(m) => paddock_runner::RunError::Infrastructure(m),
+        }
+    }
+}
 
 #[async_trait]
 pub trait RootfsResolver: Send + Sync + 'static {
@@ -92,9 +123,9 @@ pub struct HostResolver {
 }
 
 impl HostResolver {
-    /// Prepares the root template under `dir` (once per worker). `uid` and `gid` are
-    /// the identity actions run as, which gets an entry in `/etc/passwd`.
-    pub fn prepare(dir: &Path, uid: u32, gid: u32) -> std::io::Result<HostResolver> {
+    /// Prepares the root template under `dir` (once per worker). `identities` are
+    /// those actions run as, which get entries in `/etc/passwd` and `/etc/group`.
+    pub fn prepare(dir: &Path, identities: Identities) -> std::io::Result<HostResolver> {
         let root = dir.join("host-root");
         let etc = dir.join("host-etc");
         for d in [&root, &etc] {
@@ -133,7 +164,7 @@ impl HostResolver {
             }
         }
         prepare_mount_points(&root)?;
-        write_etc(&etc, uid, gid)?;
+        write_etc(&etc, identities)?;
         mounts.push(BindMount {
             source: etc.clone(),
             destination: "/etc".into(),
@@ -170,17 +201,21 @@ pub fn prepare_mount_points(root: &Path) -> std::io::Result<()> {
 pub const LOOPBACK_HOSTS: &str =
     "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
-/// A minimal `/etc`: who the action runs as, and that `localhost` is loopback.
-pub fn write_etc(etc: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+/// A minimal `/etc`: who actions run as (every identity is a user and group named
+/// `build`, so that `id -un` and `getpwuid` work whichever an action gets), and that
+/// `localhost` is loopback.
+pub fn write_etc(etc: &Path, identities: Identities) -> std::io::Result<()> {
     let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
     let mut group = String::from("root:x:0:\n");
-    if uid != 0 {
-        passwd.push_str(&format!(
-            "build:x:{uid}:{gid}:Paddock action:/tmp:/bin/sh\n"
-        ));
-    }
-    if gid != 0 {
-        group.push_str(&format!("build:x:{gid}:\n"));
+    for Identity { uid, gid } in identities.iter() {
+        if uid != 0 {
+            passwd.push_str(&format!(
+                "build:x:{uid}:{gid}:Paddock action:/tmp:/bin/sh\n"
+            ));
+        }
+        if gid != 0 {
+            group.push_str(&format!("build:x:{gid}:\n"));
+        }
     }
     std::fs::write(etc.join("passwd"), passwd)?;
     std::fs::write(etc.join("group"), group)?;

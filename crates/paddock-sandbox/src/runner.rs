@@ -1,19 +1,18 @@
 //! The container runner: each action in its own container, started by a helper
 //! process (see [`crate::helper`]).
 
-use std::os::unix::fs::{chown, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use paddock_config::ByteSize;
-use paddock_runner::{ResourceUsage, RunError, RunOutcome, RunSpec, Runner};
+use paddock_runner::{Identities, ResourceUsage, RunError, RunOutcome, RunSpec, Runner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::helper::{Request, Response, NOT_FOUND_MARKER};
-use crate::rootfs::{HostResolver, Rootfs, RootfsResolver};
+use crate::rootfs::{HostResolver, ResolveError, Rootfs, RootfsResolver};
 use crate::spec::{self, ContainerSpec, Limits};
 use crate::zygote::Zygote;
 
@@ -25,8 +24,9 @@ pub struct SandboxOptions {
     pub dir: PathBuf,
     /// The worker's cgroup; each action gets a child of it.
     pub cgroup_parent: PathBuf,
-    pub uid: u32,
-    pub gid: u32,
+    /// The identities actions run as (each run names its own, see
+    /// [`RunSpec::identity`]).
+    pub identities: Identities,
     /// Limits for actions that ask for none.
     pub defaults: Limits,
     /// The most any action gets, whatever it asks for.
@@ -76,13 +76,18 @@ impl ContainerRunner {
             options.total_memory,
             options.total_pids,
         )?;
-        let host = HostResolver::prepare(&options.dir, options.uid, options.gid)
+        let host = HostResolver::prepare(&options.dir, options.identities)
             .map_err(|e| format!("preparing the host root: {e}"))?;
         Ok(ContainerRunner {
             options,
             host,
             state_root,
         })
+    }
+
+    /// The identities actions run as.
+    pub fn identities(&self) -> Identities {
+        self.options.identities
     }
 
     /// The resolver of last resort: the worker's own toolchain.
@@ -147,10 +152,19 @@ impl ContainerRunner {
                 Ok(Some(rootfs)) => return Ok(rootfs),
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(RunError::Precondition(format!(
-                        "{} platform: {e}",
-                        resolver.name()
-                    )))
+                    let name = resolver.name();
+                    return Err(match e {
+                        ResolveError::Precondition(m) => {
+                            ResolveError::Precondition(format!("{name} platform: {m}"))
+                        }
+                        ResolveError::Worker(m) => {
+                            ResolveError::Worker(format!("{name} platform: {m}"))
+                        }
+                        ResolveError::Infrastructure(m) => {
+                            ResolveError::Infrastructure(format!("{name} platform: {m}"))
+                        }
+                    }
+                    .into());
                 }
             }
         }
@@ -169,25 +183,6 @@ impl Drop for ContainerRunner {
         crate::cgroups::remove_children(&self.options.cgroup_parent);
         crate::cgroups::remove_parent(&self.options.cgroup_parent);
     }
-}
-
-/// Gives the action's uid the input root's directories (files stay read-only and
-/// owned by the worker, so an action cannot change the cache they are linked from).
-fn hand_over(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&dir)?;
-        if meta.uid() != uid || meta.gid() != gid {
-            chown(&dir, Some(uid), Some(gid))?;
-        }
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    Ok(())
 }
 
 fn describe_bytes(bytes: u64) -> String {
@@ -216,6 +211,11 @@ impl ContainerRunner {
         cancel: CancellationToken,
     ) -> Result<(RunOutcome, Vec<(String, u64)>), RunError> {
         let started = std::time::Instant::now();
+        let Some(identity) = run.identity else {
+            return Err(RunError::Worker(
+                "the container runner needs an identity for each action".into(),
+            ));
+        };
         let limits = self.limits(&run.platform)?;
         if !run.input_root.join(&run.working_directory).is_dir() {
             return Err(RunError::Action(format!(
@@ -252,26 +252,23 @@ impl ContainerRunner {
             working_directory: &run.working_directory,
             rootfs: &rootfs,
             input_root: &run.input_root,
-            uid: self.options.uid,
-            gid: self.options.gid,
+            identity,
             limits,
+            max_file_size: run.max_file_size,
             cgroups_path: cgroup.clone(),
             tmp_size: self.options.tmp_size,
         })
         .map_err(RunError::Worker)?;
         let bundle = action_dir.join("bundle");
-        let (input_root, uid, gid) = (run.input_root.clone(), self.options.uid, self.options.gid);
         let prepared_bundle = bundle.clone();
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            hand_over(&input_root, uid, gid)
-                .map_err(|e| format!("handing over the input root: {e}"))?;
             std::fs::create_dir_all(&prepared_bundle).map_err(|e| e.to_string())?;
             oci.save(prepared_bundle.join("config.json"))
                 .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| RunError::Worker(e.to_string()))?
-        .map_err(RunError::Worker)?;
+        .map_err(|e| RunError::Worker(format!("writing the container's bundle: {e}")))?;
         let prepared = started.elapsed().as_micros() as u64;
 
         let request = Request {

@@ -11,6 +11,7 @@ use oci_spec::runtime::{
 };
 
 use crate::rootfs::Rootfs;
+use paddock_runner::Identity;
 
 /// Where the input root appears inside a container, unless its root says otherwise
 /// (an image's `WorkingDir`).
@@ -37,9 +38,10 @@ pub struct ContainerSpec<'a> {
     pub working_directory: &'a str,
     pub rootfs: &'a Rootfs,
     pub input_root: &'a Path,
-    pub uid: u32,
-    pub gid: u32,
+    pub identity: Identity,
     pub limits: Limits,
+    /// `RLIMIT_FSIZE`: the largest file the action may write.
+    pub max_file_size: Option<u64>,
     /// Absolute: relative paths would make libcontainer pick systemd's cgroup driver.
     pub cgroups_path: PathBuf,
     pub tmp_size: u64,
@@ -100,11 +102,12 @@ pub fn build(spec: &ContainerSpec) -> Result<Spec, String> {
         .cwd(cwd)
         .user(
             UserBuilder::default()
-                .uid(spec.uid)
-                .gid(spec.gid)
+                .uid(spec.identity.uid)
+                .gid(spec.identity.gid)
                 .build()
                 .map_err(e("user"))?,
         )
+        .rlimits(rlimits(spec.max_file_size).map_err(e("resource limits"))?)
         .capabilities(no_capabilities)
         .no_new_privileges(true)
         .build()
@@ -242,6 +245,29 @@ pub fn build(spec: &ContainerSpec) -> Result<Spec, String> {
         .linux(linux)
         .build()
         .map_err(e("spec"))
+}
+
+/// The action's resource limits: no core dumps (a crashing tool must not fill the
+/// disk with them), and at most `max_file_size` bytes in any one file.
+fn rlimits(
+    max_file_size: Option<u64>,
+) -> Result<Vec<oci_spec::runtime::PosixRlimit>, oci_spec::OciSpecError> {
+    use oci_spec::runtime::{PosixRlimitBuilder, PosixRlimitType};
+    let mut limits = vec![PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitCore)
+        .hard(0u64)
+        .soft(0u64)
+        .build()?];
+    if let Some(bytes) = max_file_size {
+        limits.push(
+            PosixRlimitBuilder::default()
+                .typ(PosixRlimitType::RlimitFsize)
+                .hard(bytes)
+                .soft(bytes)
+                .build()?,
+        );
+    }
+    Ok(limits)
 }
 
 /// Device access: nothing but the standard character devices.

@@ -35,6 +35,22 @@ enum Verdict {
     Answer(ExecuteResponse),
     /// The worker's fault: another worker may do better.
     WorkerFault(String),
+    /// A shared service failed under the worker (the CAS, a registry): another
+    /// attempt may do better, and the worker is not to blame.
+    Retry(String),
+}
+
+/// The most digests a worker's "inputs missing" report may name.
+const MAX_MISSING: usize = 10_000;
+
+/// Whose fault a worker's failure report says it is (older workers said only
+/// whether another worker could retry).
+fn whose(failed: &wire::Failed) -> wire::Fault {
+    match wire::Fault::try_from(failed.fault).unwrap_or(wire::Fault::Unspecified) {
+        wire::Fault::Unspecified if !failed.retryable => wire::Fault::Action,
+        wire::Fault::Unspecified => wire::Fault::Worker,
+        fault => fault,
+    }
 }
 
 impl Inner {
@@ -80,26 +96,17 @@ impl Inner {
                     Verdict::WorkerFault(format!("its result was refused: {reason}"))
                 }
             },
-            Some(W::MissingInputs(missing)) => {
-                let digests: Vec<Digest> = missing
-                    .digests
-                    .iter()
-                    .filter_map(|d| Digest::parse(&d.hash, d.size_bytes).ok())
-                    .collect();
-                let list: Vec<String> = digests.iter().map(Digest::to_string).collect();
-                Verdict::Answer(ExecuteResponse {
-                    status: Some(status::missing_blobs(
-                        format!("inputs are not in the CAS: missing {}", list.join(", ")),
-                        &digests,
-                    )),
+            Some(W::MissingInputs(missing)) => self.check_missing(missing).await,
+            Some(W::Failed(failed)) => match whose(&failed) {
+                wire::Fault::Action => Verdict::Answer(ExecuteResponse {
+                    status: Some(status::status(Code::from_i32(failed.code), failed.message)),
                     ..Default::default()
-                })
-            }
-            Some(W::Failed(failed)) if !failed.retryable => Verdict::Answer(ExecuteResponse {
-                status: Some(status::status(Code::from_i32(failed.code), failed.message)),
-                ..Default::default()
-            }),
-            Some(W::Failed(failed)) => Verdict::WorkerFault(failed.message),
+                }),
+                wire::Fault::Infrastructure => Verdict::Retry(failed.message),
+                wire::Fault::Worker | wire::Fault::Unspecified => {
+                    Verdict::WorkerFault(failed.message)
+                }
+            },
             None => Verdict::WorkerFault("it reported no outcome".into()),
         };
         if let Verdict::Ran(valid) = &verdict {
@@ -139,6 +146,14 @@ impl Inner {
                     &format!("worker {worker} failed: {reason}"),
                 );
             }
+            Verdict::Retry(reason) => {
+                self.attempt_failed(
+                    &mut state,
+                    job_id,
+                    &assignment,
+                    &format!("on worker {worker}, a shared service failed: {reason}"),
+                );
+            }
             Verdict::Answer(response) => {
                 if state.jobs[&job_id].kind.is_client() {
                     let outcome = match response.status.as_ref().map(|s| s.code) {
@@ -153,6 +168,45 @@ impl Inner {
             Verdict::Ran(valid) => self.ran(&mut state, job_id, &assignment, &worker, valid),
         }
         self.dispatch(&mut state);
+    }
+
+    /// Checks a worker's claim that inputs are missing against the CAS: the client
+    /// hears of the blobs that really are; a worker that claims what the CAS holds
+    /// (or names nothing sensible) has failed.
+    async fn check_missing(&self, missing: wire::MissingInputs) -> Verdict {
+        if missing.digests.is_empty() || missing.digests.len() > MAX_MISSING {
+            return Verdict::WorkerFault(format!(
+                "it reported {} inputs missing",
+                missing.digests.len()
+            ));
+        }
+        let Ok(claimed) = missing
+            .digests
+            .iter()
+            .map(|d| Digest::parse(&d.hash, d.size_bytes))
+            .collect::<Result<Vec<Digest>, _>>()
+        else {
+            return Verdict::WorkerFault("it reported a malformed digest as missing".into());
+        };
+        let really = match self.cas.find_missing(&claimed).await {
+            Ok(really) => really,
+            Err(e) => return Verdict::Retry(format!("checking its missing inputs: {e}")),
+        };
+        if really.len() < claimed.len() {
+            metrics::counter!("paddock_false_missing_reports_total").increment(1);
+            return Verdict::WorkerFault(format!(
+                "it reported {} inputs missing that the CAS holds",
+                claimed.len() - really.len()
+            ));
+        }
+        let list: Vec<String> = really.iter().map(Digest::to_string).collect();
+        Verdict::Answer(ExecuteResponse {
+            status: Some(status::missing_blobs(
+                format!("inputs are not in the CAS: missing {}", list.join(", ")),
+                &really,
+            )),
+            ..Default::default()
+        })
     }
 
     /// Decodes and checks a completed assignment's result.

@@ -1,6 +1,8 @@
 //! The worker's local blob cache: read-only files that input roots hard-link to.
 //!
-//! Layout: `{dir}/{hash}-{size}` (mode 0444) and `{dir}/{hash}-{size}-x` (mode 0555).
+//! Layout: `{dir}/{hash}-{size}` (mode 0444) and `{dir}/{hash}-{size}-x` (mode 0555),
+//! every one owned by the worker: an action's uid can read them through its links but
+//! neither change nor chmod them, so no action can alter what a later one is given.
 //! Executability belongs to the inode, and every hard link shares it, so a blob that
 //! an action needs executable gets its own entry; it is made from the plain entry by a
 //! local copy when that exists, never downloaded twice. Entries are written to `tmp/`
@@ -14,9 +16,12 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::ffi::OsStr;
+
 use bytes::Bytes;
 use hashlink::LinkedHashMap;
 use paddock_client::{ClientError, Remote};
+use paddock_fs::Dir;
 use paddock_reapi::Digest;
 use parking_lot::Mutex;
 
@@ -25,6 +30,8 @@ pub type Entry = (Digest, bool);
 
 pub struct FileCache {
     dir: PathBuf,
+    /// The cache directory, through which entries are linked into input roots.
+    handle: Dir,
     tmp: PathBuf,
     capacity: u64,
     index: Mutex<Index>,
@@ -41,8 +48,19 @@ struct Index {
 pub enum FetchError {
     #[error("blobs are missing from the CAS")]
     Missing(Vec<Digest>),
+    /// This worker's disk or cache failed.
     #[error("{0}")]
     Worker(String),
+    /// The CAS could not be reached, or refused.
+    #[error("{0}")]
+    Infrastructure(String),
+}
+
+fn fetch_failed(digest: &Digest, e: ClientError) -> FetchError {
+    match e {
+        ClientError::Io(io) => FetchError::Worker(format!("fetching {digest}: {io}")),
+        other => FetchError::Infrastructure(format!("fetching {digest}: {other}")),
+    }
 }
 
 impl From<io::Error> for FetchError {
@@ -94,6 +112,7 @@ impl FileCache {
         }
         let cache = FileCache {
             dir: dir.to_owned(),
+            handle: Dir::open(dir)?,
             tmp,
             capacity,
             index: Mutex::new(index),
@@ -232,7 +251,7 @@ impl FileCache {
             match data {
                 Ok(data) => self.store_all(&to_fetch[&digest], &data)?,
                 Err(ClientError::NotFound(d)) => missing.push(d),
-                Err(e) => return Err(FetchError::Worker(format!("fetching {digest}: {e}"))),
+                Err(e) => return Err(fetch_failed(&digest, e)),
             }
         }
         for digest in large {
@@ -245,7 +264,7 @@ impl FileCache {
                     missing.push(d);
                     continue;
                 }
-                Err(e) => return Err(FetchError::Worker(format!("fetching {digest}: {e}"))),
+                Err(e) => return Err(fetch_failed(&digest, e)),
             }
             let mode = if first.1 { 0o555 } else { 0o444 };
             fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
@@ -279,13 +298,16 @@ impl FileCache {
         fs::read(self.path(entry))
     }
 
-    /// Hard-links an entry to `to`; copies if the two are on different file systems.
+    /// Hard-links an entry as `name` in `dir` (an input root being laid out).
     /// `NotFound` means the entry was evicted since it was ensured.
-    pub fn link(&self, entry: &Entry, to: &Path) -> io::Result<()> {
-        let from = self.path(entry);
-        match fs::hard_link(&from, to) {
+    pub fn link(&self, entry: &Entry, dir: &Dir, name: &OsStr) -> io::Result<()> {
+        let from = entry_name(entry);
+        match dir.hard_link(&self.handle, OsStr::new(&from), name) {
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                fs::copy(&from, to)?;
+                // Another file system: a copy, still the worker's and read-only.
+                let mut source = fs::File::open(self.dir.join(&from))?;
+                let copy = dir.create_file(name, if entry.1 { 0o555 } else { 0o444 })?;
+                io::copy(&mut source, &mut &copy)?;
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -296,19 +318,23 @@ impl FileCache {
         }
     }
 
-    /// Adopts a freshly produced output file, just hashed to `digest`, as an entry by
-    /// hard-linking it, so later actions on this worker find it without a download.
-    /// The file becomes read-only; its action has ended, so nothing writes it any more.
-    pub fn adopt(&self, digest: Digest, executable: bool, path: &Path) -> io::Result<()> {
+    /// Keeps an output, staged by the worker as `name` in `staging` (already
+    /// re-owned by the worker and read-only, so no action can reach the inode), as
+    /// the entry for `digest`: the next action on this worker that needs it links it
+    /// instead of downloading it.
+    pub fn adopt(
+        &self,
+        digest: Digest,
+        executable: bool,
+        staging: &Dir,
+        name: &OsStr,
+    ) -> io::Result<()> {
         let entry = (digest, executable);
         if self.contains(&entry) {
             return Ok(());
         }
-        let mode = if executable { 0o555 } else { 0o444 };
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-        match fs::hard_link(path, self.path(&entry)) {
+        match staging.rename(name, &self.handle, OsStr::new(&entry_name(&entry))) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Ok(()),
             Err(e) => return Err(e),
         }
@@ -344,9 +370,10 @@ mod tests {
         // 15 bytes > 10: the oldest entry (d, plain) went.
         assert!(!cache.path(&(d, false)).exists());
         assert!(cache.path(&(e, false)).exists());
-        let link = dir.path().join("linked");
-        cache.link(&(e, false), &link).unwrap();
-        assert_eq!(fs::read(&link).unwrap(), b"abcde");
+        let out = tempfile::tempdir().unwrap();
+        let to = Dir::open(out.path()).unwrap();
+        cache.link(&(e, false), &to, OsStr::new("linked")).unwrap();
+        assert_eq!(fs::read(out.path().join("linked")).unwrap(), b"abcde");
         // Reopening keeps what is there.
         drop(cache);
         let cache = FileCache::open(dir.path(), 10).unwrap();

@@ -1,25 +1,34 @@
 //! One assignment, start to finish: inputs, command, outputs, upload, result.
+//!
+//! Every path here is the worker's own: the action's directory is named by the
+//! worker (a counter), never after anything the scheduler sent, and what lies inside
+//! the input root is reached only through directory descriptors.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use paddock_client::{Remote, Source};
+use paddock_client::{ClientError, Remote, Source};
+use paddock_config::ActionLimits;
+use paddock_fs::Dir;
 use paddock_proto::execution::v1::{ResourceUsage, RESOURCE_USAGE};
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{Action, ActionResult, Command, ExecutedActionMetadata};
 use paddock_reapi::status::pack;
 use paddock_reapi::time::{from_unix_micros, proto_duration, timestamp};
 use paddock_reapi::{validate, Digest};
-use paddock_runner::{RunError, RunSpec, Runner};
+use paddock_runner::{Identity, RunError, RunSpec, Runner};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::cache::FileCache;
 use crate::faults::Faults;
+use crate::identities::IdentityPool;
 use crate::inputs::{materialize, InputError};
-use crate::outputs::{self, OutputError};
+use crate::outputs::{self, OutputError, Staging};
 
 /// What every assignment on this worker shares.
 pub struct Context {
@@ -29,30 +38,65 @@ pub struct Context {
     pub runner: Arc<dyn Runner>,
     pub actions_dir: PathBuf,
     pub faults: Faults,
+    pub limits: ActionLimits,
+    /// Who actions run as, for runners that isolate them; `None` for the host runner.
+    pub identities: Option<Arc<IdentityPool>>,
+    /// Names the next action's directory.
+    pub next_action: Arc<AtomicU64>,
 }
 
 type Outcome = wire::finished::Outcome;
+use wire::Fault;
 
-fn failed(code: Code, message: impl Into<String>, retryable: bool) -> Outcome {
+fn failed(code: Code, message: impl Into<String>, fault: Fault) -> Outcome {
     Outcome::Failed(wire::Failed {
         code: code as i32,
         message: message.into(),
-        retryable,
+        retryable: fault != Fault::Action,
+        fault: fault as i32,
     })
 }
 
+/// The action's fault, final.
+fn action_fault(code: Code, message: impl Into<String>) -> Outcome {
+    failed(code, message, Fault::Action)
+}
+
+/// This worker's fault: another worker may do better.
+fn worker_fault(message: impl Into<String>) -> Outcome {
+    failed(Code::Internal, message, Fault::Worker)
+}
+
+fn cancelled() -> Outcome {
+    failed(Code::Cancelled, "cancelled", Fault::Worker)
+}
+
 /// Runs an assignment and says how it ended. `started` is called once the command
-/// is about to run. Nothing of the action is left on disk afterwards.
+/// is about to run. Nothing of the action is left on disk afterwards, and its
+/// identity is free again only once its files are gone.
 pub async fn execute(
     ctx: &Context,
     assignment: wire::Assignment,
     cancel: CancellationToken,
     started: impl FnOnce(),
 ) -> wire::Finished {
-    let dir = ctx.actions_dir.join(&assignment.assignment_id);
     let assignment_id = assignment.assignment_id.clone();
-    let outcome = run_assignment(ctx, assignment, &dir, cancel, started).await;
+    let dir = ctx
+        .actions_dir
+        .join(ctx.next_action.fetch_add(1, Ordering::Relaxed).to_string());
+    let identity = match &ctx.identities {
+        None => Ok(None),
+        Some(pool) => pool.take().map(Some),
+    };
+    let outcome = match &identity {
+        Ok(identity) => {
+            let identity = identity.as_ref().map(|i| i.identity());
+            run_assignment(ctx, assignment, &dir, identity, cancel, started).await
+        }
+        Err(e) => worker_fault(e.clone()),
+    };
     remove_tree(dir).await;
+    drop(identity);
     wire::Finished {
         assignment_id,
         outcome: Some(outcome),
@@ -63,6 +107,7 @@ async fn run_assignment(
     ctx: &Context,
     assignment: wire::Assignment,
     dir: &Path,
+    identity: Option<Identity>,
     cancel: CancellationToken,
     started: impl FnOnce(),
 ) -> Outcome {
@@ -78,35 +123,53 @@ async fn run_assignment(
     ) {
         (Ok(a), Ok(c)) => (a, c),
         _ => {
-            return failed(
+            return action_fault(
                 Code::InvalidArgument,
                 "the Action or Command does not decode",
-                false,
             )
         }
     };
     if let Err(e) = validate::command(&command) {
-        return failed(Code::InvalidArgument, e, false);
+        return action_fault(Code::InvalidArgument, e);
     }
     let Ok(input_root) = Digest::from_proto(action.input_root_digest.as_ref()) else {
-        return failed(
+        return action_fault(
             Code::InvalidArgument,
             "Action.input_root_digest is malformed",
-            false,
         );
     };
     let remote = ctx.remote.with_instance(&assignment.instance_name);
     let root = dir.join("root");
-    if let Err(e) = tokio::fs::create_dir_all(dir).await {
-        return failed(
-            Code::Internal,
-            format!("creating the action directory: {e}"),
-            true,
-        );
+    let staging_path = dir.join("outputs");
+    for made in [dir, &staging_path] {
+        if let Err(e) = tokio::fs::create_dir_all(made).await {
+            return worker_fault(format!("creating the action directory: {e}"));
+        }
     }
+    let timeout = Duration::from_millis(assignment.timeout_ms);
 
+    // Laying out the inputs stops at the action's timeout, or when it is cancelled.
     metadata.input_fetch_start_timestamp = Some(timestamp(SystemTime::now()));
-    match materialize(&remote, &ctx.cache, input_root, &root).await {
+    let stop = cancel.child_token();
+    let deadline = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            stop.cancel();
+        })
+    };
+    let laid_out = materialize(
+        &remote,
+        &ctx.cache,
+        input_root,
+        &root,
+        identity,
+        &ctx.limits,
+        &stop,
+    )
+    .await;
+    deadline.abort();
+    match laid_out {
         Ok(_) => {}
         Err(InputError::Missing(digests)) => {
             return Outcome::MissingInputs(wire::MissingInputs {
@@ -119,33 +182,47 @@ async fn run_assignment(
                     .collect(),
             })
         }
-        Err(InputError::Invalid(e)) => return failed(Code::InvalidArgument, e, false),
-        Err(InputError::Worker(e)) => return failed(Code::Internal, e, true),
+        Err(InputError::Invalid(e)) => return action_fault(Code::InvalidArgument, e),
+        Err(InputError::Limit(e)) => return action_fault(Code::ResourceExhausted, e),
+        Err(InputError::Worker(e)) => return worker_fault(e),
+        Err(InputError::Infrastructure(e)) => {
+            return failed(Code::Unavailable, e, Fault::Infrastructure)
+        }
+        Err(InputError::Stopped) if cancel.is_cancelled() => return cancelled(),
+        Err(InputError::Stopped) => {
+            return action_fault(
+                Code::DeadlineExceeded,
+                format!(
+                    "the input root could not be laid out within the action's timeout of {}s",
+                    timeout.as_secs_f64()
+                ),
+            )
+        }
     }
     metadata.input_fetch_completed_timestamp = Some(timestamp(SystemTime::now()));
-    let working_dir = root.join(&command.working_directory);
-    if let Err(e) = outputs::create_parents(&working_dir, &command) {
-        return failed(
-            Code::Internal,
-            format!("creating output directories: {e}"),
-            true,
-        );
+    let prepared = {
+        let (root, command) = (root.clone(), command.clone());
+        let owner = identity.map(|i| (i.uid, i.gid));
+        tokio::task::spawn_blocking(move || prepare_outputs(&root, &command, owner)).await
+    };
+    match prepared {
+        Ok(Ok(())) => {}
+        Ok(Err(OutputError::Invalid(e))) => return action_fault(Code::InvalidArgument, e),
+        Ok(Err(OutputError::Limit(e))) => return action_fault(Code::ResourceExhausted, e),
+        Ok(Err(OutputError::Worker(e))) => return worker_fault(e),
+        Err(e) => return worker_fault(e.to_string()),
     }
     if cancel.is_cancelled() {
-        return failed(Code::Cancelled, "cancelled", true);
+        return cancelled();
     }
 
     if Faults::strikes(ctx.faults.fail_setup) {
-        return failed(
-            Code::Internal,
-            "injected fault: the sandbox failed to set up",
-            true,
-        );
+        return worker_fault("injected fault: the sandbox failed to set up");
     }
     if !ctx.faults.delay.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(ctx.faults.delay) => {}
-            _ = cancel.cancelled() => return failed(Code::Cancelled, "cancelled", true),
+            _ = cancel.cancelled() => return cancelled(),
         }
     }
 
@@ -162,16 +239,22 @@ async fn run_assignment(
         working_directory: command.working_directory.clone(),
         stdout: dir.join("stdout"),
         stderr: dir.join("stderr"),
-        timeout: Duration::from_millis(assignment.timeout_ms),
+        timeout,
         platform: paddock_reapi::platform(&action, &command),
+        identity,
+        max_file_size: Some(ctx.limits.max_file_size.bytes()),
     };
     let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
     let outcome = match ctx.runner.run(spec, cancel).await {
         Ok(o) => o,
-        Err(RunError::Action(e)) => return failed(Code::InvalidArgument, e, false),
-        Err(RunError::Precondition(e)) => return failed(Code::FailedPrecondition, e, false),
-        Err(RunError::Worker(e)) => return failed(Code::Internal, e, true),
-        Err(RunError::Cancelled) => return failed(Code::Cancelled, "cancelled", true),
+        Err(RunError::Action(e)) => return action_fault(Code::InvalidArgument, e),
+        Err(RunError::Precondition(e)) => return action_fault(Code::FailedPrecondition, e),
+        Err(RunError::Limit(e)) => return action_fault(Code::ResourceExhausted, e),
+        Err(RunError::Worker(e)) => return worker_fault(e),
+        Err(RunError::Infrastructure(e)) => {
+            return failed(Code::Unavailable, e, Fault::Infrastructure)
+        }
+        Err(RunError::Cancelled) => return cancelled(),
     };
     metadata.execution_completed_timestamp = Some(timestamp(SystemTime::now()));
     metadata.virtual_execution_duration = Some(proto_duration(outcome.duration));
@@ -188,25 +271,32 @@ async fn run_assignment(
             .push(pack(RESOURCE_USAGE, &usage));
     }
 
-    if Faults::strikes(ctx.faults.alter_outputs) {
-        Faults::alter(&working_dir, &declared_outputs(&command));
-    }
     metadata.output_upload_start_timestamp = Some(timestamp(SystemTime::now()));
     let collected = {
-        let (working_dir, command) = (working_dir.clone(), command.clone());
-        tokio::task::spawn_blocking(move || -> Result<_, OutputError> {
-            let collected = outputs::collect(&working_dir, &command)?;
-            let stdout = outputs::hash_file(&stdout)?;
-            let stderr = outputs::hash_file(&stderr)?;
-            Ok((collected, stdout, stderr))
+        let (root, command, limits) = (root.clone(), command.clone(), ctx.limits.clone());
+        let (staging_path, alter) = (
+            staging_path.clone(),
+            Faults::strikes(ctx.faults.alter_outputs),
+        );
+        tokio::task::spawn_blocking(move || {
+            collect(
+                &root,
+                &command,
+                &staging_path,
+                &limits,
+                alter,
+                &stdout,
+                &stderr,
+            )
         })
         .await
     };
     let (collected, stdout_digest, stderr_digest) = match collected {
         Ok(Ok(c)) => c,
-        Ok(Err(OutputError::Invalid(e))) => return failed(Code::FailedPrecondition, e, false),
-        Ok(Err(OutputError::Worker(e))) => return failed(Code::Internal, e, true),
-        Err(e) => return failed(Code::Internal, e.to_string(), true),
+        Ok(Err(OutputError::Invalid(e))) => return action_fault(Code::FailedPrecondition, e),
+        Ok(Err(OutputError::Limit(e))) => return action_fault(Code::ResourceExhausted, e),
+        Ok(Err(OutputError::Worker(e))) => return worker_fault(e),
+        Err(e) => return worker_fault(e.to_string()),
     };
     let corrupt = Faults::strikes(ctx.faults.corrupt_outputs);
     let mut blobs: Vec<(Digest, Source)> = match corrupt {
@@ -227,13 +317,19 @@ async fn run_assignment(
     blobs.push((stderr_digest, Source::File(dir.join("stderr"))));
     match remote.upload_missing(blobs).await {
         // A corrupting worker does not notice that the CAS refused its bytes.
-        Err(e) if !corrupt => {
-            return failed(Code::Unavailable, format!("uploading outputs: {e}"), true)
+        Err(_) if corrupt => {}
+        Err(ClientError::Io(e)) => return worker_fault(format!("uploading outputs: {e}")),
+        Err(e) => {
+            return failed(
+                Code::Unavailable,
+                format!("uploading outputs: {e}"),
+                Fault::Infrastructure,
+            )
         }
-        _ => {}
+        Ok(()) => {}
     }
     metadata.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
-    adopt_outputs(&ctx.cache, collected.files).await;
+    adopt_outputs(&ctx.cache, staging_path, collected.files).await;
 
     metadata.worker_completed_timestamp = Some(timestamp(SystemTime::now()));
     let result = ActionResult {
@@ -250,25 +346,85 @@ async fn run_assignment(
     })
 }
 
-/// The paths the command declares as outputs, in either REAPI version's fields.
-#[allow(deprecated)] // REAPI 2.0's output_files and output_directories
-fn declared_outputs(command: &Command) -> Vec<String> {
-    command
-        .output_paths
-        .iter()
-        .chain(&command.output_files)
-        .chain(&command.output_directories)
-        .cloned()
-        .collect()
+/// Checks the working directory and creates the declared outputs' parents beneath
+/// it, as the action's identity.
+fn prepare_outputs(
+    root: &Path,
+    command: &Command,
+    owner: Option<(u32, u32)>,
+) -> Result<(), OutputError> {
+    let root =
+        Dir::open(root).map_err(|e| OutputError::Worker(format!("opening the input root: {e}")))?;
+    let working_dir = root
+        .open_dir(Path::new(&command.working_directory))
+        .map_err(|_| {
+            OutputError::Invalid(format!(
+                "the working directory {:?} is not a directory in the input root",
+                command.working_directory
+            ))
+        })?;
+    outputs::create_parents(&working_dir, command, owner)
+}
+
+type Gathered = (outputs::Collected, Digest, Digest);
+
+/// Collects the outputs from the action's root and hashes its standard streams,
+/// each of which must be within the limit.
+fn collect(
+    root: &Path,
+    command: &Command,
+    staging_path: &Path,
+    limits: &ActionLimits,
+    alter: bool,
+    stdout: &Path,
+    stderr: &Path,
+) -> Result<Gathered, OutputError> {
+    let io = |what: &str, e: std::io::Error| OutputError::Worker(format!("{what}: {e}"));
+    let root = Dir::open(root).map_err(|e| io("opening the input root", e))?;
+    if alter {
+        Faults::alter(
+            &root,
+            &command.working_directory,
+            &outputs::declared(command),
+        );
+    }
+    for (name, path) in [("standard output", stdout), ("standard error", stderr)] {
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        if size > limits.max_stdout.bytes() {
+            return Err(OutputError::Limit(format!(
+                "the action wrote {size} bytes to its {name}, more than this worker's limit of {} (worker.limits.max_stdout)",
+                limits.max_stdout
+            )));
+        }
+    }
+    let staging = Staging {
+        dir: Dir::open(staging_path).map_err(|e| io("opening the staging directory", e))?,
+        path: staging_path.to_owned(),
+        // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+        owner: unsafe { (libc::geteuid(), libc::getegid()) },
+    };
+    let collected = outputs::collect(&root, command, &staging, limits)?;
+    Ok((
+        collected,
+        outputs::hash_file(stdout)?,
+        outputs::hash_file(stderr)?,
+    ))
 }
 
 /// Keeps freshly uploaded outputs in the local cache: the next action on this worker
 /// that consumes them links them instead of downloading them.
-async fn adopt_outputs(cache: &Arc<FileCache>, files: Vec<(Digest, bool, PathBuf)>) {
+async fn adopt_outputs(
+    cache: &Arc<FileCache>,
+    staging: PathBuf,
+    files: Vec<(Digest, bool, OsString)>,
+) {
     let cache = cache.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        for (digest, executable, path) in files {
-            if let Err(e) = cache.adopt(digest, executable, &path) {
+        let Ok(staging) = Dir::open(&staging) else {
+            return;
+        };
+        for (digest, executable, name) in files {
+            if let Err(e) = cache.adopt(digest, executable, &staging, &name) {
                 tracing::debug!(%digest, error = %e, "could not keep an output in the cache");
             }
         }
@@ -279,29 +435,9 @@ async fn adopt_outputs(cache: &Arc<FileCache>, files: Vec<(Digest, bool, PathBuf
 /// Removes an action directory, even one whose command made parts of it read-only.
 pub async fn remove_tree(dir: PathBuf) {
     let _ = tokio::task::spawn_blocking(move || {
-        if std::fs::remove_dir_all(&dir).is_ok() || !dir.exists() {
-            return;
-        }
-        make_writable(&dir);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if let Err(e) = paddock_fs::remove_tree(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "could not remove an action directory");
         }
     })
     .await;
-}
-
-fn make_writable(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    if !meta.is_dir() {
-        return;
-    }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            make_writable(&entry.path());
-        }
-    }
 }

@@ -15,6 +15,8 @@
 //! - `delay=DURATION`: every command starts this much later (a slow machine).
 
 use std::path::Path;
+
+use paddock_fs::Dir;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -36,16 +38,14 @@ impl Faults {
         p > 0.0 && rand::random::<f64>() < p
     }
 
-    /// Appends a line to every regular file at an output path (not following
-    /// symlinks), before the outputs are hashed.
-    pub fn alter(working_dir: &Path, output_paths: &[String]) {
+    /// Appends a line to every regular file at an output path (beneath the input
+    /// root `root`, following no symlink), before the outputs are hashed.
+    pub fn alter(root: &Dir, working_directory: &str, output_paths: &[&String]) {
+        use std::io::Write;
         for path in output_paths {
-            let file = working_dir.join(path);
-            if std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
-                use std::io::Write;
-                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&file) {
-                    let _ = f.write_all(b"\naltered by fault injection\n");
-                }
+            let at = Path::new(working_directory).join(path);
+            if let Ok(Some(mut file)) = root.append_to(&at) {
+                let _ = file.write_all(b"\naltered by fault injection\n");
             }
         }
     }

@@ -7,6 +7,7 @@
 mod cache;
 mod execute;
 mod faults;
+mod identities;
 mod inputs;
 mod outputs;
 
@@ -16,9 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use paddock_client::Remote;
+use paddock_config::ActionLimits;
 use paddock_proto::worker::v1 as wire;
 use paddock_proto::worker::v1::scheduler_client::SchedulerClient;
-use paddock_runner::Runner;
+use paddock_runner::{Identities, Runner};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +43,11 @@ pub struct WorkerOptions {
     /// Offered on top of the detected properties.
     pub properties: Vec<(String, String)>,
     pub runner: Arc<dyn Runner>,
+    /// Who actions run as, for runners that isolate them (the container runner):
+    /// each running action has its own.
+    pub identities: Option<Identities>,
+    /// What one action may take.
+    pub limits: ActionLimits,
     /// For testing the farm only: see [`Faults`].
     pub faults: Faults,
 }
@@ -92,6 +99,10 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
     }
     std::fs::create_dir_all(&actions_dir)?;
     let cache = Arc::new(FileCache::open(&cache_dir, options.cache_size)?);
+    let identities = options
+        .identities
+        .map(|i| Arc::new(identities::IdentityPool::new(i)));
+    let next_action = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut properties = detected_properties();
     properties.retain(|(k, _)| !options.properties.iter().any(|(o, _)| o == k));
     properties.extend(options.properties.iter().cloned());
@@ -107,6 +118,9 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
                 runner: options.runner.clone(),
                 actions_dir: actions_dir.clone(),
                 faults: options.faults.clone(),
+                limits: options.limits.clone(),
+                identities: identities.clone(),
+                next_action: next_action.clone(),
             });
             session(ctx, &options, &properties, &shutdown).await
         }

@@ -148,6 +148,8 @@ pub async fn worker_options(
         capacity,
         cache_size: config.cache_size.bytes(),
         properties,
+        identities: (config.runner == RunnerKind::Container).then(|| identities(&config.sandbox)),
+        limits: config.limits.clone(),
         runner,
         faults: Default::default(),
     })
@@ -164,8 +166,7 @@ async fn nix_resolver(
         trusted_public_keys: config.nix.trusted_public_keys.clone(),
         allow_builds: config.nix.allow_builds,
         max_closures: config.nix.max_closures,
-        uid: config.sandbox.uid,
-        gid: config.sandbox.gid,
+        identities: identities(&config.sandbox),
     };
     paddock_nix::offer(config.nix.enabled, options)
         .await
@@ -208,6 +209,15 @@ fn oci_resolver(
     })
     .context("preparing the image resolver")?;
     Ok(Some(resolver))
+}
+
+/// The identities a worker's actions run as.
+pub fn identities(config: &SandboxConfig) -> paddock_runner::Identities {
+    paddock_runner::Identities {
+        uid: config.uid,
+        gid: config.gid,
+        count: config.identities,
+    }
 }
 
 /// Where a worker keeps its files: its configured `work_dir`, else `default`.
@@ -256,8 +266,7 @@ pub fn container_runner(
         zygote,
         dir: work_dir.join("sandbox"),
         cgroup_parent: PathBuf::from(&config.cgroup_parent).join(cgroup_name),
-        uid: config.uid,
-        gid: config.gid,
+        identities: identities(config),
         defaults: paddock_sandbox::Limits {
             memory_bytes: Some(config.default_memory.bytes()),
             pids: Some(config.default_pids),

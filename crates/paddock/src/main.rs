@@ -737,8 +737,7 @@ async fn bench_nix(
         trusted_public_keys: Vec::new(),
         allow_builds: false,
         max_closures: 4,
-        uid: config.sandbox.uid,
-        gid: config.sandbox.gid,
+        identities: farm::identities(&config.sandbox),
     })?;
     let runner = farm::container_runner(
         &config.sandbox,
