@@ -96,7 +96,7 @@ async fn an_action_runs_inside_its_image_and_sees_nothing_of_the_host() {
     let layout = tempfile::tempdir().unwrap();
     build_image("busybox.sh", layout.path(), "1");
     let digest = registry.push(layout.path(), "1", "busybox", &[]);
-    let farm = Farm::start(&[]);
+    let farm = Farm::start(&["--config", &registry.worker_config("")]);
     let remote = farm.remote("").await;
     let image = registry.pinned("busybox", &digest);
     let ran = run(
@@ -142,7 +142,7 @@ async fn layers_combine_with_whiteouts_opaque_directories_and_a_working_director
     let layout = tempfile::tempdir().unwrap();
     build_image("layered.sh", layout.path(), "1");
     let digest = registry.push(layout.path(), "1", "layered", &[]);
-    let farm = Farm::start(&[]);
+    let farm = Farm::start(&["--config", &registry.worker_config("")]);
     let remote = farm.remote("").await;
     let input = tempfile::tempdir().unwrap();
     std::fs::create_dir(input.path().join("sub")).unwrap();
@@ -172,7 +172,7 @@ async fn tags_resolve_once_per_worker_and_digests_pin() {
     let layout = tempfile::tempdir().unwrap();
     build_image("busybox.sh", layout.path(), "v1");
     let first = registry.push(layout.path(), "v1", "tools", &[]);
-    let farm = Farm::start(&[]);
+    let farm = Farm::start(&["--config", &registry.worker_config("")]);
     let remote = farm.remote("").await;
     let tag = format!("docker://{}/tools:v1", registry.host);
     let ran = run(&remote, in_image(&tag, "cat /etc/image-release")).await;
@@ -203,7 +203,10 @@ async fn concurrent_actions_pull_an_image_once_and_later_ones_pull_nothing() {
     let layout = tempfile::tempdir().unwrap();
     build_image("layered.sh", layout.path(), "1");
     let digest = registry.push(layout.path(), "1", "shared", &[]);
-    let farm = Farm::start(&["--config", &common::config_file("[worker]\ncapacity = 4\n")]);
+    let farm = Farm::start(&[
+        "--config",
+        &registry.worker_config("[worker]\ncapacity = 4\n"),
+    ]);
     let remote = farm.remote("").await;
     let image = registry.pinned("shared", &digest);
     let blobs_before = registry.gets("/v2/shared/blobs/");
@@ -259,7 +262,7 @@ async fn an_index_resolves_to_the_image_for_this_platform() {
     };
     // The other platform's entry first: the worker must pick, not take the first.
     let index = registry.push_index("multi", "all", &[(&layered, other), (&plain, this)]);
-    let farm = Farm::start(&[]);
+    let farm = Farm::start(&["--config", &registry.worker_config("")]);
     let remote = farm.remote("").await;
     let ran = run(
         &remote,
@@ -289,11 +292,13 @@ async fn a_tampered_blob_is_refused_and_nothing_of_it_stays() {
     bad[middle] ^= 0xff;
     std::fs::write(&blob, &bad).unwrap();
 
-    let farm = Farm::start(&[]);
+    let farm = Farm::start(&["--config", &registry.worker_config("")]);
     let remote = farm.remote("").await;
     let image = registry.pinned("tampered", &digest);
     let ran = run(&remote, in_image(&image, "echo ran")).await;
-    assert_eq!(ran.code, Code::FailedPrecondition, "{}", ran.stdout);
+    // Bytes that do not match their digest are the registry's failing, not the
+    // action's or the worker's: retried, and UNAVAILABLE in the end.
+    assert_eq!(ran.code, Code::Unavailable, "{}", ran.stdout);
     assert!(
         ran.message.contains("oci platform") && ran.message.contains(&layer),
         "{}",
@@ -318,40 +323,68 @@ async fn registry_logins_come_from_the_worker_configuration() {
     let digest = registry.push(layout.path(), "1", "private", &[]);
     let image = registry.pinned("private", &digest);
 
-    let anonymous = Farm::start(&[]);
+    // Without credentials the registry refuses the worker: the worker's fault (its
+    // registry access), retried, and in the end UNAVAILABLE, not the action's fault.
+    let anonymous = Farm::start(&["--config", &registry.worker_config("")]);
     let remote = anonymous.remote("").await;
     let ran = run(&remote, in_image(&image, "echo ran")).await;
-    assert_eq!(ran.code, Code::FailedPrecondition, "{}", ran.stdout);
-    assert!(ran.message.contains("Not authorized"), "{}", ran.message);
+    assert_eq!(ran.code, Code::Unavailable, "{}", ran.stdout);
+    assert!(
+        ran.message.contains("refused this worker"),
+        "{}",
+        ran.message
+    );
     drop(anonymous);
 
     let secrets = tempfile::tempdir().unwrap();
     let password_file = secrets.path().join("password");
     std::fs::write(&password_file, "s3cret\n").unwrap();
-    let config = common::config_file(&format!(
-        "[worker.oci.credentials.\"{}\"]\nusername = \"builder\"\npassword_file = \"{}\"\n",
-        registry.host,
-        password_file.display()
-    ));
-    let farm = Farm::start(&["--config", &config]);
+    let login = |prefix: &str| {
+        registry.worker_config(&format!(
+            "[worker.oci.credentials.\"{prefix}\"]\nusername = \"builder\"\npassword_file = \"{}\"\n",
+            password_file.display()
+        ))
+    };
+    let farm = Farm::start(&["--config", &login(&registry.host)]);
     let remote = farm.remote("").await;
     assert_runs_in(&remote, &image).await;
+    drop(farm);
+
+    // Credentials for one repository are not sent for another on the same host.
+    let other = registry.push(layout.path(), "1", "other", &[]);
+    let farm = Farm::start(&["--config", &login(&format!("{}/private", registry.host))]);
+    let remote = farm.remote("").await;
+    assert_runs_in(&remote, &image).await;
+    let ran = run(
+        &remote,
+        in_image(&registry.pinned("other", &other), "echo ran"),
+    )
+    .await;
+    assert_eq!(ran.code, Code::Unavailable, "{}", ran.stdout);
+    assert!(
+        ran.message.contains("refused this worker"),
+        "{}",
+        ran.message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_images_and_unreachable_registries_fail_cleanly() {
     let registry = Registry::start();
-    let farm = Farm::start(&[]);
+    let nowhere = common::free_address();
+    let farm = Farm::start(&[
+        "--config",
+        &common::config_file(&format!(
+            "[worker.oci]\nregistries = [\"{}\", \"{nowhere}\"]\n",
+            registry.host
+        )),
+    ]);
     let remote = farm.remote("").await;
     let zero = format!("sha256:{}", "0".repeat(64));
-    let nowhere = common::free_address();
+    // What the action names that cannot be had: its fault, FAILED_PRECONDITION.
     for (image, wanted) in [
         (format!("docker://{}/absent:1", registry.host), "absent"),
         (registry.pinned("absent", &zero), "absent"),
-        (
-            format!("docker://{nowhere}/busybox@{zero}"),
-            nowhere.as_str(),
-        ),
         (
             format!("oci-layout:/nonexistent/layout@{zero}"),
             "/nonexistent/layout",
@@ -371,6 +404,15 @@ async fn missing_images_and_unreachable_registries_fail_cleanly() {
         );
         assert!(ran.message.contains(wanted), "{image}: {}", ran.message);
     }
+    // A registry that cannot be reached is no fault of the action's: retried on
+    // (here, the only) worker, and UNAVAILABLE in the end, which clients retry.
+    let ran = run(
+        &remote,
+        in_image(&format!("docker://{nowhere}/busybox@{zero}"), "echo ran"),
+    )
+    .await;
+    assert_eq!(ran.code, Code::Unavailable, "{}", ran.message);
+    assert!(ran.message.contains(&nowhere), "{}", ran.message);
     // The worker is still fine.
     let ok = run(
         &remote,
@@ -396,7 +438,12 @@ async fn zstd_layers_and_oci_layouts_without_a_registry() {
     );
     let manifest = std::fs::read_to_string(registry.blob_path(&zstd)).unwrap();
     assert!(manifest.contains("tar+zstd"), "{manifest}");
-    let farm = Farm::start(&[]);
+    // Layouts only from the directories the worker's operator names.
+    let layouts = format!(
+        "layouts = [\"{}\"]\n",
+        layout.path().parent().unwrap().display()
+    );
+    let farm = Farm::start(&["--config", &registry.worker_config(&layouts)]);
     let remote = farm.remote("").await;
     let ran = run(
         &remote,
@@ -431,7 +478,7 @@ fn bazel_builds_remotely_in_a_toolchain_image() {
     let expected: Vec<Vec<u8>> = outputs.iter().map(|p| local.output(p)).collect();
     drop(local);
 
-    let farm = Farm::start(&[]);
+    let farm = Farm::start(&["--config", &registry.worker_config("")]);
     let ws = Workspace::new("cc");
     let flags = [
         format!("--remote_executor={}", farm.url),

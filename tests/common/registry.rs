@@ -156,6 +156,15 @@ impl Registry {
         format!("sha256:{}", paddock_reapi::Digest::of(&body).hash_hex())
     }
 
+    /// A configuration file for a farm whose workers may pull from this registry (it
+    /// is on loopback, which workers refuse unless it is listed), with `extra` lines.
+    pub fn worker_config(&self, extra: &str) -> String {
+        super::config_file(&format!(
+            "[worker.oci]\nregistries = [\"{}\"]\n{extra}",
+            self.host
+        ))
+    }
+
     /// `docker://HOST/REPOSITORY@DIGEST`.
     pub fn pinned(&self, repository: &str, digest: &str) -> String {
         format!("docker://{}/{repository}@{digest}", self.host)

@@ -371,6 +371,9 @@ pub struct OciConfig {
     /// public address. Registries at loopback, link-local or private addresses are
     /// refused unless listed here.
     pub registries: Vec<String>,
+    /// Directories holding OCI layouts that `oci-layout:` images may name; none by
+    /// default (a client's path must not reach anything else on the worker).
+    pub layouts: Vec<PathBuf>,
     /// Credentials per repository prefix (`HOST[:PORT]/REPOSITORY...`, or
     /// `HOST[:PORT]` for every repository there); anonymous elsewhere. The longest
     /// matching prefix applies.
@@ -390,6 +393,7 @@ impl Default for OciConfig {
             cache_size: ByteSize::gib(20),
             insecure_registries: Vec::new(),
             registries: Vec::new(),
+            layouts: Vec::new(),
             credentials: BTreeMap::new(),
             max_layer_size: ByteSize::gib(8),
             max_image_size: ByteSize::gib(16),

@@ -16,6 +16,7 @@
 
 pub mod overlay;
 pub mod reference;
+pub mod registry;
 pub mod source;
 pub mod store;
 pub mod unpack;
@@ -34,9 +35,11 @@ use tokio::sync::OnceCell;
 
 use overlay::ActionRoot;
 use reference::{check_digest, ImageRef};
-pub use source::RegistryOptions;
-use source::{Registries, Source};
+use registry::Registries;
+pub use registry::RegistryOptions;
+use source::Source;
 use store::{chain_ids, ChainLease, ChainStore};
+use unpack::{Budget, UnpackError};
 
 /// The platform property that names an image.
 pub const PROPERTY: &str = "container-image";
@@ -57,6 +60,42 @@ pub struct OciOptions {
     /// The bound of the unpacked chains.
     pub cache_size: u64,
     pub registries: RegistryOptions,
+    /// Directories whose OCI layouts `oci-layout:` images may name; none by default.
+    pub layouts: Vec<PathBuf>,
+    pub limits: ImageLimits,
+}
+
+/// What one image may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    /// Compressed bytes of one layer, and of all of an image's layers.
+    pub max_layer_size: u64,
+    pub max_image_size: u64,
+    /// Bytes an image's layers may unpack to, together.
+    pub max_unpacked_size: u64,
+    /// Entries in one layer.
+    pub max_entries: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        ImageLimits {
+            max_layer_size: u64::MAX,
+            max_image_size: u64::MAX,
+            max_unpacked_size: u64::MAX,
+            max_entries: u64::MAX,
+        }
+    }
+}
+
+impl From<UnpackError> for ResolveError {
+    fn from(e: UnpackError) -> Self {
+        match e {
+            UnpackError::Invalid(m) => ResolveError::Precondition(m),
+            UnpackError::Limit(m) => ResolveError::Limit(m),
+            UnpackError::Io(m) => ResolveError::Worker(m),
+        }
+    }
 }
 
 /// What the resolver needs to know of an image once it has seen it: small enough
@@ -84,7 +123,7 @@ struct Layer {
 pub struct OciResolver {
     options: OciOptions,
     store: Arc<ChainStore>,
-    registries: Registries,
+    registries: Arc<Registries>,
     /// Images by their pinned reference (`LOCATION@DIGEST`).
     images: Mutex<HashMap<String, Arc<Image>>>,
     /// Tags resolved to digests, once per worker.
@@ -103,8 +142,10 @@ impl OciResolver {
         overlay::clean_up(&options.dir.join("run"))?;
         std::fs::create_dir_all(options.dir.join("images"))?;
         let store = ChainStore::open(&options.dir, options.cache_size)?;
+        let registries =
+            Registries::new(options.registries.clone()).map_err(std::io::Error::other)?;
         Ok(OciResolver {
-            registries: Registries::new(options.registries.clone()),
+            registries: Arc::new(registries),
             options,
             store,
             images: Mutex::new(HashMap::new()),
@@ -121,7 +162,11 @@ impl OciResolver {
     }
 
     /// The digest an image reference pins, resolving a tag once per worker.
-    async fn pinned_digest(&self, image: &ImageRef, source: &Source) -> Result<String, String> {
+    async fn pinned_digest(
+        &self,
+        image: &ImageRef,
+        source: &Source,
+    ) -> Result<String, ResolveError> {
         if let Some(digest) = image.digest() {
             return Ok(digest.to_owned());
         }
@@ -140,7 +185,12 @@ impl OciResolver {
     }
 
     /// The image, from memory, from its record on disk, or from its source.
-    async fn image(&self, key: &str, digest: &str, source: &Source) -> Result<Arc<Image>, String> {
+    async fn image(
+        &self,
+        key: &str,
+        digest: &str,
+        source: &Source,
+    ) -> Result<Arc<Image>, ResolveError> {
         if let Some(found) = self.images.lock().get(key) {
             return Ok(found.clone());
         }
@@ -159,19 +209,19 @@ impl OciResolver {
                 {
                     Some(image) => image,
                     None => {
-                        let image = fetch_image(source, digest).await?;
+                        let image = fetch_image(source, digest, &self.options.limits).await?;
                         tracing::info!(image = %key, manifest = %image.manifest, layers = image.layers.len(), "image found");
                         let bytes = serde_json::to_vec(&image).expect("images serialise");
                         let tmp = self.store.scratch();
                         std::fs::write(&tmp, bytes)
                             .and_then(|_| std::fs::rename(&tmp, &record))
-                            .map_err(|e| format!("recording the image: {e}"))?;
+                            .map_err(|e| ResolveError::io("recording the image", e))?;
                         image
                     }
                 };
                 let image = Arc::new(image);
                 self.images.lock().insert(key.to_owned(), image.clone());
-                Ok::<_, String>(image)
+                Ok::<_, ResolveError>(image)
             })
             .await
             .cloned();
@@ -186,7 +236,7 @@ impl OciResolver {
     }
 
     /// Holds the image's top chain, unpacking whatever layers are missing.
-    async fn top_chain(&self, image: &Image, source: &Source) -> Result<ChainLease, String> {
+    async fn top_chain(&self, image: &Image, source: &Source) -> Result<ChainLease, ResolveError> {
         // The highest chain already here; everything above it is built in order,
         // each from a hard-linked copy of the one below.
         let mut start = image.layers.len();
@@ -198,17 +248,30 @@ impl OciResolver {
             }
             start -= 1;
         }
+        // What the layers below have unpacked to, against the image's bound.
+        let mut unpacked: u64 = image.layers[..start]
+            .iter()
+            .map(|l| self.store.bytes(&l.chain).unwrap_or(0))
+            .sum();
+        let limits = self.options.limits;
         for layer in &image.layers[start..] {
             let parent = below.take();
+            let budget = Budget {
+                bytes: limits.max_unpacked_size.saturating_sub(unpacked),
+                entries: limits.max_entries,
+                stream: limits.max_unpacked_size.saturating_sub(unpacked),
+            };
             let lease = self
                 .store
                 .lease_or_build(&layer.chain, async |root: PathBuf| {
-                    self.build_chain(layer, parent.as_ref(), root, source).await
+                    self.build_chain(layer, parent.as_ref(), root, source, budget)
+                        .await
                 })
                 .await?;
+            unpacked = unpacked.saturating_add(self.store.bytes(&layer.chain).unwrap_or(0));
             below = Some(lease);
         }
-        below.ok_or_else(|| "the image has no layers".to_owned())
+        below.ok_or_else(|| ResolveError::Precondition("the image has no layers".to_owned()))
     }
 
     async fn build_chain(
@@ -217,7 +280,8 @@ impl OciResolver {
         parent: Option<&ChainLease>,
         root: PathBuf,
         source: &Source,
-    ) -> Result<u64, String> {
+        budget: Budget,
+    ) -> Result<u64, ResolveError> {
         let blob = self.store.scratch();
         let descriptor = OciDescriptor {
             media_type: layer.media_type.clone(),
@@ -238,20 +302,21 @@ impl OciResolver {
                     Some(parent) => unpack::link_tree(&parent, &root),
                     None => std::fs::create_dir(&root),
                 }
-                .map_err(|e| format!("preparing the layer's directory: {e}"))?;
-                unpack::apply_layer(&blob, &root)
+                .map_err(|e| UnpackError::Io(format!("preparing the layer's directory: {e}")))?;
+                unpack::apply_layer(&blob, &root, budget)
             }
         })
         .await
-        .map_err(|e| format!("unpacking: {e}"));
+        .map_err(|e| ResolveError::Worker(format!("unpacking: {e}")));
         let _ = std::fs::remove_file(&blob);
-        let applied = applied?
-            .map_err(|e| format!("the layer {} is not a valid layer: {e}", layer.digest))?;
+        let applied = applied?.map_err(|e| {
+            ResolveError::from(e).context(format_args!("the layer {}", layer.digest))
+        })?;
         if applied.diff_id != layer.diff_id {
-            return Err(format!(
+            return Err(ResolveError::Precondition(format!(
                 "the layer {} unpacks to {}, not the {} that the image config names",
                 layer.digest, applied.diff_id, layer.diff_id
-            ));
+            )));
         }
         metrics::counter!("paddock_oci_layers_unpacked_total").increment(1);
         tracing::info!(
@@ -265,10 +330,14 @@ impl OciResolver {
         Ok(applied.bytes)
     }
 
-    async fn prepare(&self, value: &str) -> Result<Rootfs, String> {
-        let image_ref = ImageRef::parse(value)?;
-        let source = self.registries.source(&image_ref);
-        let digest = self.pinned_digest(&image_ref, &source).await?;
+    async fn prepare(&self, value: &str) -> Result<Rootfs, ResolveError> {
+        let image_ref = ImageRef::parse(value).map_err(ResolveError::Precondition)?;
+        let source = Source::of(&image_ref, &self.registries, &self.options.layouts)
+            .map_err(|e| e.context(&image_ref))?;
+        let digest = self
+            .pinned_digest(&image_ref, &source)
+            .await
+            .map_err(|e| e.context(&image_ref))?;
         let location = match &image_ref {
             ImageRef::Registry { name, .. } => {
                 format!("docker://{}/{}", name.resolve_registry(), name.repository())
@@ -279,11 +348,11 @@ impl OciResolver {
         let image = self
             .image(&key, &digest, &source)
             .await
-            .map_err(|e| format!("{image_ref}: {e}"))?;
+            .map_err(|e| e.context(&image_ref))?;
         let chain = self
             .top_chain(&image, &source)
             .await
-            .map_err(|e| format!("{image_ref}: {e}"))?;
+            .map_err(|e| e.context(&image_ref))?;
         let work_dir = image
             .work_dir
             .clone()
@@ -293,7 +362,7 @@ impl OciResolver {
             .dir
             .join("run")
             .join(self.runs.fetch_add(1, Ordering::Relaxed).to_string());
-        let mounted = ActionRoot::mount(run, chain, &work_dir)?;
+        let mounted = ActionRoot::mount(run, chain, &work_dir).map_err(ResolveError::Worker)?;
         Ok(Rootfs {
             root: mounted.root().to_path_buf(),
             writable: true,
@@ -312,32 +381,57 @@ impl OciResolver {
 
 /// Reads an image's manifest and config and checks that they describe an image
 /// Paddock can unpack.
-async fn fetch_image(source: &Source, digest: &str) -> Result<Image, String> {
+async fn fetch_image(
+    source: &Source,
+    digest: &str,
+    limits: &ImageLimits,
+) -> Result<Image, ResolveError> {
+    let invalid = |m: String| ResolveError::Precondition(m);
     let (manifest, manifest_digest) = source.manifest(Some(digest)).await?;
     let config_bytes = source.small_blob(&manifest.config).await?;
     let config: oci_client::config::ConfigFile = serde_json::from_slice(&config_bytes)
-        .map_err(|e| format!("the image config is not valid: {e}"))?;
+        .map_err(|e| invalid(format!("the image config is not valid: {e}")))?;
     let diff_ids = config.rootfs.diff_ids;
     if diff_ids.len() != manifest.layers.len() {
-        return Err(format!(
+        return Err(invalid(format!(
             "the manifest has {} layers but the config {} diff_ids",
             manifest.layers.len(),
             diff_ids.len()
-        ));
+        )));
     }
     if manifest.layers.is_empty() {
-        return Err("the image has no layers".into());
+        return Err(invalid("the image has no layers".into()));
     }
     for diff_id in &diff_ids {
-        check_digest(diff_id, diff_id)?;
+        check_digest(diff_id, diff_id).map_err(invalid)?;
+    }
+    let mut total = 0u64;
+    for layer in &manifest.layers {
+        let size = u64::try_from(layer.size).unwrap_or(u64::MAX);
+        if size > limits.max_layer_size {
+            return Err(ResolveError::Limit(format!(
+                "the layer {} is {size} bytes, more than this worker's limit of {} ([worker.oci] max_layer_size)",
+                layer.digest, limits.max_layer_size
+            )));
+        }
+        total = total.saturating_add(size);
+    }
+    if total > limits.max_image_size {
+        return Err(ResolveError::Limit(format!(
+            "the image's layers are {total} bytes, more than this worker's limit of {} ([worker.oci] max_image_size)",
+            limits.max_image_size
+        )));
     }
     let chains = chain_ids(&diff_ids);
     let mut layers = Vec::with_capacity(manifest.layers.len());
     for ((descriptor, diff_id), chain) in manifest.layers.iter().zip(diff_ids).zip(chains) {
         if descriptor.media_type.contains("encrypted") {
-            return Err(format!("the layer {} is encrypted", descriptor.digest));
+            return Err(invalid(format!(
+                "the layer {} is encrypted",
+                descriptor.digest
+            )));
         }
-        check_digest(&descriptor.digest, &descriptor.digest)?;
+        check_digest(&descriptor.digest, &descriptor.digest).map_err(invalid)?;
         layers.push(Layer {
             digest: descriptor.digest.clone(),
             size: descriptor.size,
@@ -379,11 +473,7 @@ impl RootfsResolver for OciResolver {
         let values = paddock_sandbox::property_values(platform, PROPERTY);
         match values.as_slice() {
             [] => Ok(None),
-            [value] => self
-                .prepare(value)
-                .await
-                .map(Some)
-                .map_err(ResolveError::Precondition),
+            [value] => self.prepare(value).await.map(Some),
             _ => Err(ResolveError::Precondition(format!(
                 "the platform names {} container images; an action runs in one",
                 values.len()

@@ -1,192 +1,163 @@
-//! Where images come from: a registry (the OCI distribution API) or an OCI layout
-//! directory on the worker. Both hand out manifests, configs and layer blobs, and
-//! both check every byte against its digest before it is used.
+//! Where images come from: a registry (the OCI distribution API, through
+//! [`Registries`]) or an OCI layout directory among those the worker's operator
+//! named. Both hand out manifests, configs and layer blobs, and both check every
+//! byte against its digest before it is used.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use oci_client::client::{current_platform_resolver, ClientConfig, ClientProtocol};
+use oci_client::client::current_platform_resolver;
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
-use parking_lot::Mutex;
+use paddock_fs::Dir;
+use paddock_sandbox::ResolveError;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::reference::{check_digest, ImageRef};
-
-/// Manifests and configs are small; anything bigger is refused unread.
-const MAX_METADATA: i64 = 16 << 20;
-
-/// How the worker reaches registries.
-#[derive(Debug, Clone, Default)]
-pub struct RegistryOptions {
-    /// Registries reached over plain HTTP (loopback ones always are).
-    pub insecure: Vec<String>,
-    /// `(username, password)` per registry host.
-    pub credentials: HashMap<String, (String, String)>,
-}
-
-/// One client per registry host (each knows whether it speaks HTTP or HTTPS).
-pub struct Registries {
-    options: RegistryOptions,
-    clients: Mutex<HashMap<String, Client>>,
-}
-
-impl Registries {
-    pub fn new(options: RegistryOptions) -> Registries {
-        Registries {
-            options,
-            clients: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn client(&self, registry: &str) -> Client {
-        self.clients
-            .lock()
-            .entry(registry.to_owned())
-            .or_insert_with(|| {
-                let plain =
-                    is_loopback(registry) || self.options.insecure.iter().any(|r| r == registry);
-                Client::new(ClientConfig {
-                    protocol: if plain {
-                        ClientProtocol::Http
-                    } else {
-                        ClientProtocol::Https
-                    },
-                    platform_resolver: Some(Box::new(current_platform_resolver)),
-                    connect_timeout: Some(std::time::Duration::from_secs(10)),
-                    read_timeout: Some(std::time::Duration::from_secs(60)),
-                    ..ClientConfig::default()
-                })
-            })
-            .clone()
-    }
-
-    fn auth(&self, registry: &str) -> RegistryAuth {
-        match self.options.credentials.get(registry) {
-            Some((user, password)) => RegistryAuth::Basic(user.clone(), password.clone()),
-            None => RegistryAuth::Anonymous,
-        }
-    }
-
-    /// The source of one image.
-    pub fn source(&self, image: &ImageRef) -> Source {
-        match image {
-            ImageRef::Registry { name, .. } => {
-                let registry = name.resolve_registry().to_owned();
-                Source::Registry {
-                    client: self.client(&registry),
-                    auth: self.auth(&registry),
-                    name: name.clone(),
-                }
-            }
-            ImageRef::Layout { dir, .. } => Source::Layout { dir: dir.clone() },
-        }
-    }
-}
-
-/// `localhost`, `127.0.0.0/8` and `::1`, with or without a port: plain HTTP, as
-/// Docker allows.
-fn is_loopback(registry: &str) -> bool {
-    let host = match registry.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(rest),
-        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
-    };
-    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
+use crate::registry::{Registries, Repository, MAX_METADATA};
 
 pub enum Source {
     Registry {
-        client: Client,
-        auth: RegistryAuth,
-        name: Reference,
+        registries: Arc<Registries>,
+        repository: Repository,
+        /// The tag, for an image whose digest is not pinned.
+        tag: Option<String>,
     },
     Layout {
+        /// The directory the operator named, and the layout's place beneath it.
+        base: PathBuf,
         dir: PathBuf,
     },
 }
 
+fn precondition(message: impl Into<String>) -> ResolveError {
+    ResolveError::Precondition(message.into())
+}
+
 impl Source {
+    /// The source of `image`: layouts only inside the directories in `layouts`.
+    pub fn of(
+        image: &ImageRef,
+        registries: &Arc<Registries>,
+        layouts: &[PathBuf],
+    ) -> Result<Source, ResolveError> {
+        match image {
+            ImageRef::Registry { name, .. } => {
+                let registry = name.resolve_registry().to_owned();
+                registries.check(&registry)?;
+                Ok(Source::Registry {
+                    registries: registries.clone(),
+                    repository: Repository {
+                        registry,
+                        name: name.repository().to_owned(),
+                    },
+                    tag: name.tag().map(str::to_owned),
+                })
+            }
+            ImageRef::Layout { dir, .. } => {
+                let base = layouts.iter().find(|base| dir.starts_with(base)).ok_or_else(|| {
+                    precondition(format!(
+                        "{} is not in a directory this worker takes OCI layouts from ([worker.oci] layouts)",
+                        dir.display()
+                    ))
+                })?;
+                Ok(Source::Layout {
+                    base: base.clone(),
+                    dir: dir.clone(),
+                })
+            }
+        }
+    }
+
     /// The image manifest for this worker's platform, and its digest: the pinned
     /// `digest` if given (an index is resolved to the entry for this platform), else
     /// whatever the tag points at now.
     pub async fn manifest(
         &self,
         digest: Option<&str>,
-    ) -> Result<(OciImageManifest, String), String> {
-        match self {
-            Source::Registry { client, auth, name } => {
-                let reference = match digest {
-                    Some(d) => name.clone_with_digest(d.to_owned()),
-                    None => name.clone(),
-                };
-                let (manifest, digest) = client
-                    .pull_image_manifest(&reference, auth)
-                    .await
-                    .map_err(|e| format!("cannot get the manifest: {e}"))?;
-                check_digest(&reference.whole(), &digest)?;
-                Ok((manifest, digest))
+    ) -> Result<(OciImageManifest, String), ResolveError> {
+        let (bytes, digest) = match (self, digest) {
+            (Source::Registry { .. }, Some(d)) => self.manifest_bytes(d).await?,
+            (Source::Registry { tag, .. }, None) => {
+                self.manifest_bytes(tag.as_deref().unwrap_or("latest"))
+                    .await?
             }
-            Source::Layout { dir } => {
-                let digest = digest.ok_or("an OCI layout image needs a digest")?;
-                let bytes = read_layout_blob(dir, digest).await?;
-                match serde_json::from_slice::<OciManifest>(&bytes)
-                    .map_err(|e| format!("{digest} in {} is not a manifest: {e}", dir.display()))?
-                {
-                    OciManifest::Image(manifest) => Ok((manifest, digest.to_owned())),
-                    OciManifest::ImageIndex(index) => {
-                        let chosen =
-                            current_platform_resolver(&index.manifests).ok_or_else(|| {
-                                format!(
-                                    "the index {digest} has no image for this worker's platform"
-                                )
-                            })?;
-                        let chosen = check_digest(digest, &chosen)?;
-                        let bytes = read_layout_blob(dir, &chosen).await?;
-                        match serde_json::from_slice::<OciManifest>(&bytes) {
-                            Ok(OciManifest::Image(manifest)) => Ok((manifest, chosen)),
-                            _ => Err(format!(
-                                "{chosen} in {} is not an image manifest",
-                                dir.display()
-                            )),
-                        }
-                    }
+            (Source::Layout { .. }, Some(d)) => self.manifest_bytes(d).await?,
+            (Source::Layout { .. }, None) => {
+                return Err(precondition("an OCI layout image needs a digest"))
+            }
+        };
+        let parsed = serde_json::from_slice::<OciManifest>(&bytes)
+            .map_err(|_| precondition(format!("{digest} is not an image manifest or index")))?;
+        match parsed {
+            OciManifest::Image(manifest) => Ok((manifest, digest)),
+            OciManifest::ImageIndex(index) => {
+                let chosen = current_platform_resolver(&index.manifests).ok_or_else(|| {
+                    precondition(format!(
+                        "the index {digest} has no image for this worker's platform"
+                    ))
+                })?;
+                let chosen = check_digest(&digest, &chosen).map_err(precondition)?;
+                let (bytes, chosen) = self.manifest_bytes(&chosen).await?;
+                match serde_json::from_slice::<OciManifest>(&bytes) {
+                    Ok(OciManifest::Image(manifest)) => Ok((manifest, chosen)),
+                    _ => Err(precondition(format!("{chosen} is not an image manifest"))),
                 }
             }
         }
     }
 
+    async fn manifest_bytes(&self, reference: &str) -> Result<(Vec<u8>, String), ResolveError> {
+        match self {
+            Source::Registry {
+                registries,
+                repository,
+                ..
+            } => {
+                let (bytes, digest) = registries.manifest(repository, reference).await?;
+                Ok((bytes.to_vec(), digest))
+            }
+            Source::Layout { base, dir } => {
+                let bytes = read_layout_blob(base, dir, reference).await?;
+                Ok((bytes, reference.to_owned()))
+            }
+        }
+    }
+
     /// A small blob (the image config), verified.
-    pub async fn small_blob(&self, descriptor: &OciDescriptor) -> Result<Vec<u8>, String> {
-        check_digest(&descriptor.digest, &descriptor.digest)?;
-        if !(0..=MAX_METADATA).contains(&descriptor.size) {
-            return Err(format!(
+    pub async fn small_blob(&self, descriptor: &OciDescriptor) -> Result<Vec<u8>, ResolveError> {
+        check_digest(&descriptor.digest, &descriptor.digest).map_err(precondition)?;
+        let size = u64::try_from(descriptor.size).unwrap_or(u64::MAX);
+        if size > MAX_METADATA {
+            return Err(precondition(format!(
                 "{} is {} bytes; configs over {MAX_METADATA} bytes are refused",
                 descriptor.digest, descriptor.size
-            ));
+            )));
         }
-        let bytes = match self {
-            Source::Registry { client, name, .. } => {
-                let mut out = Vec::with_capacity(descriptor.size as usize);
-                client
-                    .pull_blob(name, descriptor, &mut out)
-                    .await
-                    .map_err(|e| format!("cannot get {}: {e}", descriptor.digest))?;
-                out
+        match self {
+            Source::Registry {
+                registries,
+                repository,
+                ..
+            } => {
+                let mut out = Vec::with_capacity(size as usize);
+                registries
+                    .blob(repository, &descriptor.digest, size, &mut out)
+                    .await?;
+                Ok(out)
             }
-            Source::Layout { dir } => read_layout_blob(dir, &descriptor.digest).await?,
-        };
-        if bytes.len() as i64 != descriptor.size {
-            return Err(format!(
-                "{} has {} bytes, not the {} its descriptor says",
-                descriptor.digest,
-                bytes.len(),
-                descriptor.size
-            ));
+            Source::Layout { base, dir } => {
+                let bytes = read_layout_blob(base, dir, &descriptor.digest).await?;
+                if bytes.len() as u64 != size {
+                    return Err(precondition(format!(
+                        "{} has {} bytes, not the {size} its descriptor says",
+                        descriptor.digest,
+                        bytes.len()
+                    )));
+                }
+                Ok(bytes)
+            }
         }
-        Ok(bytes)
     }
 
     /// Streams a layer blob into `path`, verifying its digest and size; on any
@@ -195,7 +166,7 @@ impl Source {
         &self,
         descriptor: &OciDescriptor,
         path: &Path,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, ResolveError> {
         let result = self.write_blob(descriptor, path).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(path).await;
@@ -203,115 +174,132 @@ impl Source {
         result
     }
 
-    async fn write_blob(&self, descriptor: &OciDescriptor, path: &Path) -> Result<u64, String> {
-        let digest = check_digest(&descriptor.digest, &descriptor.digest)?;
+    async fn write_blob(
+        &self,
+        descriptor: &OciDescriptor,
+        path: &Path,
+    ) -> Result<u64, ResolveError> {
+        let digest = check_digest(&descriptor.digest, &descriptor.digest).map_err(precondition)?;
+        let size = u64::try_from(descriptor.size)
+            .map_err(|_| precondition(format!("the layer {digest} has a negative size")))?;
         let file = tokio::fs::File::create(path)
             .await
-            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+            .map_err(|e| ResolveError::io(format_args!("creating {}", path.display()), e))?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
-        match self {
-            // pull_blob streams to `out` and checks the digest at the end.
-            Source::Registry { client, name, .. } => client
-                .pull_blob(name, descriptor, &mut out)
-                .await
-                .map_err(|e| format!("cannot get the layer {digest}: {e}"))?,
-            Source::Layout { dir } => {
-                let from = layout_blob_path(dir, &digest);
-                let mut input = tokio::fs::File::open(&from)
-                    .await
-                    .map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-                let mut sha = Sha256::new();
-                let mut buffer = vec![0u8; 1 << 20];
-                loop {
-                    let n = tokio::io::AsyncReadExt::read(&mut input, &mut buffer)
-                        .await
-                        .map_err(|e| format!("reading {}: {e}", from.display()))?;
-                    if n == 0 {
-                        break;
-                    }
-                    sha.update(&buffer[..n]);
-                    out.write_all(&buffer[..n])
-                        .await
-                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
-                }
-                let actual = format!("sha256:{}", hex::encode(sha.finalize()));
-                if actual != digest {
-                    return Err(format!(
-                        "the layer {digest} in {} has the digest {actual}",
-                        dir.display()
-                    ));
-                }
+        let written = match self {
+            Source::Registry {
+                registries,
+                repository,
+                ..
+            } => registries.blob(repository, &digest, size, &mut out).await?,
+            Source::Layout { base, dir } => {
+                copy_layout_blob(base, dir, &digest, size, &mut out).await?
             }
-        }
+        };
         out.flush()
             .await
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
-        let size = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| format!("reading {}: {e}", path.display()))?
-            .len();
-        if size as i64 != descriptor.size {
-            return Err(format!(
-                "the layer {digest} has {size} bytes, not the {} its descriptor says",
-                descriptor.size
-            ));
-        }
-        Ok(size)
+            .map_err(|e| ResolveError::io(format_args!("writing {}", path.display()), e))?;
+        Ok(written)
     }
 }
 
-fn layout_blob_path(dir: &Path, digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    dir.join("blobs/sha256").join(hex)
+fn layout_blob_name(digest: &str) -> Result<PathBuf, ResolveError> {
+    let hex = check_digest(digest, digest).map_err(precondition)?;
+    Ok(Path::new("blobs/sha256").join(hex.trim_start_matches("sha256:")))
+}
+
+/// Opens a blob of the layout `dir`, beneath the operator's `base` and following no
+/// symlink: the path came from a client.
+fn open_layout_blob(
+    base: &Path,
+    dir: &Path,
+    digest: &str,
+) -> Result<(std::fs::File, u64), ResolveError> {
+    let name = layout_blob_name(digest)?;
+    let below = dir.strip_prefix(base).unwrap_or(Path::new(""));
+    let layout = Dir::open(base)
+        .and_then(|base| base.open_dir(below))
+        .map_err(|e| precondition(format!("cannot open the layout {}: {e}", dir.display())))?;
+    match layout.lookup(&name) {
+        Ok(Some(paddock_fs::Found::File(file, stat))) => Ok((file, stat.size)),
+        Ok(_) => Err(precondition(format!(
+            "the layout {} has no blob {digest}",
+            dir.display()
+        ))),
+        Err(e) => Err(ResolveError::io(
+            format_args!("reading the layout {}", dir.display()),
+            e,
+        )),
+    }
 }
 
 /// A manifest or config from a layout, bounded and verified.
-async fn read_layout_blob(dir: &Path, digest: &str) -> Result<Vec<u8>, String> {
-    let path = layout_blob_path(dir, digest);
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if meta.len() > MAX_METADATA as u64 {
-        return Err(format!(
-            "{} is too large for a manifest or config",
-            path.display()
-        ));
-    }
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-    if actual != digest {
-        return Err(format!(
-            "{} has the digest {actual}, not {digest}",
-            path.display()
-        ));
-    }
-    Ok(bytes)
+async fn read_layout_blob(base: &Path, dir: &Path, digest: &str) -> Result<Vec<u8>, ResolveError> {
+    let (base, dir, digest) = (base.to_owned(), dir.to_owned(), digest.to_owned());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let (file, size) = open_layout_blob(&base, &dir, &digest)?;
+        if size > MAX_METADATA {
+            return Err(precondition(format!(
+                "{digest} in {} is too large for a manifest or config",
+                dir.display()
+            )));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(MAX_METADATA)
+            .read_to_end(&mut bytes)
+            .map_err(|e| ResolveError::io(format_args!("reading {digest}"), e))?;
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        if actual != digest {
+            return Err(precondition(format!(
+                "{digest} in {} has the digest {actual}",
+                dir.display()
+            )));
+        }
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| ResolveError::Worker(e.to_string()))?
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_registries_are_plain_http() {
-        for plain in [
-            "localhost",
-            "localhost:5000",
-            "127.0.0.1:5000",
-            "127.3.2.1",
-            "[::1]:5000",
-        ] {
-            assert!(is_loopback(plain), "{plain}");
-        }
-        for tls in [
-            "ghcr.io",
-            "10.0.0.1:5000",
-            "localhost.example:5000",
-            "[2001:db8::1]:443",
-        ] {
-            assert!(!is_loopback(tls), "{tls}");
-        }
+/// Copies a layer blob of `size` bytes from a layout into `out`, verifying it.
+async fn copy_layout_blob(
+    base: &Path,
+    dir: &Path,
+    digest: &str,
+    size: u64,
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<u64, ResolveError> {
+    let (file, actual_size) = open_layout_blob(base, dir, digest)?;
+    if actual_size != size {
+        return Err(precondition(format!(
+            "the layer {digest} in {} has {actual_size} bytes, not the {size} its descriptor says",
+            dir.display()
+        )));
     }
+    let mut input = tokio::fs::File::from_std(file);
+    let mut sha = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = tokio::io::AsyncReadExt::read(&mut input, &mut buffer)
+            .await
+            .map_err(|e| ResolveError::io(format_args!("reading {digest}"), e))?;
+        if n == 0 {
+            break;
+        }
+        copied += n as u64;
+        sha.update(&buffer[..n]);
+        out.write_all(&buffer[..n])
+            .await
+            .map_err(|e| ResolveError::io(format_args!("writing {digest}"), e))?;
+    }
+    let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+    if actual != digest || copied != size {
+        return Err(precondition(format!(
+            "the layer {digest} in {} has the digest {actual}",
+            dir.display()
+        )));
+    }
+    Ok(copied)
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hashlink::LinkedHashMap;
+use paddock_sandbox::ResolveError;
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
@@ -139,6 +140,11 @@ impl ChainStore {
         self.path_of(chain).join("root")
     }
 
+    /// The unpacked bytes of a stored chain's own layer.
+    pub fn bytes(&self, chain: &str) -> Option<u64> {
+        self.index.lock().chains.get(chain).map(|e| e.bytes)
+    }
+
     /// A scratch directory for one build.
     pub fn scratch(&self) -> PathBuf {
         self.dir
@@ -164,9 +170,9 @@ impl ChainStore {
         self: &Arc<Self>,
         chain: &str,
         build: F,
-    ) -> Result<ChainLease, String>
+    ) -> Result<ChainLease, ResolveError>
     where
-        F: AsyncFnOnce(PathBuf) -> Result<u64, String>,
+        F: AsyncFnOnce(PathBuf) -> Result<u64, ResolveError>,
     {
         if let Some(lease) = self.lease(chain) {
             return Ok(lease);
@@ -184,13 +190,16 @@ impl ChainStore {
                 }
                 let scratch = self.scratch();
                 let root = scratch.join("root");
-                std::fs::create_dir_all(&scratch)
-                    .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+                std::fs::create_dir_all(&scratch).map_err(|e| {
+                    ResolveError::io(format_args!("creating {}", scratch.display()), e)
+                })?;
                 let result = build(root).await;
                 let finished = result.and_then(|bytes| {
                     std::fs::write(scratch.join("bytes"), bytes.to_string())
                         .and_then(|_| std::fs::rename(&scratch, self.path_of(chain)))
-                        .map_err(|e| format!("storing the chain {chain}: {e}"))?;
+                        .map_err(|e| {
+                            ResolveError::io(format_args!("storing the chain {chain}"), e)
+                        })?;
                     Ok(bytes)
                 });
                 match finished {
@@ -213,9 +222,9 @@ impl ChainStore {
             .map(|_| ());
         self.building.lock().remove(chain);
         built?;
-        let lease = self
-            .lease(chain)
-            .ok_or_else(|| format!("the chain {chain} went away as it was built"))?;
+        let lease = self.lease(chain).ok_or_else(|| {
+            ResolveError::Worker(format!("the chain {chain} went away as it was built"))
+        })?;
         self.evict();
         Ok(lease)
     }
@@ -290,7 +299,7 @@ mod tests {
         let build = |bytes: u64| {
             async move |root: PathBuf| {
                 std::fs::create_dir_all(&root).unwrap();
-                Ok::<u64, String>(bytes)
+                Ok::<u64, ResolveError>(bytes)
             }
         };
         let held = store.lease_or_build("sha256:1", build(100)).await.unwrap();

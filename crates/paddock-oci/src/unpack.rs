@@ -7,9 +7,15 @@
 //! refused, and symlinks met on the way (the layer's own or a lower layer's) are
 //! followed as if the root were `/`, so no entry can reach outside. The uncompressed
 //! stream is hashed on the way through, for the image config's `diff_id`.
+//!
+//! A layer is the registry's (and so, indirectly, the client's) choice: what it may
+//! write is bounded while it is read ([`Budget`]: the decompressed stream, the bytes
+//! of its files, its entries), set-user-ID and set-group-ID bits are dropped, and
+//! device nodes are skipped.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
+use std::fmt;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -20,6 +26,54 @@ const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 /// How many symlinks one path may pass through, as Linux allows.
 const MAX_SYMLINKS: usize = 40;
+/// The permission bits a layer may set: no set-user-ID or set-group-ID.
+const ALLOWED_MODE: u32 = 0o1777;
+
+/// Why a layer could not be applied.
+#[derive(Debug)]
+pub enum UnpackError {
+    /// It is not a valid layer (a broken archive, an entry outside its root).
+    Invalid(String),
+    /// It holds more than the worker allows.
+    Limit(String),
+    /// The worker's disk failed under it.
+    Io(String),
+}
+
+impl fmt::Display for UnpackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnpackError::Invalid(m) | UnpackError::Limit(m) | UnpackError::Io(m) => f.write_str(m),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> UnpackError {
+    UnpackError::Invalid(message.into())
+}
+
+fn io(doing: impl fmt::Display, e: std::io::Error) -> UnpackError {
+    UnpackError::Io(format!("{doing}: {e}"))
+}
+
+/// What one layer may add to the worker's disk, and read to get there.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Bytes of file contents.
+    pub bytes: u64,
+    /// Files, directories, symlinks and links.
+    pub entries: u64,
+    /// Bytes of the decompressed archive (a compressed layer can expand a thousandfold).
+    pub stream: u64,
+}
+
+impl Budget {
+    pub const UNLIMITED: Budget = Budget {
+        bytes: u64::MAX,
+        entries: u64::MAX,
+        stream: u64::MAX,
+    };
+}
 
 /// What applying a layer did.
 #[derive(Debug)]
@@ -30,20 +84,20 @@ pub struct Applied {
     pub bytes: u64,
 }
 
-/// Reads a layer blob and applies it to `root`.
-pub fn apply_layer(blob: &Path, root: &Path) -> Result<Applied, String> {
-    let file = std::fs::File::open(blob).map_err(|e| format!("opening the layer: {e}"))?;
+/// Reads a layer blob and applies it to `root`, within `budget`.
+pub fn apply_layer(blob: &Path, root: &Path, budget: Budget) -> Result<Applied, UnpackError> {
+    let file = std::fs::File::open(blob).map_err(|e| io("opening the layer", e))?;
     let mut input = BufReader::with_capacity(1 << 20, file);
     let magic = input
         .fill_buf()
-        .map_err(|e| format!("reading the layer: {e}"))?
+        .map_err(|e| io("reading the layer", e))?
         .to_vec();
     let decompressed: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(input))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(
             ruzstd::decoding::StreamingDecoder::new(input)
-                .map_err(|e| format!("the layer is not valid zstd: {e}"))?,
+                .map_err(|e| invalid(format!("the layer is not valid zstd: {e}")))?,
         )
     } else {
         Box::new(input)
@@ -51,12 +105,27 @@ pub fn apply_layer(blob: &Path, root: &Path) -> Result<Applied, String> {
     let mut hashing = Hashing {
         inner: decompressed,
         sha: Sha256::new(),
+        read: 0,
+        limit: budget.stream,
     };
-    let mut archive = tar::Archive::new(&mut hashing);
-    let bytes = apply_archive(&mut archive, root)?;
+    let over = |hashing: &Hashing<_>| {
+        UnpackError::Limit(format!(
+            "the layer decompresses to more than {} bytes ([worker.oci] max_unpacked_size)",
+            hashing.limit
+        ))
+    };
+    let applied = apply_archive(&mut tar::Archive::new(&mut hashing), root, budget);
+    let bytes = match applied {
+        Err(_) if hashing.read > hashing.limit => return Err(over(&hashing)),
+        other => other?,
+    };
     // Whatever follows the end-of-archive marker is part of the diff_id too.
-    std::io::copy(&mut hashing, &mut std::io::sink())
-        .map_err(|e| format!("reading the layer: {e}"))?;
+    if let Err(e) = std::io::copy(&mut hashing, &mut std::io::sink()) {
+        return Err(match hashing.read > hashing.limit {
+            true => over(&hashing),
+            false => invalid(format!("reading the layer: {e}")),
+        });
+    }
     Ok(Applied {
         diff_id: format!("sha256:{}", hex::encode(hashing.sha.finalize())),
         bytes,
@@ -66,29 +135,45 @@ pub fn apply_layer(blob: &Path, root: &Path) -> Result<Applied, String> {
 struct Hashing<R> {
     inner: R,
     sha: Sha256,
+    read: u64,
+    limit: u64,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.limit {
+            return Err(std::io::Error::other(
+                "the layer's stream is over its bound",
+            ));
+        }
         self.sha.update(&buf[..n]);
         Ok(n)
     }
 }
 
-fn apply_archive<R: Read>(archive: &mut tar::Archive<R>, root: &Path) -> Result<u64, String> {
+fn apply_archive<R: Read>(
+    archive: &mut tar::Archive<R>,
+    root: &Path,
+    budget: Budget,
+) -> Result<u64, UnpackError> {
+    let reading = |e: std::io::Error| invalid(format!("reading the layer: {e}"));
     let mut written = 0u64;
+    let mut entries_seen = 0u64;
     // What this layer made, which an opaque whiteout in it must not remove.
     let mut made: HashSet<PathBuf> = HashSet::new();
-    let entries = archive
-        .entries()
-        .map_err(|e| format!("reading the layer: {e}"))?;
+    let entries = archive.entries().map_err(reading)?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| format!("reading the layer: {e}"))?;
-        let raw = entry
-            .path()
-            .map_err(|e| format!("reading the layer: {e}"))?
-            .into_owned();
+        let mut entry = entry.map_err(reading)?;
+        entries_seen += 1;
+        if entries_seen > budget.entries {
+            return Err(UnpackError::Limit(format!(
+                "the layer has more than {} entries ([worker.oci] max_entries)",
+                budget.entries
+            )));
+        }
+        let raw = entry.path().map_err(reading)?.into_owned();
         let Some(relative) = normalise(&raw)? else {
             continue; // the root itself
         };
@@ -110,7 +195,7 @@ fn apply_archive<R: Read>(archive: &mut tar::Archive<R>, root: &Path) -> Result<
         }
         let target = parent.join(name);
         let header = entry.header().clone();
-        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let mode = header.mode().unwrap_or(0o644) & ALLOWED_MODE;
         let uid = header.uid().unwrap_or(0) as u32;
         let gid = header.gid().unwrap_or(0) as u32;
         let kind = header.entry_type();
@@ -124,60 +209,74 @@ fn apply_archive<R: Read>(archive: &mut tar::Archive<R>, root: &Path) -> Result<
             tar::EntryType::Directory => {
                 if !keep_directory {
                     std::fs::create_dir(&target)
-                        .map_err(|e| format!("creating {}: {e}", what()))?;
+                        .map_err(|e| io(format!("creating {}", what()), e))?;
                 }
-                set_owner_and_mode(&target, uid, gid, mode)
-                    .map_err(|e| format!("{}: {e}", what()))?;
+                set_owner_and_mode(&target, uid, gid, mode).map_err(|e| io(what(), e))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&target)
-                    .map_err(|e| format!("creating {}: {e}", what()))?;
-                written += std::io::copy(&mut entry, &mut file)
-                    .map_err(|e| format!("writing {}: {e}", what()))?;
+                    .map_err(|e| io(format!("creating {}", what()), e))?;
+                let room = budget.bytes.saturating_sub(written);
+                let copied =
+                    std::io::copy(&mut (&mut entry).take(room.saturating_add(1)), &mut file)
+                        .map_err(|e| io(format!("writing {}", what()), e))?;
+                written += copied;
+                if copied > room {
+                    return Err(UnpackError::Limit(format!(
+                        "the layer's files add up to more than {} bytes ([worker.oci] max_unpacked_size)",
+                        budget.bytes
+                    )));
+                }
                 if let Ok(mtime) = header.mtime() {
                     let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
                     let _ = file.set_modified(time);
                 }
                 drop(file);
-                set_owner_and_mode(&target, uid, gid, mode)
-                    .map_err(|e| format!("{}: {e}", what()))?;
+                set_owner_and_mode(&target, uid, gid, mode).map_err(|e| io(what(), e))?;
             }
             tar::EntryType::Symlink => {
                 let link = entry
                     .link_name()
-                    .map_err(|e| format!("reading the layer: {e}"))?
-                    .ok_or_else(|| format!("the symlink {} has no target", what()))?;
+                    .map_err(reading)?
+                    .ok_or_else(|| invalid(format!("the symlink {} has no target", what())))?;
                 std::os::unix::fs::symlink(&link, &target)
-                    .map_err(|e| format!("creating {}: {e}", what()))?;
+                    .map_err(|e| io(format!("creating {}", what()), e))?;
                 std::os::unix::fs::lchown(&target, Some(uid), Some(gid))
-                    .map_err(|e| format!("{}: {e}", what()))?;
+                    .map_err(|e| io(what(), e))?;
             }
             tar::EntryType::Link => {
                 let link = entry
                     .link_name()
-                    .map_err(|e| format!("reading the layer: {e}"))?
-                    .ok_or_else(|| format!("the hard link {} has no target", what()))?;
-                let source = normalise(&link)?
-                    .ok_or_else(|| format!("the hard link {} points at the root", what()))?;
+                    .map_err(reading)?
+                    .ok_or_else(|| invalid(format!("the hard link {} has no target", what())))?;
+                let source = normalise(&link)?.ok_or_else(|| {
+                    invalid(format!("the hard link {} points at the root", what()))
+                })?;
                 let source = resolve_parent(root, &source)?
                     .join(source.file_name().expect("normalised paths end in a name"));
                 let meta = std::fs::symlink_metadata(&source).map_err(|e| {
-                    format!("the hard link {} points at {}: {e}", what(), link.display())
+                    invalid(format!(
+                        "the hard link {} points at {}: {e}",
+                        what(),
+                        link.display()
+                    ))
                 })?;
                 if meta.is_dir() {
-                    return Err(format!("the hard link {} points at a directory", what()));
+                    return Err(invalid(format!(
+                        "the hard link {} points at a directory",
+                        what()
+                    )));
                 }
                 std::fs::hard_link(&source, &target)
-                    .map_err(|e| format!("creating {}: {e}", what()))?;
+                    .map_err(|e| io(format!("creating {}", what()), e))?;
             }
             tar::EntryType::Fifo => {
                 nix::unistd::mkfifo(&target, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                    .map_err(|e| format!("creating {}: {e}", what()))?;
-                set_owner_and_mode(&target, uid, gid, mode)
-                    .map_err(|e| format!("{}: {e}", what()))?;
+                    .map_err(|e| io(format!("creating {}", what()), e.into()))?;
+                set_owner_and_mode(&target, uid, gid, mode).map_err(|e| io(what(), e))?;
             }
             // Device nodes have no place in a root: the container's /dev is its own.
             _ => continue,
@@ -189,17 +288,17 @@ fn apply_archive<R: Read>(archive: &mut tar::Archive<R>, root: &Path) -> Result<
 
 /// A layer path as a relative path of normal components, or `None` for the root.
 /// `..` is refused outright: no legitimate layer needs it.
-fn normalise(path: &Path) -> Result<Option<PathBuf>, String> {
+fn normalise(path: &Path) -> Result<Option<PathBuf>, UnpackError> {
     let mut out = PathBuf::new();
     for component in path.components() {
         match component {
             Component::Normal(part) => out.push(part),
             Component::RootDir | Component::CurDir => {}
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(format!(
+                return Err(invalid(format!(
                     "the layer has an entry outside its root: {}",
                     path.display()
-                ))
+                )))
             }
         }
     }
@@ -208,7 +307,7 @@ fn normalise(path: &Path) -> Result<Option<PathBuf>, String> {
 
 /// The real directory, beneath `root`, that holds the last component of `relative`:
 /// missing directories are made, and symlinks are followed with `root` as `/`.
-fn resolve_parent(root: &Path, relative: &Path) -> Result<PathBuf, String> {
+fn resolve_parent(root: &Path, relative: &Path) -> Result<PathBuf, UnpackError> {
     let parent = relative.parent().unwrap_or(Path::new(""));
     let mut pending: Vec<PathBuf> = parent
         .components()
@@ -232,10 +331,13 @@ fn resolve_parent(root: &Path, relative: &Path) -> Result<PathBuf, String> {
             Ok(meta) if meta.file_type().is_symlink() => {
                 followed += 1;
                 if followed > MAX_SYMLINKS {
-                    return Err(format!("too many symlinks under {}", relative.display()));
+                    return Err(invalid(format!(
+                        "too many symlinks under {}",
+                        relative.display()
+                    )));
                 }
                 let target = std::fs::read_link(&next)
-                    .map_err(|e| format!("reading {}: {e}", next.display()))?;
+                    .map_err(|e| io(format!("reading {}", next.display()), e))?;
                 if target.is_absolute() {
                     at = root.to_path_buf();
                 }
@@ -265,24 +367,24 @@ fn resolve_parent(root: &Path, relative: &Path) -> Result<PathBuf, String> {
     Ok(at)
 }
 
-fn make_directory(path: &Path) -> Result<(), String> {
-    std::fs::create_dir(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+fn make_directory(path: &Path) -> Result<(), UnpackError> {
+    std::fs::create_dir(path).map_err(|e| io(format!("creating {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("creating {}: {e}", path.display()))
+        .map_err(|e| io(format!("creating {}", path.display()), e))
 }
 
 /// Removes a file, symlink or whole directory, if there is one.
-fn remove_any(path: &Path) -> Result<(), String> {
+fn remove_any(path: &Path) -> Result<(), UnpackError> {
     let result = match std::fs::symlink_metadata(path) {
         Err(_) => return Ok(()),
         Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
         Ok(_) => std::fs::remove_file(path),
     };
-    result.map_err(|e| format!("removing {}: {e}", path.display()))
+    result.map_err(|e| io(format!("removing {}", path.display()), e))
 }
 
 /// An opaque whiteout: everything in `dir` that lower layers put there goes.
-fn clear_lower(dir: &Path, made: &HashSet<PathBuf>) -> Result<(), String> {
+fn clear_lower(dir: &Path, made: &HashSet<PathBuf>) -> Result<(), UnpackError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(_) => return Ok(()),
@@ -297,7 +399,6 @@ fn clear_lower(dir: &Path, made: &HashSet<PathBuf>) -> Result<(), String> {
 }
 
 fn set_owner_and_mode(path: &Path, uid: u32, gid: u32, mode: u32) -> std::io::Result<()> {
-    // Owner first: chown clears the set-id bits that the mode then restores.
     std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
@@ -375,11 +476,14 @@ mod tests {
         builder.into_inner().unwrap()
     }
 
-    fn apply(root: &Path, entries: &[(&str, tar::EntryType, &str)]) -> Result<Applied, String> {
+    fn apply(
+        root: &Path,
+        entries: &[(&str, tar::EntryType, &str)],
+    ) -> Result<Applied, UnpackError> {
         let dir = tempfile::tempdir().unwrap();
         let blob = dir.path().join("layer.tar");
         std::fs::write(&blob, layer(entries)).unwrap();
-        apply_layer(&blob, root)
+        apply_layer(&blob, root, Budget::UNLIMITED)
     }
 
     use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
@@ -472,10 +576,11 @@ mod tests {
         assert!(refuses("../evil"));
         assert!(refuses("a/../../evil"));
         let err = apply(&root, &[("../evil", F, "x")]).unwrap_err();
-        assert!(err.contains("outside its root"), "{err}");
+        assert!(matches!(err, UnpackError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("outside its root"), "{err}");
         // A hard link to a file outside is resolved inside, where there is none.
         let err = apply(&root, &[("h", H, "../../etc/passwd")]).unwrap_err();
-        assert!(err.contains("outside its root"), "{err}");
+        assert!(err.to_string().contains("outside its root"), "{err}");
     }
 
     #[test]
@@ -490,7 +595,7 @@ mod tests {
             let root = dir.path().join("root");
             std::fs::create_dir(&root).unwrap();
             std::fs::write(dir.path().join("blob"), &blob).unwrap();
-            let applied = apply_layer(&dir.path().join("blob"), &root).unwrap();
+            let applied = apply_layer(&dir.path().join("blob"), &root, Budget::UNLIMITED).unwrap();
             assert_eq!(applied.diff_id, diff_id);
             assert_eq!(applied.bytes, 5);
             assert_eq!(
@@ -498,5 +603,64 @@ mod tests {
                 "world"
             );
         }
+    }
+
+    #[test]
+    fn set_id_bits_are_dropped() {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, mode) in [("suid", 0o4755), ("sgid", 0o2755), ("sticky/", 0o1777)] {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(if path.ends_with('/') { D } else { F });
+            header.set_mode(mode);
+            header.set_size(0);
+            builder.append_data(&mut header, path, &[][..]).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(dir.path().join("blob"), builder.into_inner().unwrap()).unwrap();
+        apply_layer(&dir.path().join("blob"), &root, Budget::UNLIMITED).unwrap();
+        let mode = |p: &str| std::fs::metadata(root.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("suid"), 0o755);
+        assert_eq!(mode("sgid"), 0o755);
+        assert_eq!(mode("sticky"), 0o1777);
+    }
+
+    #[test]
+    fn a_layer_is_held_to_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = "x".repeat(1000);
+        let blob = dir.path().join("layer.tar");
+        std::fs::write(
+            &blob,
+            layer(&[("a", F, big.as_str()), ("b", F, big.as_str()), ("c", F, "")]),
+        )
+        .unwrap();
+        let within = |bytes: u64, entries: u64, stream: u64| {
+            let root = dir.path().join(format!("root-{bytes}-{entries}-{stream}"));
+            std::fs::create_dir(&root).unwrap();
+            apply_layer(
+                &blob,
+                &root,
+                Budget {
+                    bytes,
+                    entries,
+                    stream,
+                },
+            )
+        };
+        assert!(within(10_000, 10, u64::MAX).is_ok());
+        assert!(matches!(
+            within(1500, 10, u64::MAX),
+            Err(UnpackError::Limit(_))
+        ));
+        assert!(matches!(
+            within(10_000, 2, u64::MAX),
+            Err(UnpackError::Limit(_))
+        ));
+        assert!(matches!(
+            within(10_000, 10, 2048),
+            Err(UnpackError::Limit(_))
+        ));
     }
 }

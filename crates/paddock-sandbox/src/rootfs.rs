@@ -56,6 +56,10 @@ pub enum ResolveError {
     /// final: retrying elsewhere would not help.
     #[error("{0}")]
     Precondition(String),
+    /// The action's: what it names is larger than the worker's limits allow (an image
+    /// that unpacks to more than its bound). RESOURCE_EXHAUSTED, final.
+    #[error("{0}")]
+    Limit(String),
     /// This worker's: its disk, its mounts, its own access to a registry or cache.
     /// Another worker may succeed; it counts in this worker's health.
     #[error("{0}")]
@@ -72,12 +76,24 @@ impl ResolveError {
     pub fn io(doing: impl std::fmt::Display, error: std::io::Error) -> ResolveError {
         ResolveError::Worker(format!("{doing}: {error}"))
     }
+
+    /// The same failure, its message preceded by `context`.
+    pub fn context(self, context: impl std::fmt::Display) -> ResolveError {
+        let with = |message: String| format!("{context}: {message}");
+        match self {
+            ResolveError::Precondition(m) => ResolveError::Precondition(with(m)),
+            ResolveError::Limit(m) => ResolveError::Limit(with(m)),
+            ResolveError::Worker(m) => ResolveError::Worker(with(m)),
+            ResolveError::Infrastructure(m) => ResolveError::Infrastructure(with(m)),
+        }
+    }
 }
 
 impl From<ResolveError> for paddock_runner::RunError {
     fn from(e: ResolveError) -> Self {
         match e {
             ResolveError::Precondition(m) => paddock_runner::RunError::Precondition(m),
+            ResolveError::Limit(m) => paddock_runner::RunError::Limit(m),
             ResolveError::Worker(m) => paddock_runner::RunError::Worker(m),
             ResolveError::Infrastructure(m) => paddock_runner::RunError::Infrastructure(m),
         }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::helper::{Request, Response, NOT_FOUND_MARKER};
-use crate::rootfs::{HostResolver, ResolveError, Rootfs, RootfsResolver};
+use crate::rootfs::{HostResolver, Rootfs, RootfsResolver};
 use crate::spec::{self, ContainerSpec, Limits};
 use crate::zygote::Zygote;
 
@@ -152,19 +152,9 @@ impl ContainerRunner {
                 Ok(Some(rootfs)) => return Ok(rootfs),
                 Ok(None) => {}
                 Err(e) => {
-                    let name = resolver.name();
-                    return Err(match e {
-                        ResolveError::Precondition(m) => {
-                            ResolveError::Precondition(format!("{name} platform: {m}"))
-                        }
-                        ResolveError::Worker(m) => {
-                            ResolveError::Worker(format!("{name} platform: {m}"))
-                        }
-                        ResolveError::Infrastructure(m) => {
-                            ResolveError::Infrastructure(format!("{name} platform: {m}"))
-                        }
-                    }
-                    .into());
+                    return Err(e
+                        .context(format_args!("{} platform", resolver.name()))
+                        .into())
                 }
             }
         }

@@ -203,8 +203,16 @@ fn oci_resolver(
         dir: work_dir.join("oci"),
         cache_size: config.oci.cache_size.bytes(),
         registries: paddock_oci::RegistryOptions {
+            allowed: config.oci.registries.clone(),
             insecure: config.oci.insecure_registries.clone(),
             credentials,
+        },
+        layouts: config.oci.layouts.clone(),
+        limits: paddock_oci::ImageLimits {
+            max_layer_size: config.oci.max_layer_size.bytes(),
+            max_image_size: config.oci.max_image_size.bytes(),
+            max_unpacked_size: config.oci.max_unpacked_size.bytes(),
+            max_entries: config.oci.max_entries,
         },
     })
     .context("preparing the image resolver")?;

@@ -801,10 +801,27 @@ async fn bench_image(
     let scratch = dir.join("actions");
     std::fs::create_dir_all(&scratch)?;
     let make_runner = |name: &str| -> Result<_> {
+        // The benchmark pulls from wherever the operator points it.
+        let (registries, layouts) = match image.strip_prefix("docker://") {
+            Some(rest) => (
+                vec![rest.split('/').next().unwrap_or_default().to_owned()],
+                Vec::new(),
+            ),
+            None => {
+                let path = image.trim_start_matches("oci-layout:");
+                let dir = path.split('@').next().unwrap_or_default();
+                (Vec::new(), vec![std::path::PathBuf::from(dir)])
+            }
+        };
         let resolver = Arc::new(paddock_oci::OciResolver::new(paddock_oci::OciOptions {
             dir: dir.join(name).join("oci"),
             cache_size: u64::MAX,
-            registries: Default::default(),
+            registries: paddock_oci::RegistryOptions {
+                allowed: registries.clone(),
+                ..Default::default()
+            },
+            layouts: layouts.clone(),
+            limits: Default::default(),
         })?);
         let runner = farm::container_runner(
             &config.sandbox,
