@@ -217,11 +217,21 @@ impl ActionCache for DiskActionCache {
 pub struct CompletenessChecking {
     inner: Arc<dyn ActionCache>,
     cas: Arc<dyn BlobStore>,
+    /// The most distinct directories an output tree may have.
+    max_directories: usize,
 }
 
 impl CompletenessChecking {
-    pub fn new(inner: Arc<dyn ActionCache>, cas: Arc<dyn BlobStore>) -> Self {
-        CompletenessChecking { inner, cas }
+    pub fn new(
+        inner: Arc<dyn ActionCache>,
+        cas: Arc<dyn BlobStore>,
+        max_directories: usize,
+    ) -> Self {
+        CompletenessChecking {
+            inner,
+            cas,
+            max_directories,
+        }
     }
 }
 
@@ -231,10 +241,11 @@ impl ActionCache for CompletenessChecking {
         let Some(result) = self.inner.get(key).await? else {
             return Ok(None);
         };
-        let complete = match referenced_blobs(&result, self.cas.as_ref()).await? {
-            Some(blobs) => self.cas.find_missing(&blobs).await?.is_empty(),
-            None => false,
-        };
+        let complete =
+            match referenced_blobs(&result, self.cas.as_ref(), self.max_directories).await? {
+                Some(blobs) => self.cas.find_missing(&blobs).await?.is_empty(),
+                None => false,
+            };
         if !complete {
             tracing::debug!(action = %key.action, "action cache entry references missing blobs");
             metrics::counter!("paddock_action_cache_incomplete_total").increment(1);
@@ -257,11 +268,14 @@ impl ActionCache for CompletenessChecking {
 }
 
 /// Every blob an ActionResult references: output files, stdout and stderr, and for
-/// output directories the Tree (or Directory) blobs and every file in them. `None` if
-/// the result holds a malformed digest or a tree that cannot be read from `cas`.
+/// output directories the Tree (or Directory) blobs and every file in them, each
+/// distinct directory visited once. `None` if the result holds a malformed digest, a
+/// tree that cannot be read from `cas`, or a tree of more than `max_directories`
+/// distinct directories.
 pub async fn referenced_blobs(
     result: &ActionResult,
     cas: &dyn BlobStore,
+    max_directories: usize,
 ) -> Result<Option<Vec<Digest>>, StoreError> {
     let mut blobs = Vec::new();
     let mut add = |d: Option<&paddock_reapi::proto::re::Digest>| -> bool {
@@ -305,12 +319,16 @@ pub async fn referenced_blobs(
             return Ok(None);
         };
         blobs.push(tree_digest);
+        if tree.children.len() >= max_directories {
+            return Ok(None);
+        }
         for dir in tree.root.iter().chain(tree.children.iter()) {
             if !add_files(dir, &mut blobs) {
                 return Ok(None);
             }
         }
     }
+    let mut seen: std::collections::HashSet<Digest> = roots.iter().copied().collect();
     let mut pending = roots;
     while let Some(dir_digest) = pending.pop() {
         let Some(bytes) = read_or_none(cas, &dir_digest).await? else {
@@ -325,7 +343,13 @@ pub async fn referenced_blobs(
         }
         for child in &dir.directories {
             match Digest::from_proto(child.digest.as_ref()) {
-                Ok(d) => pending.push(d),
+                Ok(d) if seen.insert(d) => {
+                    if seen.len() > max_directories {
+                        return Ok(None);
+                    }
+                    pending.push(d);
+                }
+                Ok(_) => {}
                 Err(_) => return Ok(None),
             }
         }
@@ -423,7 +447,8 @@ mod tests {
             }],
             ..Default::default()
         };
-        let cache = CompletenessChecking::new(Arc::new(MemoryActionCache::new(10)), cas.clone());
+        let cache =
+            CompletenessChecking::new(Arc::new(MemoryActionCache::new(10)), cas.clone(), 1000);
         cache.put(&key(), &result).await.unwrap();
         assert_eq!(cache.get(&key()).await.unwrap(), None);
         cas.put(&out_digest, out).await.unwrap();

@@ -44,5 +44,9 @@ pub fn open_action_cache(
         )?),
         StorageBackend::Memory => Arc::new(MemoryActionCache::new(config.action_cache_max_entries)),
     };
-    Ok(Arc::new(CompletenessChecking::new(backend, cas)))
+    Ok(Arc::new(CompletenessChecking::new(
+        backend,
+        cas,
+        config.max_tree_directories,
+    )))
 }

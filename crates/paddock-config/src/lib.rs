@@ -88,6 +88,10 @@ pub struct StorageConfig {
     pub action_cache_max_entries: usize,
     /// The most a BatchUpdateBlobs or BatchReadBlobs request may carry in total.
     pub max_batch_size: ByteSize,
+    /// The most distinct directories a tree may have, wherever the server walks one
+    /// (GetTree, the ActionCache's check that a result's outputs are all there, the
+    /// check of a worker's result).
+    pub max_tree_directories: usize,
 }
 
 impl Default for StorageConfig {
@@ -100,6 +104,7 @@ impl Default for StorageConfig {
             action_cache_max_entries: 1_000_000,
             // 1 MiB under the 4 MiB that gRPC clients accept by default, for framing.
             max_batch_size: ByteSize::mib(3),
+            max_tree_directories: 1_000_000,
         }
     }
 }

@@ -214,7 +214,13 @@ impl Inner {
         let result = ActionResult::decode(completed.action_result.as_slice())
             .map_err(|e| format!("its ActionResult does not decode: {e}"))?;
         let command = Command::decode(command.clone()).map_err(|e| e.to_string())?;
-        results::check(self.cas.as_ref(), &command, &result).await?;
+        results::check(
+            self.cas.as_ref(),
+            &command,
+            &result,
+            self.max_tree_directories,
+        )
+        .await?;
         Ok(Valid {
             outputs: Outputs::of(&result),
             result,

@@ -154,6 +154,8 @@ struct Inner {
     action_cache: Arc<dyn ActionCache>,
     config: SchedulerConfig,
     policies: Policies,
+    /// The most distinct directories a result's output tree may have.
+    max_tree_directories: usize,
 }
 
 fn invalid(message: impl Into<String>) -> Status {
@@ -166,11 +168,13 @@ fn store_error(e: paddock_cas::StoreError) -> Status {
 
 impl Scheduler {
     /// A scheduler over the server's CAS and ActionCache. Call [`Scheduler::run`] to
-    /// drive its timers.
+    /// drive its timers. Results whose output trees have more than
+    /// `max_tree_directories` distinct directories are refused.
     pub fn new(
         config: SchedulerConfig,
         cas: Arc<dyn BlobStore>,
         action_cache: Arc<dyn ActionCache>,
+        max_tree_directories: usize,
     ) -> Self {
         let policies = Policies::new(config.property_policies.clone());
         Scheduler {
@@ -181,6 +185,7 @@ impl Scheduler {
                 action_cache,
                 config,
                 policies,
+                max_tree_directories,
             }),
         }
     }

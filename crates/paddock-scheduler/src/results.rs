@@ -15,6 +15,7 @@ pub async fn check(
     cas: &dyn BlobStore,
     command: &Command,
     result: &ActionResult,
+    max_tree_directories: usize,
 ) -> Result<(), String> {
     validate::action_result(result)?;
     let declared = |path: &str| -> bool {
@@ -40,7 +41,7 @@ pub async fn check(
             ));
         }
     }
-    let blobs = referenced_blobs(result, cas)
+    let blobs = referenced_blobs(result, cas, max_tree_directories)
         .await
         .map_err(|e| format!("cannot read its output trees: {e}"))?
         .ok_or("an output tree it names is missing from the CAS or malformed")?;
@@ -135,18 +136,18 @@ mod tests {
             output_files: vec![file("out", b"out")],
             ..Default::default()
         };
-        assert_eq!(check(&cas, &command, &good).await, Ok(()));
+        assert_eq!(check(&cas, &command, &good, 1000).await, Ok(()));
         let undeclared = ActionResult {
             output_files: vec![file("elsewhere", b"out")],
             ..Default::default()
         };
-        let err = check(&cas, &command, &undeclared).await.unwrap_err();
+        let err = check(&cas, &command, &undeclared, 1000).await.unwrap_err();
         assert!(err.contains("does not declare"), "{err}");
         let missing = ActionResult {
             output_files: vec![file("out", b"never uploaded")],
             ..Default::default()
         };
-        let err = check(&cas, &command, &missing).await.unwrap_err();
+        let err = check(&cas, &command, &missing, 1000).await.unwrap_err();
         assert!(err.contains("not in the CAS"), "{err}");
     }
 

@@ -203,8 +203,9 @@ impl ContentAddressableStorage for CasService {
 
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let cas = self.cas.clone();
+        let bound = self.limits.max_tree_directories;
         tokio::spawn(async move {
-            let result = walk_tree(cas.as_ref(), root, root_dir, skip, page_size, &tx).await;
+            let result = walk_tree(cas.as_ref(), root, root_dir, skip, page_size, bound, &tx).await;
             if let Err(status) = result {
                 let _ = tx.send(Err(status)).await;
             }
@@ -261,13 +262,15 @@ async fn read_directory(cas: &dyn BlobStore, digest: &Digest) -> Result<Option<D
 
 /// Walks the tree breadth first, each distinct directory once, and streams it in pages.
 /// The page token is the number of directories already delivered, so a resumed call
-/// retraces the same deterministic order and skips what the client has.
+/// retraces the same deterministic order and skips what the client has. A tree of
+/// more than `bound` distinct directories is refused with RESOURCE_EXHAUSTED.
 async fn walk_tree(
     cas: &dyn BlobStore,
     root: Digest,
     root_dir: Directory,
     skip: usize,
     page_size: usize,
+    bound: usize,
     tx: &tokio::sync::mpsc::Sender<Result<GetTreeResponse, Status>>,
 ) -> Result<(), Status> {
     let mut seen = HashSet::from([root]);
@@ -281,6 +284,11 @@ async fn walk_tree(
                 continue;
             };
             if seen.insert(digest) {
+                if seen.len() > bound {
+                    return Err(Status::resource_exhausted(format!(
+                        "the tree {root} has more than {bound} distinct directories (storage.max_tree_directories)"
+                    )));
+                }
                 // A missing or undecodable subdirectory is omitted, as REAPI allows.
                 if let Ok(Some(sub)) = read_directory(cas, &digest).await {
                     queue.push_back(sub);

@@ -34,10 +34,16 @@ impl Farm {
             .context("opening the CAS")?;
         let action_cache = paddock_cas::open_action_cache(&config.storage, &data_dir, cas.clone())
             .context("opening the ActionCache")?;
-        let scheduler = Scheduler::new(config.scheduler.clone(), cas.clone(), action_cache.clone());
+        let scheduler = Scheduler::new(
+            config.scheduler.clone(),
+            cas.clone(),
+            action_cache.clone(),
+            config.storage.max_tree_directories,
+        );
         let storage = Storage { cas, action_cache };
         let limits = Limits {
             max_batch_size: config.storage.max_batch_size.bytes(),
+            max_tree_directories: config.storage.max_tree_directories,
         };
         let listener = TcpListener::bind(config.server.listen)
             .await
