@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::{config_file, Farm, Worker};
+use common::registry::{build_image, Registry};
+use common::{config_file, Farm, Worker, WorkerSetup};
 use futures::{Stream, StreamExt};
 use paddock_client::exec::{execute, execute_digest, prepare, ExecSpec};
 use paddock_client::{Remote, Source};
@@ -1252,4 +1253,120 @@ async fn a_worker_that_claims_present_inputs_are_missing_is_not_believed() {
 
     canary.assert_intact("a lying worker", &returned(&remote, &response).await);
     liar.abort();
+}
+
+/// Runs `count` actions at once, each with an input file of `size` bytes of its own,
+/// in `platform`; every one must succeed (whatever worker it took to get there).
+async fn build_succeeds(remote: &Remote, count: usize, size: usize, platform: &[(&str, &str)]) {
+    let mut running = Vec::new();
+    for i in 0..count {
+        let input = tempfile::tempdir().unwrap();
+        let mut bytes = vec![b'x'; size];
+        let unique = format!("{i:08}{:08x}", rand::random::<u32>());
+        bytes[..unique.len()].copy_from_slice(unique.as_bytes());
+        std::fs::write(input.path().join("input"), &bytes).unwrap();
+        let spec = ExecSpec {
+            input: Some(input.path().to_owned()),
+            skip_cache_lookup: true,
+            platform: platform
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..shell("wc -c < input")
+        };
+        let remote = remote.clone();
+        running.push(tokio::spawn(async move {
+            let response = execute(&remote, &spec).await.unwrap();
+            drop(input);
+            let stdout = stdout_of(&remote, &response).await;
+            (response, stdout)
+        }));
+    }
+    for task in running {
+        let (response, stdout) = task.await.unwrap();
+        assert_eq!(status_code(&response), Code::Ok, "{:?}", response.status);
+        assert_eq!(stdout.trim(), size.to_string(), "{response:?}");
+    }
+}
+
+/// A worker whose root file systems fail is the one at fault: its actions run
+/// elsewhere (the client's build succeeds), and the failures count in its health
+/// until it is quarantined; the healthy workers stay active.
+async fn root_failures_quarantine(
+    server: &Farm,
+    bad: &Worker,
+    platform: &[(&str, &str)],
+    symptom: &str,
+) {
+    let remote = server.remote("").await;
+    build_succeeds(&remote, 24, 3 << 20, platform).await;
+    let fleet = workers(&server.url).await;
+    let worker = &fleet[&bad.name];
+    assert_eq!(worker.standing, "quarantined", "{worker:?}\n{}", bad.log());
+    assert!(
+        worker.totals.as_ref().unwrap().infra_failures >= 4,
+        "{worker:?}"
+    );
+    for good in ["good-1", "good-2"] {
+        assert_eq!(fleet[good].standing, "active", "{:?}", fleet[good]);
+    }
+    // The scheduler says why it ran the actions elsewhere.
+    assert!(server.log().contains(symptom), "{}", server.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_disk_is_full_is_quarantined_and_the_build_succeeds() {
+    let server = Farm::server(
+        "127.0.0.1:0",
+        &[
+            "--config",
+            &config_file("[scheduler.quarantine]\nmin_samples = 4\n"),
+        ],
+    );
+    let _good =
+        ["good-1", "good-2"].map(|name| Worker::start(&server.url, name, &["--capacity", "2"]));
+    // Its whole directory is a 2 MiB disk: no 3 MiB input fits in its cache.
+    let bad = Worker::start_with(
+        &server.url,
+        "full-disk",
+        &["--capacity", "2"],
+        WorkerSetup {
+            work_dir_size: Some(2 << 20),
+            ..Default::default()
+        },
+    );
+    wait_connected(&server.url, &["good-1", "good-2", "full-disk"]).await;
+    root_failures_quarantine(&server, &bad, &[], "No space left on device").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_image_mounts_fail_is_quarantined_and_the_build_succeeds() {
+    let registry = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    build_image("busybox.sh", layout.path(), "1");
+    let digest = registry.push(layout.path(), "1", "busybox", &[]);
+    let image = registry.pinned("busybox", &digest);
+    let config = registry.worker_config("[scheduler.quarantine]\nmin_samples = 4\n");
+    let server = Farm::server("127.0.0.1:0", &["--config", &config]);
+    let worker_args = ["--capacity", "2", "--config", config.as_str()];
+    let _good = ["good-1", "good-2"].map(|name| Worker::start(&server.url, name, &worker_args));
+    // overlayfs takes its directories in a comma- and colon-separated option: under a
+    // directory whose name has a colon, no image root of this worker can be mounted.
+    let bad = Worker::start_with(
+        &server.url,
+        "broken-mounts",
+        &worker_args,
+        WorkerSetup {
+            work_dir_name: Some("work:mounts".into()),
+            ..Default::default()
+        },
+    );
+    wait_connected(&server.url, &["good-1", "good-2", "broken-mounts"]).await;
+    root_failures_quarantine(
+        &server,
+        &bad,
+        &[("container-image", image.as_str())],
+        "overlayfs",
+    )
+    .await;
 }

@@ -242,6 +242,8 @@ pub struct Worker {
     args: Vec<String>,
     env: Vec<(String, String)>,
     read_only: Vec<PathBuf>,
+    work_dir_size: Option<u64>,
+    work_dir_name: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -253,6 +255,11 @@ pub struct WorkerSetup {
     /// Directories the worker sees read-only: it runs in its own mount namespace in
     /// which they are remounted so (nothing changes for the rest of the machine).
     pub read_only: Vec<PathBuf>,
+    /// The worker's directory is a tmpfs of this many bytes of its own (in its own
+    /// mount namespace): a disk that fills up.
+    pub work_dir_size: Option<u64>,
+    /// The name of the worker's directory, instead of `work`.
+    pub work_dir_name: Option<String>,
 }
 
 impl Worker {
@@ -270,6 +277,8 @@ impl Worker {
             args: args.iter().map(|s| s.to_string()).collect(),
             env: setup.env,
             read_only: setup.read_only,
+            work_dir_size: setup.work_dir_size,
+            work_dir_name: setup.work_dir_name.unwrap_or_else(|| "work".into()),
             _tmp: tempfile::tempdir().unwrap(),
         };
         worker.spawn();
@@ -284,15 +293,21 @@ impl Worker {
             .open(self._tmp.path().join("worker.log"))
             .unwrap();
         let mut command = Command::new(paddock_bin());
-        if !self.read_only.is_empty() {
-            let read_only: Vec<std::ffi::CString> = self
-                .read_only
-                .iter()
-                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
-                .collect();
+        if !self.read_only.is_empty() || self.work_dir_size.is_some() {
+            let c_path =
+                |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            let read_only: Vec<std::ffi::CString> =
+                self.read_only.iter().map(|p| c_path(p)).collect();
+            std::fs::create_dir_all(self.work_dir()).unwrap();
+            let tmpfs = self.work_dir_size.map(|size| {
+                (
+                    c_path(&self.work_dir()),
+                    std::ffi::CString::new(format!("size={size},mode=0755")).unwrap(),
+                )
+            });
             // SAFETY: between fork and exec the closure makes raw syscalls only.
             unsafe {
-                command.pre_exec(move || isolate_read_only(&read_only));
+                command.pre_exec(move || isolate(&read_only, tmpfs.as_ref()));
             }
         }
         let child = command
@@ -313,7 +328,7 @@ impl Worker {
 
     /// Where the worker keeps its cache, sandbox state and action directories.
     pub fn work_dir(&self) -> PathBuf {
-        self._tmp.path().join("work")
+        self._tmp.path().join(&self.work_dir_name)
     }
 
     /// Kills the worker and every helper it started, all at once.
@@ -397,8 +412,12 @@ impl Drop for Worker {
 }
 
 /// In a child about to exec: a private mount namespace in which each of `paths` is
-/// bind-mounted onto itself read-only.
-fn isolate_read_only(paths: &[std::ffi::CString]) -> std::io::Result<()> {
+/// bind-mounted onto itself read-only, and `tmpfs` (a directory and the mount's
+/// options) is a fresh tmpfs.
+fn isolate(
+    paths: &[std::ffi::CString],
+    tmpfs: Option<&(std::ffi::CString, std::ffi::CString)>,
+) -> std::io::Result<()> {
     let check = |r: libc::c_int| match r {
         0 => Ok(()),
         _ => Err(std::io::Error::last_os_error()),
@@ -413,6 +432,15 @@ fn isolate_read_only(paths: &[std::ffi::CString]) -> std::io::Result<()> {
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
+        if let Some((dir, options)) = tmpfs {
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            ))?;
+        }
         for path in paths {
             check(libc::mount(
                 path.as_ptr(),

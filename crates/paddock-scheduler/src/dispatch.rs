@@ -260,6 +260,9 @@ impl Inner {
         }
 
         self.fail_unsatisfiable(&mut state, now);
+        for transition in state.fleet.review() {
+            self.transition(Some(transition));
+        }
         self.start_probes(&mut state, now);
         let connected = state.workers.values().map(|w| w.name.clone()).collect();
         state.fleet.forget_gone(&connected, now);

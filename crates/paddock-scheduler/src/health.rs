@@ -46,6 +46,15 @@ pub struct Counts {
     pub disagreements: usize,
 }
 
+impl std::ops::SubAssign for Counts {
+    fn sub_assign(&mut self, other: Counts) {
+        self.outcomes -= other.outcomes;
+        self.infra_failures -= other.infra_failures;
+        self.nonzero_exits -= other.nonzero_exits;
+        self.disagreements -= other.disagreements;
+    }
+}
+
 impl std::ops::AddAssign for Counts {
     fn add_assign(&mut self, other: Counts) {
         self.outcomes += other.outcomes;
@@ -217,6 +226,10 @@ impl Fleet {
             return None;
         }
         let reason = self.anomaly(worker)?;
+        self.quarantine(worker, reason)
+    }
+
+    fn quarantine(&mut self, worker: &str, reason: String) -> Option<Transition> {
         self.set(
             worker,
             Standing::Quarantined {
@@ -226,6 +239,40 @@ impl Fleet {
             },
             reason,
         )
+    }
+
+    /// Judges every active worker with failures against the rest of its pool as it
+    /// stands now, so that a worker whose failures all came before its pool had
+    /// outcomes enough to compare with is caught once the pool has them. Each
+    /// worker's window is counted once. Returns the quarantines it decides.
+    pub fn review(&mut self) -> Vec<Transition> {
+        if !self.config.enabled {
+            return Vec::new();
+        }
+        let mut pools: HashMap<&str, Counts> = HashMap::new();
+        let mut suspects = Vec::new();
+        for (name, record) in &self.records {
+            if !record.standing.takes_work() {
+                continue;
+            }
+            let own = record.recent();
+            *pools.entry(record.pool.as_str()).or_default() += own;
+            if own.infra_failures + own.nonzero_exits > 0 {
+                suspects.push((name.clone(), record.pool.clone(), own));
+            }
+        }
+        let verdicts: Vec<(String, String)> = suspects
+            .into_iter()
+            .filter_map(|(name, pool, own)| {
+                let mut rest = pools[pool.as_str()];
+                rest -= own;
+                self.judge(own, rest, &pool).map(|reason| (name, reason))
+            })
+            .collect();
+        verdicts
+            .into_iter()
+            .filter_map(|(name, reason)| self.quarantine(&name, reason))
+            .collect()
     }
 
     /// Why `worker` is anomalous against its pool, if it is.
@@ -238,6 +285,11 @@ impl Fleet {
                 pool += other.recent();
             }
         }
+        self.judge(own, pool, &record.pool)
+    }
+
+    /// Whether a worker's counts are improbable against the rest of its pool's.
+    fn judge(&self, own: Counts, pool: Counts, pool_name: &str) -> Option<String> {
         let min = self.config.min_samples.max(1);
         if own.outcomes < min || pool.outcomes < min {
             return None;
@@ -257,8 +309,8 @@ impl Fleet {
             let tail = binomial_upper_tail(own.outcomes, mine, rate);
             if tail < alpha && mine as f64 / own.outcomes as f64 > rate {
                 return Some(format!(
-                    "{what}: {mine} of its last {} actions, against {theirs} of {} on the rest of pool {:?} (p = {tail:.2e})",
-                    own.outcomes, pool.outcomes, record.pool
+                    "{what}: {mine} of its last {} actions, against {theirs} of {} on the rest of pool {pool_name:?} (p = {tail:.2e})",
+                    own.outcomes, pool.outcomes
                 ));
             }
         }
@@ -398,6 +450,30 @@ mod tests {
         // P(X >= 8 | 10, 0.5) = (45 + 10 + 1) / 1024
         assert!((binomial_upper_tail(10, 8, 0.5) - 56.0 / 1024.0).abs() < 1e-12);
         assert!(binomial_upper_tail(100, 50, 0.01) < 1e-50);
+    }
+
+    #[test]
+    fn a_worker_that_failed_before_its_pool_had_outcomes_is_caught_later() {
+        let mut fleet = fleet();
+        for w in ["a", "b", "fast-failer"] {
+            fleet.enroll(w, String::new());
+        }
+        // It fails everything before the others have finished anything: nothing to
+        // compare with yet.
+        for _ in 0..10 {
+            assert!(fleet.record("fast-failer", Outcome::InfraFailure).is_none());
+        }
+        assert!(fleet.review().is_empty());
+        for _ in 0..8 {
+            fleet.record("a", Outcome::Success);
+            fleet.record("b", Outcome::Success);
+        }
+        let caught = fleet.review();
+        assert_eq!(caught.len(), 1);
+        assert_eq!(caught[0].worker, "fast-failer");
+        assert!(!fleet.takes_work("fast-failer"));
+        assert!(fleet.takes_work("a") && fleet.takes_work("b"));
+        assert!(fleet.review().is_empty(), "judged once");
     }
 
     #[test]
