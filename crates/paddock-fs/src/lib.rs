@@ -38,6 +38,15 @@ pub enum Found {
     Other,
 }
 
+/// An entry's status as [`Dir::status`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryStatus {
+    pub is_dir: bool,
+    pub uid: u32,
+    /// The blocks it occupies, in bytes.
+    pub disk_bytes: u64,
+}
+
 /// The status of an open file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
@@ -152,6 +161,22 @@ impl Dir {
     pub fn open_dir(&self, rel: &Path) -> io::Result<Dir> {
         let fd = self.open_beneath(rel, OFlags::RDONLY | OFlags::DIRECTORY)?;
         Ok(Dir { fd })
+    }
+
+    /// The status of `name`, an entry of this directory, without opening it or
+    /// following it: its kind, owner and the disk it takes. `None` if there is no
+    /// such entry.
+    pub fn status(&self, name: &OsStr) -> io::Result<Option<EntryStatus>> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(EntryStatus {
+                is_dir: rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    == rustix::fs::FileType::Directory,
+                uid: stat.st_uid,
+                disk_bytes: (stat.st_blocks as u64).saturating_mul(512),
+            })),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// What `name`, an entry of this directory, is; `None` if there is no such entry.
