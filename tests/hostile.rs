@@ -1370,3 +1370,90 @@ async fn a_worker_whose_image_mounts_fail_is_quarantined_and_the_build_succeeds(
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_action_that_fills_the_disk_is_stopped_at_its_bound() {
+    let farm = Farm::start(&[
+        "--config",
+        &config_file(
+            "[worker.limits]\nmax_disk = \"16MiB\"\nmax_disk_entries = 1000\nmax_file_size = \"8MiB\"\n",
+        ),
+    ]);
+    let remote = farm.remote("").await;
+    let with_timeout = |script: &str| ExecSpec {
+        timeout: Some(Duration::from_secs(120)),
+        ..shell(script)
+    };
+    // It writes past its bound (in files each under max_file_size) and waits: the
+    // guard stops it while it waits (left alone, it would end at its timeout).
+    let response = execute(
+        &remote,
+        &with_timeout("for i in 1 2 3; do head -c 6291456 /dev/zero > big$i; done; sleep 600"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status_code(&response),
+        Code::ResourceExhausted,
+        "{response:?}"
+    );
+    assert!(
+        response
+            .status
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("worker.limits.max_disk"),
+        "{response:?}"
+    );
+    // It writes past its bound and ends before any measurement: the last look, after
+    // it ended, catches it.
+    let response = execute(
+        &remote,
+        &with_timeout("for i in 1 2 3; do head -c 6291456 /dev/zero > big$i; done"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status_code(&response),
+        Code::ResourceExhausted,
+        "{response:?}"
+    );
+    // Many small files count as entries.
+    let response = execute(
+        &remote,
+        &with_timeout("mkdir d && cd d && for i in $(seq 1 2000); do : > f$i; done; sleep 600"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status_code(&response),
+        Code::ResourceExhausted,
+        "{response:?}"
+    );
+    assert!(
+        response
+            .status
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("worker.limits.max_disk_entries"),
+        "{response:?}"
+    );
+    // One file beyond max_file_size (within max_disk) fails as the kernel fails it
+    // (RLIMIT_FSIZE).
+    let response = execute(
+        &remote,
+        &with_timeout("head -c 12582912 /dev/zero > one; echo exit $?"),
+    )
+    .await
+    .unwrap();
+    let stdout = stdout_of(&remote, &response).await;
+    let stderr = stderr_of(&remote, &response).await;
+    // SIGXFSZ ends the writer (128 + 25), or it sees EFBIG where it ignores the signal.
+    assert!(
+        stdout.contains("exit 153") || stderr.contains("File too large"),
+        "{stdout}\n{stderr}"
+    );
+    assert_healthy(&farm.url, &remote, "after filling the disk").await;
+}

@@ -466,11 +466,13 @@ pub struct ActionLimits {
     pub max_stdout: ByteSize,
     /// Any one file an action writes (`RLIMIT_FSIZE`; container runner).
     pub max_file_size: ByteSize,
-    /// What an action may add to the worker's disk, and how many files it may
-    /// create there: enforced with user quotas where the file system of the
-    /// worker's directory has them (see ARCHITECTURE.md).
+    /// What an action may add to the worker's disk, and how many files and
+    /// directories it may make there (see ARCHITECTURE.md for how it is kept).
     pub max_disk: ByteSize,
     pub max_disk_entries: u64,
+    /// The free space the worker keeps on its file system: below it, the running
+    /// action that has written the most is stopped (and tried elsewhere).
+    pub min_free_disk: ByteSize,
 }
 
 impl Default for ActionLimits {
@@ -485,6 +487,7 @@ impl Default for ActionLimits {
             max_file_size: ByteSize::gib(16),
             max_disk: ByteSize::gib(64),
             max_disk_entries: 2_000_000,
+            min_free_disk: ByteSize::gib(1),
         }
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::cache::FileCache;
+use crate::disk::{DiskGuard, Overrun};
 use crate::faults::Faults;
 use crate::identities::IdentityPool;
 use crate::inputs::{materialize, InputError};
@@ -43,6 +44,8 @@ pub struct Context {
     pub identities: Option<Arc<IdentityPool>>,
     /// Names the next action's directory.
     pub next_action: Arc<AtomicU64>,
+    /// What running actions add to the disk.
+    pub disk: Arc<DiskGuard>,
 }
 
 type Outcome = wire::finished::Outcome;
@@ -245,7 +248,54 @@ async fn run_assignment(
         max_file_size: Some(ctx.limits.max_file_size.bytes()),
     };
     let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
-    let outcome = match ctx.runner.run(spec, cancel).await {
+    // The action runs while the disk guard watches what it writes (when it has an
+    // identity of its own to tell its files by).
+    let halt = cancel.child_token();
+    let run = ctx.runner.run(spec, halt.clone());
+    let watch = async {
+        match identity {
+            Some(identity) => {
+                ctx.disk
+                    .watch(
+                        root.clone(),
+                        ctx.actions_dir.clone(),
+                        identity.uid,
+                        ctx.limits.clone(),
+                    )
+                    .await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(run);
+    let (ran, overrun) = tokio::select! {
+        ran = &mut run => (ran, None),
+        overrun = watch => {
+            halt.cancel();
+            (run.await, Some(overrun))
+        }
+    };
+    let overrun = match (overrun, identity) {
+        (Some(overrun), _) => Some(overrun),
+        // A last look, for an action that wrote and ended between two measurements.
+        (None, Some(identity)) if ran.is_ok() => {
+            let (root, limits) = (root.clone(), ctx.limits.clone());
+            tokio::task::spawn_blocking(move || {
+                let root = Dir::open(&root).ok()?;
+                crate::disk::over_limit(&root, identity.uid, &limits).err()
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        (None, _) => None,
+    };
+    match overrun {
+        Some(Overrun::Limit(e)) => return action_fault(Code::ResourceExhausted, e),
+        Some(Overrun::LowDisk(e)) => return worker_fault(e),
+        None => {}
+    }
+    let outcome = match ran {
         Ok(o) => o,
         Err(RunError::Action(e)) => return action_fault(Code::InvalidArgument, e),
         Err(RunError::Precondition(e)) => return action_fault(Code::FailedPrecondition, e),

@@ -5,6 +5,7 @@
 //! has requeued it) and connects again.
 
 mod cache;
+mod disk;
 mod execute;
 mod faults;
 mod identities;
@@ -103,6 +104,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
         .identities
         .map(|i| Arc::new(identities::IdentityPool::new(i)));
     let next_action = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let disk = Arc::new(disk::DiskGuard::default());
     let mut properties = detected_properties();
     properties.retain(|(k, _)| !options.properties.iter().any(|(o, _)| o == k));
     properties.extend(options.properties.iter().cloned());
@@ -121,6 +123,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
                 limits: options.limits.clone(),
                 identities: identities.clone(),
                 next_action: next_action.clone(),
+                disk: disk.clone(),
             });
             session(ctx, &options, &properties, &shutdown).await
         }
