@@ -763,6 +763,7 @@ async fn a_scheduler_cannot_choose_where_the_worker_writes() {
         &storage,
         paddock_server::Limits {
             max_batch_size: 4 << 20,
+            max_batch_blobs: 100_000,
             max_tree_directories: 1_000_000,
         },
         true,

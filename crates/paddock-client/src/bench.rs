@@ -466,3 +466,138 @@ impl fmt::Display for ExecBenchReport {
         )
     }
 }
+
+/// How the input benchmark sizes its trees.
+#[derive(Debug, Clone)]
+pub struct InputsBenchOptions {
+    /// Files in the largest tree; smaller trees of a tenth and a half of it show
+    /// whether the time grows linearly.
+    pub files: usize,
+    /// Files per directory.
+    pub per_directory: usize,
+}
+
+/// Materialisation times for one tree, as the worker measured them.
+#[derive(Debug, Clone)]
+pub struct InputsRun {
+    pub files: usize,
+    pub directories: usize,
+    /// From an empty worker cache: fetching every blob, then laying out the tree.
+    pub cold: Duration,
+    /// With every blob in the worker's cache: laying out the tree alone.
+    pub warm: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct InputsBenchReport {
+    pub target: String,
+    pub runs: Vec<InputsRun>,
+}
+
+/// The worker's own account of how long it took to lay out an action's inputs.
+fn input_fetch_time(response: &paddock_reapi::proto::re::ExecuteResponse) -> Option<Duration> {
+    let metadata = response.result.as_ref()?.execution_metadata.as_ref()?;
+    let start = paddock_reapi::time::system_time(metadata.input_fetch_start_timestamp.as_ref()?)?;
+    let end = paddock_reapi::time::system_time(metadata.input_fetch_completed_timestamp.as_ref()?)?;
+    end.duration_since(start).ok()
+}
+
+/// Writes a tree of `files` small files (each different), `per_directory` to a
+/// directory.
+fn write_tree(dir: &std::path::Path, files: usize, per_directory: usize) -> std::io::Result<usize> {
+    let per_directory = per_directory.max(1);
+    let directories = files.div_ceil(per_directory);
+    for d in 0..directories {
+        let sub = dir.join(format!("d{d:05}"));
+        std::fs::create_dir_all(&sub)?;
+        for f in 0..per_directory.min(files - d * per_directory) {
+            std::fs::write(
+                sub.join(format!("f{f:04}.c")),
+                format!("int v_{d}_{f} = {f};\n"),
+            )?;
+        }
+    }
+    Ok(directories)
+}
+
+/// Measures how long a worker takes to materialise trees of many small files, cold
+/// and warm, through the public protocol (the worker's timestamps in the result).
+/// `fresh_worker` is called before each cold run and must return a server whose
+/// worker's cache is empty.
+pub async fn inputs<F, Fut>(
+    options: InputsBenchOptions,
+    mut fresh_worker: F,
+) -> Result<InputsBenchReport, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Remote, ClientError>>,
+{
+    let mut runs = Vec::new();
+    for files in [options.files / 10, options.files / 2, options.files] {
+        let files = files.max(1);
+        let tree = tempfile::tempdir()?;
+        let directories = write_tree(tree.path(), files, options.per_directory)?;
+        let remote = fresh_worker().await?;
+        let nonce = uuid::Uuid::new_v4();
+        let mut times = Vec::new();
+        for run in ["cold", "warm"] {
+            let spec = crate::exec::ExecSpec {
+                arguments: vec!["/bin/true".into()],
+                environment: vec![("PADDOCK_BENCH".into(), format!("{nonce}-{run}"))],
+                input: Some(tree.path().to_owned()),
+                skip_cache_lookup: true,
+                ..Default::default()
+            };
+            let response = crate::exec::execute(&remote, &spec).await?;
+            let status = response.status.clone().unwrap_or_default();
+            if status.code != 0 {
+                return Err(ClientError::Protocol(format!(
+                    "the benchmark action failed: {}",
+                    status.message
+                )));
+            }
+            times.push(input_fetch_time(&response).ok_or_else(|| {
+                ClientError::Protocol("the result has no input fetch timestamps".into())
+            })?);
+        }
+        runs.push(InputsRun {
+            files,
+            directories,
+            cold: times[0],
+            warm: times[1],
+        });
+    }
+    Ok(InputsBenchReport {
+        target: String::new(),
+        runs,
+    })
+}
+
+impl fmt::Display for InputsBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "Input materialisation on {} (the worker's own timestamps)",
+            self.target
+        )?;
+        writeln!(
+            f,
+            "  {:>8} {:>6}  {:>12} {:>10}  {:>12} {:>10}",
+            "files", "dirs", "cold", "per file", "warm", "per file"
+        )?;
+        for run in &self.runs {
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / run.files as f64;
+            writeln!(
+                f,
+                "  {:>8} {:>6}  {:>9.1} ms {:>7.1} µs  {:>9.1} ms {:>7.1} µs",
+                run.files,
+                run.directories,
+                run.cold.as_secs_f64() * 1000.0,
+                per(run.cold),
+                run.warm.as_secs_f64() * 1000.0,
+                per(run.warm),
+            )?;
+        }
+        Ok(())
+    }
+}

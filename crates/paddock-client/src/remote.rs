@@ -28,6 +28,9 @@ const FIND_MISSING_BATCH: usize = 10_000;
 const DEFAULT_BATCH_LIMIT: u64 = 4 << 20;
 /// Room left in each batch for message framing.
 const BATCH_OVERHEAD: u64 = 64 << 10;
+/// What each blob adds to a batch message beside its bytes (its digest, its status,
+/// the framing): many tiny blobs make a message far larger than their bytes.
+const PER_BLOB_OVERHEAD: u64 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -218,11 +221,12 @@ impl Remote {
         let mut batch = Vec::new();
         let mut batch_size = 0u64;
         for (digest, data) in small {
-            if batch_size + digest.size() > budget && !batch.is_empty() {
+            let cost = digest.size() + PER_BLOB_OVERHEAD;
+            if batch_size + cost > budget && !batch.is_empty() {
                 self.batch_update(std::mem::take(&mut batch)).await?;
                 batch_size = 0;
             }
-            batch_size += digest.size();
+            batch_size += cost;
             batch.push((digest, data));
         }
         if !batch.is_empty() {
@@ -396,26 +400,34 @@ impl Remote {
         Ok(data)
     }
 
+    /// Groups small blobs into batches that each fit one batch call (their bytes and
+    /// what each adds to the message).
+    pub fn batches(&self, digests: &[Digest]) -> Vec<Vec<Digest>> {
+        let budget = self.batch_budget();
+        let mut batches: Vec<Vec<Digest>> = Vec::new();
+        let mut size = 0u64;
+        for digest in digests {
+            let cost = digest.size() + PER_BLOB_OVERHEAD;
+            if batches.is_empty() || size + cost > budget {
+                batches.push(Vec::new());
+                size = 0;
+            }
+            size += cost;
+            batches
+                .last_mut()
+                .expect("a batch was just pushed")
+                .push(*digest);
+        }
+        batches
+    }
+
     /// Reads small blobs in as few BatchReadBlobs calls as the batch limit allows,
     /// checking each digest. Each blob gets its own outcome.
     pub async fn read_blobs(
         &self,
         digests: &[Digest],
     ) -> Vec<(Digest, Result<Bytes, ClientError>)> {
-        let budget = self.batch_budget();
-        let mut batches: Vec<Vec<Digest>> = Vec::new();
-        let mut size = 0u64;
-        for digest in digests {
-            if batches.is_empty() || size + digest.size() > budget {
-                batches.push(Vec::new());
-                size = 0;
-            }
-            size += digest.size();
-            batches
-                .last_mut()
-                .expect("a batch was just pushed")
-                .push(*digest);
-        }
+        let batches = self.batches(digests);
         let calls = batches.into_iter().map(|batch| async move {
             let response = self
                 .cas()
@@ -470,7 +482,10 @@ impl Remote {
                 }
             }
         });
-        futures::future::join_all(calls)
+        // A few calls at a time: each one holds its blobs (and the server's files) open.
+        futures::stream::iter(calls)
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
             .await
             .into_iter()
             .flatten()

@@ -88,6 +88,8 @@ pub struct StorageConfig {
     pub action_cache_max_entries: usize,
     /// The most a BatchUpdateBlobs or BatchReadBlobs request may carry in total.
     pub max_batch_size: ByteSize,
+    /// The most blobs one batch request may name, whatever their size.
+    pub max_batch_blobs: usize,
     /// The most distinct directories a tree may have, wherever the server walks one
     /// (GetTree, the ActionCache's check that a result's outputs are all there, the
     /// check of a worker's result).
@@ -104,6 +106,7 @@ impl Default for StorageConfig {
             action_cache_max_entries: 1_000_000,
             // 1 MiB under the 4 MiB that gRPC clients accept by default, for framing.
             max_batch_size: ByteSize::mib(3),
+            max_batch_blobs: 100_000,
             max_tree_directories: 1_000_000,
         }
     }

@@ -593,12 +593,23 @@ pub fn argument_filter() -> BpfProgram {
     p.assemble()
 }
 
+/// Both filters, compiled once per process: the zygote compiles them before it forks
+/// any helper, so no container start pays for it.
+pub fn filters() -> Result<&'static (BpfProgram, BpfProgram), String> {
+    static FILTERS: std::sync::OnceLock<Result<(BpfProgram, BpfProgram), String>> =
+        std::sync::OnceLock::new();
+    FILTERS
+        .get_or_init(|| Ok((allow_list()?, argument_filter())))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// Installs both filters on the calling thread (which then execs the action).
 pub fn install() -> Result<(), String> {
-    let allowed = allow_list()?;
-    seccompiler::apply_filter(&allowed)
+    let (allowed, arguments) = filters()?;
+    seccompiler::apply_filter(allowed)
         .map_err(|e| format!("installing the seccomp allow list: {e}"))?;
-    seccompiler::apply_filter(&argument_filter())
+    seccompiler::apply_filter(arguments)
         .map_err(|e| format!("installing the seccomp argument filter: {e}"))
 }
 

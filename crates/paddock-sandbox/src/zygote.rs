@@ -41,6 +41,8 @@ impl Zygote {
             _ => {}
         }
         let listener = UnixListener::bind(socket)?;
+        // Compiled here, once: every helper inherits the filters.
+        crate::seccomp::filters().map_err(io::Error::other)?;
         // SAFETY: the caller guarantees that this process is single-threaded.
         match unsafe { fork() }.map_err(io::Error::from)? {
             ForkResult::Child => {

@@ -4,7 +4,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::future::join_all;
+use futures::StreamExt;
 use paddock_cas::{read_all, BlobStore, StoreError};
 use paddock_reapi::digest::check_digest_function;
 use paddock_reapi::proto::re::{
@@ -25,6 +25,10 @@ use crate::{invalid, Limits};
 
 /// The most directories one GetTree page holds, whatever the client asks for.
 const MAX_TREE_PAGE: usize = 1000;
+/// How many blobs of one batch are read or written at once: enough to keep the
+/// store busy, few enough that a batch of thousands of tiny blobs does not open
+/// thousands of files at a time.
+const BATCH_PARALLELISM: usize = 64;
 
 pub struct CasService {
     cas: Arc<dyn BlobStore>,
@@ -32,6 +36,18 @@ pub struct CasService {
 }
 
 impl CasService {
+    /// A batch of more blobs than the limit is refused whatever their size: each
+    /// costs the server work, even when empty.
+    fn check_count(&self, count: usize) -> Result<(), Status> {
+        match count > self.limits.max_batch_blobs {
+            true => Err(invalid(format!(
+                "a batch of {count} blobs is more than this server takes in one call ({}, storage.max_batch_blobs); split it",
+                self.limits.max_batch_blobs
+            ))),
+            false => Ok(()),
+        }
+    }
+
     pub fn new(cas: Arc<dyn BlobStore>, limits: Limits) -> Self {
         CasService { cas, limits }
     }
@@ -70,6 +86,7 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
+        self.check_count(request.requests.len())?;
         let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
         if total > self.limits.max_batch_size {
             return Err(invalid(format!(
@@ -113,7 +130,10 @@ impl ContentAddressableStorage for CasService {
             }
         });
         Ok(Response::new(BatchUpdateBlobsResponse {
-            responses: join_all(uploads).await,
+            responses: futures::stream::iter(uploads)
+                .buffered(BATCH_PARALLELISM)
+                .collect()
+                .await,
         }))
     }
 
@@ -123,6 +143,7 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
+        self.check_count(request.digests.len())?;
         let total: u64 = request
             .digests
             .iter()
@@ -163,7 +184,10 @@ impl ContentAddressableStorage for CasService {
             }
         });
         Ok(Response::new(BatchReadBlobsResponse {
-            responses: join_all(reads).await,
+            responses: futures::stream::iter(reads)
+                .buffered(BATCH_PARALLELISM)
+                .collect()
+                .await,
         }))
     }
 

@@ -44,6 +44,8 @@ pub struct Storage {
 pub struct Limits {
     /// The most a batch request may carry, in bytes of blob data.
     pub max_batch_size: u64,
+    /// The most blobs one batch call may name.
+    pub max_batch_blobs: usize,
     /// The most distinct directories GetTree walks in one tree.
     pub max_tree_directories: usize,
 }

@@ -17,13 +17,18 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use std::ffi::OsStr;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use hashlink::LinkedHashMap;
 use paddock_client::{ClientError, Remote};
 use paddock_fs::Dir;
 use paddock_reapi::Digest;
 use parking_lot::Mutex;
+
+/// How many batch reads one fetch keeps in flight.
+const FETCHES_IN_FLIGHT: usize = 4;
 
 /// One cache entry: a blob, and whether its file is executable.
 pub type Entry = (Digest, bool);
@@ -168,17 +173,6 @@ impl FileCache {
         }
     }
 
-    /// Writes `data` as an entry (checking its digest) and admits it.
-    fn store(&self, entry: Entry, data: &[u8]) -> io::Result<()> {
-        if Digest::of(data) != entry.0 {
-            return Err(io::Error::other(format!(
-                "the CAS sent wrong data for {}",
-                entry.0
-            )));
-        }
-        self.write(entry, data)
-    }
-
     /// Writes `data`, already known to match its digest, as an entry and admits it.
     fn write(&self, entry: Entry, data: &[u8]) -> io::Result<()> {
         let tmp = self.tmp.join(uuid::Uuid::new_v4().to_string());
@@ -222,9 +216,9 @@ impl FileCache {
         Ok(true)
     }
 
-    /// Makes every entry present, downloading what no variant already holds. Blobs
-    /// the CAS does not have are reported together.
-    pub async fn ensure(&self, wanted: &[Entry], remote: &Remote) -> Result<(), FetchError> {
+    /// What of `wanted` the cache cannot provide from what it holds (an entry, the
+    /// other variant of a blob, the empty blob), by digest.
+    fn local(&self, wanted: &[Entry]) -> io::Result<HashMap<Digest, Vec<Entry>>> {
         let mut to_fetch: HashMap<Digest, Vec<Entry>> = HashMap::new();
         for entry in wanted {
             if self.contains(entry) {
@@ -239,24 +233,51 @@ impl FileCache {
             }
             to_fetch.entry(entry.0).or_default().push(*entry);
         }
+        Ok(to_fetch)
+    }
+
+    /// Makes every entry present, downloading what no variant already holds. Blobs
+    /// the CAS does not have are reported together. Small blobs come a batch at a
+    /// time (a few batches in flight), and each batch is written to disk off the
+    /// async threads before the next is read, so memory holds a few batches at most.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        wanted: &[Entry],
+        remote: &Remote,
+    ) -> Result<(), FetchError> {
+        let to_fetch = {
+            let (cache, wanted) = (self.clone(), wanted.to_vec());
+            tokio::task::spawn_blocking(move || cache.local(&wanted))
+                .await
+                .map_err(|e| FetchError::Worker(e.to_string()))??
+        };
         if to_fetch.is_empty() {
             return Ok(());
         }
         let digests: Vec<Digest> = to_fetch.keys().copied().collect();
-        let mut missing = Vec::new();
         let (small, large): (Vec<Digest>, Vec<Digest>) = digests
             .into_iter()
             .partition(|d| d.size() <= remote.batch_budget());
-        for (digest, data) in remote.read_blobs(&small).await {
-            match data {
-                Ok(data) => self.store_all(&to_fetch[&digest], &data)?,
-                Err(ClientError::NotFound(d)) => missing.push(d),
-                Err(e) => return Err(fetch_failed(&digest, e)),
-            }
+        let to_fetch = &to_fetch;
+        let batches = remote.batches(&small).into_iter().map(|batch| async move {
+            let blobs: Vec<(Vec<Entry>, Result<Bytes, ClientError>)> = remote
+                .read_blobs(&batch)
+                .await
+                .into_iter()
+                .map(|(digest, data)| (to_fetch[&digest].clone(), data))
+                .collect();
+            let cache = self.clone();
+            tokio::task::spawn_blocking(move || cache.write_batch(blobs))
+                .await
+                .map_err(|e| FetchError::Worker(e.to_string()))?
+        });
+        let mut missing = Vec::new();
+        let mut written = futures::stream::iter(batches).buffer_unordered(FETCHES_IN_FLIGHT);
+        while let Some(outcome) = written.next().await {
+            missing.extend(outcome?);
         }
         for digest in large {
-            let entries = &to_fetch[&digest];
-            let first = entries[0];
+            let entries = to_fetch[&digest].clone();
             let tmp = self.tmp.join(uuid::Uuid::new_v4().to_string());
             match remote.read_to_file(&digest, &tmp).await {
                 Ok(()) => {}
@@ -266,13 +287,10 @@ impl FileCache {
                 }
                 Err(e) => return Err(fetch_failed(&digest, e)),
             }
-            let mode = if first.1 { 0o555 } else { 0o444 };
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-            fs::rename(&tmp, self.path(&first))?;
-            self.admit(first);
-            for other in &entries[1..] {
-                self.derive(*other)?;
-            }
+            let cache = self.clone();
+            tokio::task::spawn_blocking(move || cache.install(tmp, &entries))
+                .await
+                .map_err(|e| FetchError::Worker(e.to_string()))??;
         }
         if missing.is_empty() {
             Ok(())
@@ -281,14 +299,36 @@ impl FileCache {
         }
     }
 
-    /// Writes every wanted variant of one blob, checking its digest once.
-    fn store_all(&self, entries: &[Entry], data: &Bytes) -> io::Result<()> {
-        let Some((first, others)) = entries.split_first() else {
-            return Ok(());
-        };
-        self.store(*first, data)?;
-        for entry in others {
-            self.write(*entry, data)?;
+    /// Writes one batch of fetched blobs (their digests already checked by the
+    /// client); returns those the CAS did not have.
+    fn write_batch(
+        &self,
+        blobs: Vec<(Vec<Entry>, Result<Bytes, ClientError>)>,
+    ) -> Result<Vec<Digest>, FetchError> {
+        let mut missing = Vec::new();
+        for (entries, data) in blobs {
+            match data {
+                Ok(data) => {
+                    for entry in &entries {
+                        self.write(*entry, &data)?;
+                    }
+                }
+                Err(ClientError::NotFound(d)) => missing.push(d),
+                Err(e) => return Err(fetch_failed(&entries[0].0, e)),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Makes the downloaded file `tmp` the first of `entries`, and derives the rest.
+    fn install(&self, tmp: PathBuf, entries: &[Entry]) -> io::Result<()> {
+        let first = entries[0];
+        let mode = if first.1 { 0o555 } else { 0o444 };
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        fs::rename(&tmp, self.path(&first))?;
+        self.admit(first);
+        for other in &entries[1..] {
+            self.derive(*other)?;
         }
         Ok(())
     }
@@ -361,12 +401,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = FileCache::open(dir.path(), 10).unwrap();
         let d = Digest::of(b"12345");
-        cache.store((d, false), b"12345").unwrap();
+        cache.write((d, false), b"12345").unwrap();
         assert!(cache.derive((d, true)).unwrap());
         let exec = fs::metadata(cache.path(&(d, true))).unwrap();
         assert_eq!(exec.permissions().mode() & 0o777, 0o555);
         let e = Digest::of(b"abcde");
-        cache.store((e, false), b"abcde").unwrap();
+        cache.write((e, false), b"abcde").unwrap();
         // 15 bytes > 10: the oldest entry (d, plain) went.
         assert!(!cache.path(&(d, false)).exists());
         assert!(cache.path(&(e, false)).exists());
@@ -378,6 +418,5 @@ mod tests {
         drop(cache);
         let cache = FileCache::open(dir.path(), 10).unwrap();
         assert!(cache.contains(&(e, false)));
-        assert!(cache.store((e, false), b"wrong").is_err());
     }
 }

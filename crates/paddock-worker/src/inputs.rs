@@ -98,9 +98,18 @@ pub async fn materialize(
     limits: &ActionLimits,
     stop: &CancellationToken,
 ) -> Result<usize, InputError> {
+    let started = std::time::Instant::now();
     let graph = fetch_graph(remote, cache, root, limits, stop).await?;
     let files = graph.files.clone();
+    let fetched_graph = started.elapsed();
     unless_stopped(stop, cache.ensure(&files, remote)).await??;
+    tracing::debug!(
+        directories = graph.directories.len(),
+        files = files.len(),
+        graph_ms = fetched_graph.as_millis() as u64,
+        files_ms = (started.elapsed() - fetched_graph).as_millis() as u64,
+        "inputs fetched"
+    );
 
     let graph = Arc::new(graph);
     let mut total = 0;
@@ -117,6 +126,11 @@ pub async fn materialize(
         .map_err(|e| worker("laying out the input root", e))??;
         total += linked;
         if evicted.is_empty() {
+            tracing::debug!(
+                linked = total,
+                total_ms = started.elapsed().as_millis() as u64,
+                "inputs laid out"
+            );
             return Ok(total);
         }
         // A concurrent action's downloads evicted some entries before they were

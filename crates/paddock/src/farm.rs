@@ -43,6 +43,7 @@ impl Farm {
         let storage = Storage { cas, action_cache };
         let limits = Limits {
             max_batch_size: config.storage.max_batch_size.bytes(),
+            max_batch_blobs: config.storage.max_batch_blobs,
             max_tree_directories: config.storage.max_tree_directories,
         };
         let listener = TcpListener::bind(config.server.listen)

@@ -343,6 +343,20 @@ enum BenchCommand {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Input materialisation: how long a worker takes to lay out trees of many small
+    /// files, from an empty cache and from a warm one (a tenth, a half and all of
+    /// --files, to show the growth).
+    Inputs {
+        /// Files in the largest tree.
+        #[arg(long, default_value_t = 100_000)]
+        files: usize,
+        /// Files per directory.
+        #[arg(long, default_value_t = 100)]
+        per_directory: usize,
+        /// How the embedded worker runs actions: `container` (default) or `host`.
+        #[arg(long, default_value = "container")]
+        runner: RunnerKind,
+    },
     /// A build with one slow worker, with and without speculative execution.
     Stragglers {
         /// Actions in the build, all submitted at once.
@@ -435,6 +449,10 @@ fn zygote_socket(command: &Command) -> Result<Option<PathBuf>> {
             command:
                 BenchCommand::Exec {
                     remote: None,
+                    runner: RunnerKind::Container,
+                    ..
+                }
+                | BenchCommand::Inputs {
                     runner: RunnerKind::Container,
                     ..
                 },
@@ -575,6 +593,40 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                     )
                     .await?;
                 }
+                Ok(())
+            }
+            BenchCommand::Inputs {
+                files,
+                per_directory,
+                runner,
+            } => {
+                let worker_config = WorkerConfig {
+                    capacity: Some(1),
+                    runner,
+                    ..Default::default()
+                };
+                // Each size gets a farm of its own, so that its first run finds an
+                // empty worker cache.
+                let farms = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                let options = bench::InputsBenchOptions {
+                    files,
+                    per_directory,
+                };
+                let mut report = bench::inputs(options, || {
+                    let started = farm::Embedded::start(1, &worker_config, zygote.as_ref());
+                    let farms = farms.clone();
+                    async move {
+                        let embedded = started
+                            .await
+                            .map_err(|e| paddock_client::ClientError::Protocol(e.to_string()))?;
+                        let remote = Remote::connect(&embedded.url(), "").await?;
+                        farms.lock().expect("not poisoned").push(embedded);
+                        Ok(remote)
+                    }
+                })
+                .await?;
+                report.target = format!("an embedded farm, one worker, {runner:?} runner");
+                println!("{report}");
                 Ok(())
             }
             BenchCommand::Stragglers {
