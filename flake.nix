@@ -104,25 +104,38 @@
               server = {
                 services.paddock.server = {
                   enable = true;
+                  listen = "0.0.0.0:8980";
+                  workerListen = "0.0.0.0:8982";
                   openFirewall = true;
+                  # Test secrets: /etc files are fine for a throw-away VM.
+                  tokens = [
+                    { name = "ci"; tokenFile = "/etc/paddock/ci.token"; permissions = [ "cas.read" "cas.write" "ac.read" "ac.write" "execute" ]; }
+                    { name = "workers"; tokenFile = "/etc/paddock/workers.token"; permissions = [ "worker" ]; }
+                  ];
                 };
+                environment.etc."paddock/ci.token".text = "vm-test-ci-token";
+                environment.etc."paddock/workers.token".text = "vm-test-workers-token";
                 environment.systemPackages = [ paddock ];
               };
               worker1 = {
                 services.paddock.worker = {
                   enable = true;
-                  scheduler = "grpc://server:8980";
+                  scheduler = "grpc://server:8982";
+                  tokenFile = "/etc/paddock/workers.token";
                   properties.Pool = "one";
                 };
+                environment.etc."paddock/workers.token".text = "vm-test-workers-token";
                 # The store path the action names; a static busybox has no other deps.
                 environment.systemPackages = [ pkgs.pkgsStatic.busybox ];
               };
               worker2 = {
                 services.paddock.worker = {
                   enable = true;
-                  scheduler = "grpc://server:8980";
+                  scheduler = "grpc://server:8982";
+                  tokenFile = "/etc/paddock/workers.token";
                   properties.Pool = "two";
                 };
+                environment.etc."paddock/workers.token".text = "vm-test-workers-token";
               };
             };
             testScript = ''
@@ -132,12 +145,12 @@
               worker1.wait_for_unit("paddock-worker.service")
               worker2.wait_for_unit("paddock-worker.service")
               server.wait_until_succeeds(
-                  "paddock exec --remote grpc://localhost:8980 --platform Pool=two "
+                  "PADDOCK_TOKEN=vm-test-ci-token paddock exec --remote grpc://localhost:8980 --platform Pool=two "
                   + "--env PATH=/run/current-system/sw/bin -- true",
                   timeout=120,
               )
               out = server.succeed(
-                  "paddock exec --remote grpc://localhost:8980 --platform Pool=one "
+                  "PADDOCK_TOKEN=vm-test-ci-token paddock exec --remote grpc://localhost:8980 --platform Pool=one "
                   + "--platform nix-store-paths=${pkgs.pkgsStatic.busybox} "
                   + "--env PATH=${pkgs.pkgsStatic.busybox}/bin "
                   + "-- sh -c 'ls /nix/store; test ! -e /usr'"

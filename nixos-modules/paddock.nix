@@ -2,6 +2,11 @@
 # the scheduler; `services.paddock.worker` runs a worker that executes actions in
 # containers. A worker on the same host as the server needs nothing but
 # `enable = true`.
+#
+# Secrets (TLS keys, tokens, JWT secrets) are named by path, never put in the Nix
+# store: systemd reads them as root (LoadCredential) into a directory only the
+# service can read. A server reachable from the network needs tokens, client
+# certificates or JWTs; the module refuses an open firewall without them.
 { config, lib, pkgs, ... }:
 
 let
@@ -26,9 +31,32 @@ let
     '';
   };
   serverConfig = toml.generate "paddock-server.toml" (render.server cfg.server);
-  workerConfig = toml.generate "paddock-worker.toml" (render.worker (cfg.worker // {
-    workDir = "/var/lib/paddock-worker";
-  }));
+  workerOptions = cfg.worker // { workDir = "/var/lib/paddock-worker"; };
+  workerConfig = toml.generate "paddock-worker.toml" (render.worker workerOptions);
+  loadCredentials = map (c: "${c.name}:${c.file}");
+  secretOption = description: mkOption {
+    type = types.nullOr types.str;
+    default = null;
+    example = "/run/keys/paddock";
+    description = description + " A path outside the Nix store, readable by root.";
+  };
+  permissionsOption = mkOption {
+    type = types.listOf (types.enum [ "cas.read" "cas.write" "ac.read" "ac.write" "execute" "admin" "worker" ]);
+    description = "What the holder may do.";
+  };
+  instancesOption = mkOption {
+    type = types.listOf types.str;
+    default = [ "*" ];
+    description = "Instance-name patterns the permissions apply to (`*` matches any text).";
+  };
+  authConfigured = cfg.server.tokens != [ ] || cfg.server.certificates != [ ] || cfg.server.jwt != null;
+  loopback = address: lib.hasPrefix "127." address || lib.hasPrefix "[::1]" address || lib.hasPrefix "localhost" address;
+  secrets = lib.filter (f: f != null) (
+    (if cfg.server.tls == null then [ ] else [ cfg.server.tls.keyFile ])
+    ++ map (t: t.tokenFile) cfg.server.tokens
+    ++ (if cfg.server.jwt == null then [ ] else [ cfg.server.jwt.secretFile ])
+    ++ [ cfg.worker.tokenFile ]
+    ++ (if cfg.worker.tls == null then [ ] else [ cfg.worker.tls.keyFile ]));
 in
 {
   options.services.paddock = {
@@ -38,7 +66,80 @@ in
       listen = mkOption {
         type = types.str;
         default = defaults.server.listen;
-        description = "Address of the gRPC services (REAPI and the worker protocol).";
+        description = ''
+          Address of the REAPI services. Anything but loopback needs `tokens`,
+          `certificates` or `jwt` (or `allowAnonymous`).
+        '';
+      };
+      workerListen = mkOption {
+        type = types.str;
+        default = defaults.server.workerListen;
+        description = "Address of the worker protocol (and the CAS workers use).";
+      };
+      tls = mkOption {
+        type = types.nullOr (types.submodule {
+          options = {
+            certFile = mkOption { type = types.str; description = "The server's certificate chain (PEM)."; };
+            keyFile = mkOption { type = types.str; description = "Its private key (PEM), outside the Nix store."; };
+            clientCaFile = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              description = "The CA whose client certificates identify their holders (mutual TLS).";
+            };
+          };
+        });
+        default = null;
+        description = "TLS on every listener; the files are read again when they change.";
+      };
+      tokens = mkOption {
+        type = types.listOf (types.submodule {
+          options = {
+            name = mkOption { type = types.str; description = "The identity's name."; };
+            tokenFile = secretOption "A file holding the token.";
+            sha256 = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              description = "Or the token's SHA-256 in hex (no secret on the server at all).";
+            };
+            permissions = permissionsOption;
+            instances = instancesOption;
+          };
+        });
+        default = [ ];
+        description = "Bearer tokens and what their holders may do.";
+      };
+      certificates = mkOption {
+        type = types.listOf (types.submodule {
+          options = {
+            subject = mkOption { type = types.nullOr types.str; default = null; example = "CN=builder-1"; description = "Subject attributes to match."; };
+            san = mkOption { type = types.nullOr types.str; default = null; example = "DNS:builder-1.example.com"; description = "A subjectAltName to match."; };
+            name = mkOption { type = types.nullOr types.str; default = null; description = "The identity's name (default: the common name)."; };
+            permissions = permissionsOption;
+            instances = instancesOption;
+          };
+        });
+        default = [ ];
+        description = "Client certificates (signed by tls.clientCaFile) and what their holders may do.";
+      };
+      jwt = mkOption {
+        type = types.nullOr (types.submodule {
+          options = {
+            secretFile = secretOption "HS256: the shared secret.";
+            jwksFile = mkOption { type = types.nullOr types.str; default = null; description = "RS256/ES256/EdDSA: the issuer's JWKS."; };
+            issuer = mkOption { type = types.str; description = "The `iss` tokens must carry."; };
+            audience = mkOption { type = types.str; description = "An `aud` tokens must carry."; };
+          };
+        });
+        default = null;
+        description = "JSON Web Tokens as bearer tokens (claims: see SECURITY.md).";
+      };
+      allowAnonymous = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Serve callers without credentials on an address that is not loopback: anyone
+          who reaches the port may do anything. Only on a network that is itself trusted.
+        '';
       };
       metricsListen = mkOption {
         type = types.str;
@@ -53,7 +154,7 @@ in
       openFirewall = mkOption {
         type = types.bool;
         default = false;
-        description = "Open the gRPC port in the firewall.";
+        description = "Open the gRPC ports (clients' and workers') in the firewall.";
       };
       settings = settingsOption "server";
     };
@@ -64,8 +165,20 @@ in
       scheduler = mkOption {
         type = types.str;
         default = defaults.worker.scheduler;
-        description = "The scheduler to take work from, grpc://HOST:PORT.";
+        description = "The scheduler's worker address, grpc://HOST:PORT (grpcs:// for TLS).";
       };
+      tls = mkOption {
+        type = types.nullOr (types.submodule {
+          options = {
+            caFile = mkOption { type = types.nullOr types.str; default = null; description = "The CA that signed the scheduler's certificate (default: the system's roots)."; };
+            certFile = mkOption { type = types.nullOr types.str; default = null; description = "The worker's client certificate (PEM)."; };
+            keyFile = mkOption { type = types.nullOr types.str; default = null; description = "Its private key (PEM), outside the Nix store."; };
+          };
+        });
+        default = null;
+        description = "How the worker checks the scheduler, and its client certificate.";
+      };
+      tokenFile = secretOption "The worker's bearer token (an identity with the `worker` permission).";
       properties = mkOption {
         type = types.attrsOf (types.either types.str (types.listOf types.str));
         default = defaults.worker.properties;
@@ -82,6 +195,32 @@ in
   };
 
   config = mkMerge [
+    {
+      assertions = [
+        {
+          assertion = !(cfg.server.enable && cfg.server.openFirewall && !authConfigured && !cfg.server.allowAnonymous);
+          message = ''
+            services.paddock.server.openFirewall exposes the farm without authentication:
+            anyone who reaches it could write the cache and pose as a worker. Configure
+            services.paddock.server.tokens, .certificates or .jwt (see SECURITY.md), or
+            set .allowAnonymous = true if the network itself is trusted.
+          '';
+        }
+        {
+          assertion = !(cfg.server.enable && !authConfigured && !cfg.server.allowAnonymous
+            && !(loopback cfg.server.listen && loopback cfg.server.workerListen));
+          message = ''
+            services.paddock.server listens beyond loopback without authentication, which
+            paddock refuses. Configure .tokens, .certificates or .jwt, or set
+            .allowAnonymous = true if the network itself is trusted.
+          '';
+        }
+        {
+          assertion = lib.all (f: !(lib.hasPrefix "/nix/store" f)) secrets;
+          message = "services.paddock: keys and tokens must not be in the Nix store, which every user can read.";
+        }
+      ];
+    }
     (mkIf cfg.server.enable {
       users.users.paddock = {
         isSystemUser = true;
@@ -96,6 +235,8 @@ in
         after = [ "network.target" ];
         serviceConfig = {
           ExecStart = "${cfg.server.package}/bin/paddock server --config ${serverConfig}";
+          # Keys and tokens, readable by this service alone.
+          LoadCredential = loadCredentials (render.serverCredentials cfg.server);
           User = "paddock";
           Group = "paddock";
           StateDirectory = "paddock";
@@ -126,7 +267,10 @@ in
         };
       };
 
-      networking.firewall.allowedTCPPorts = mkIf cfg.server.openFirewall [ (port cfg.server.listen) ];
+      networking.firewall.allowedTCPPorts = mkIf cfg.server.openFirewall [
+        (port cfg.server.listen)
+        (port cfg.server.workerListen)
+      ];
     })
 
     (mkIf cfg.worker.enable {
@@ -139,6 +283,7 @@ in
         path = [ config.nix.package ];
         serviceConfig = {
           ExecStart = "${cfg.worker.package}/bin/paddock worker --config ${workerConfig}";
+          LoadCredential = loadCredentials (render.workerCredentials workerOptions);
           # It creates containers: namespaces, mounts and cgroups need root.
           User = "root";
           StateDirectory = "paddock-worker";

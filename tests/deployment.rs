@@ -92,6 +92,14 @@ fn the_module_renders_valid_configurations() {
             r#"s.server (s.defaults.server // { listen = "10.0.0.1:9000"; settings = { storage.max_size = "100GiB"; scheduler.max_attempts = 5; }; })"#,
         ),
         (
+            "server with TLS and credentials",
+            r#"s.server (s.defaults.server // { listen = "0.0.0.0:8980"; workerListen = "0.0.0.0:8982"; tls = { certFile = "/var/lib/secrets/farm.pem"; keyFile = "/var/lib/secrets/farm.key"; clientCaFile = "/var/lib/secrets/ca.pem"; }; tokens = [ { name = "ci"; tokenFile = "/var/lib/secrets/ci.token"; permissions = [ "cas.read" "execute" ]; } { name = "dev"; sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; permissions = [ "ac.read" ]; instances = [ "team-*" ]; } ]; certificates = [ { subject = "CN=builder-1"; permissions = [ "worker" ]; } ]; jwt = { secretFile = "/var/lib/secrets/jwt"; issuer = "https://idp"; audience = "paddock"; }; })"#,
+        ),
+        (
+            "worker with credentials",
+            r#"s.worker (s.defaults.worker // { scheduler = "grpcs://farm:8982"; tls = { caFile = "/etc/ca.pem"; }; tokenFile = "/var/lib/secrets/worker.token"; })"#,
+        ),
+        (
             "worker with options",
             r#"s.worker (s.defaults.worker // { maxConcurrentActions = 8; properties = { Pool = "large"; zone = [ "a" "b" ]; }; settings = { worker.sandbox.default_memory = "8GiB"; worker.nix.max_closures = 16; }; })"#,
         ),
@@ -100,6 +108,25 @@ fn the_module_renders_valid_configurations() {
         let (ok, output) = check("rendered.json", &json);
         assert!(ok, "{what}: {json}\n{output}");
     }
+    // Secrets are named where systemd's LoadCredential puts them, never inline.
+    let json = render(
+        r#"s.server (s.defaults.server // { tls = { certFile = "/s/c.pem"; keyFile = "/s/c.key"; }; tokens = [ { name = "ci"; tokenFile = "/s/ci"; permissions = [ "execute" ]; } ]; })"#,
+    );
+    for path in [
+        "/run/credentials/paddock-server.service/tls-cert",
+        "/run/credentials/paddock-server.service/tls-key",
+        "/run/credentials/paddock-server.service/token-ci",
+    ] {
+        assert!(json.contains(path), "{path}: {json}");
+    }
+    assert!(!json.contains("/s/ci"), "{json}");
+    let credentials = render(
+        r#"s.serverCredentials (s.defaults.server // { tls = { certFile = "/s/c.pem"; keyFile = "/s/c.key"; }; tokens = [ { name = "ci"; tokenFile = "/s/ci"; permissions = [ "execute" ]; } ]; })"#,
+    );
+    assert!(
+        credentials.contains(r#""file":"/s/ci","name":"token-ci""#),
+        "{credentials}"
+    );
     // Settings merge deeply into what the options set.
     let json = render(
         r#"s.worker (s.defaults.worker // { maxConcurrentActions = 8; settings.worker.cache_size = "1GiB"; })"#,
@@ -130,6 +157,8 @@ fn the_readme_configuration_example_is_valid() {
         "[worker.sandbox]",
         "[worker.nix]",
         "[worker.oci]",
+        "[worker.credentials]",
+        "[auth.quotas]",
     ] {
         assert!(example.contains(key), "the example lacks {key}");
     }
@@ -167,8 +196,16 @@ fn bad_configurations_name_the_key_and_line() {
             &["max_batch_size", "line 2"][..],
         ),
         (
-            "[worker]\nname = \"w\"\nscheduler = \"grpcs://farm:443\"\n",
-            &["line 3", "worker.scheduler", "TLS"][..],
+            "[worker]\nname = \"w\"\nscheduler = \"grpcs://farm\"\n",
+            &["line 3", "worker.scheduler", "grpcs://HOST:PORT"][..],
+        ),
+        (
+            "[[auth.tokens]]\nname = \"ci\"\npermissions = [\"cas.read\", \"cache.write\"]\nsha256 = \"00\"\n",
+            &["cache.write", "cas.read"][..],
+        ),
+        (
+            "[[auth.certificates]]\nsubject = \"CN=builder-1\"\npermissions = [\"worker\"]\n",
+            &["auth.certificates", "client_ca_file"][..],
         ),
         (
             "[worker.sandbox]\ncgroup_parent = \"paddock\"\n",

@@ -589,7 +589,7 @@ async fn platforms_are_matched_and_impossible_ones_fail_fast() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_action_survives_its_worker_being_killed() {
     let server = Farm::server("127.0.0.1:0", &[]);
-    let mut first = Worker::start(&server.url, "first", &["--capacity", "1"]);
+    let mut first = Worker::start(&server.worker_url, "first", &["--capacity", "1"]);
     let remote = server.remote("").await;
     let sleep = unique_sleep();
     let script = format!("sleep {sleep} & sleep 2; echo finished");
@@ -597,7 +597,7 @@ async fn an_action_survives_its_worker_being_killed() {
     let pid = wait_for_process(&format!("sleep {sleep}")).await;
     // The only worker dies mid-action; a second one joins and finishes it.
     first.kill9();
-    let _second = Worker::start(&server.url, "second", &["--capacity", "1"]);
+    let _second = Worker::start(&server.worker_url, "second", &["--capacity", "1"]);
     let mut last = None;
     while let Some(op) = stream.next().await {
         last = Some(op.unwrap());
@@ -628,14 +628,14 @@ async fn a_silent_worker_loses_its_actions_and_its_late_result_is_ignored() {
             ),
         ],
     );
-    let frozen = Worker::start(&server.url, "frozen", &["--capacity", "1"]);
+    let frozen = Worker::start(&server.worker_url, "frozen", &["--capacity", "1"]);
     let remote = server.remote("").await;
     let sleep = unique_sleep();
     let script = format!("sleep {sleep} & sleep 3; echo ok");
     let (_, mut stream) = start(&remote, &shell(&script)).await;
     wait_for_process(&format!("sleep {sleep}")).await;
     frozen.freeze();
-    let _healthy = Worker::start(&server.url, "healthy", &["--capacity", "1"]);
+    let _healthy = Worker::start(&server.worker_url, "healthy", &["--capacity", "1"]);
     let mut last = None;
     while let Some(op) = stream.next().await {
         last = Some(op.unwrap());
@@ -657,7 +657,7 @@ async fn a_silent_worker_loses_its_actions_and_its_late_result_is_ignored() {
 async fn a_worker_reconnects_when_the_server_comes_back() {
     let listen = free_address();
     let mut server = Farm::server(&listen, &[]);
-    let worker = Worker::start(&server.url, "steady", &["--capacity", "1"]);
+    let worker = Worker::start(&server.worker_url, "steady", &["--capacity", "1"]);
     let response = execute(&server.remote("").await, &shell("echo one"))
         .await
         .unwrap();

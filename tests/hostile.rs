@@ -766,6 +766,7 @@ async fn a_scheduler_cannot_choose_where_the_worker_writes() {
             max_batch_blobs: 100_000,
             max_tree_directories: 1_000_000,
         },
+        &Default::default(),
         true,
     )
     .add_service(wire::scheduler_server::SchedulerServer::new(fake));
@@ -773,7 +774,12 @@ async fn a_scheduler_cannot_choose_where_the_worker_writes() {
     let url = format!("grpc://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(paddock_server::serve(
         listener,
+        None,
         routes,
+        paddock_server::Access {
+            callers: paddock_server::Callers::anyone(),
+            audience: paddock_server::Audience::Workers,
+        },
         std::future::pending(),
     ));
     let remote = Remote::connect(&url, "").await.unwrap();
@@ -1193,7 +1199,7 @@ async fn a_worker_that_claims_present_inputs_are_missing_is_not_believed() {
     let server = Farm::server("127.0.0.1:0", &[]);
     let (go, go_rx) = watch::channel(false);
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let liar = tokio::spawn(lying_worker(server.url.clone(), go_rx, seen_tx));
+    let liar = tokio::spawn(lying_worker(server.worker_url.clone(), go_rx, seen_tx));
     wait_connected(&server.url, &["liar"]).await;
 
     let remote = server.remote("").await;
@@ -1220,7 +1226,7 @@ async fn a_worker_that_claims_present_inputs_are_missing_is_not_believed() {
         first.action_digest.map(|d| d.hash),
         Some(prepared.digest.hash_hex())
     );
-    let honest = Worker::start(&server.url, "honest", &["--capacity", "1"]);
+    let honest = Worker::start(&server.worker_url, "honest", &["--capacity", "1"]);
     wait_connected(&server.url, &["honest"]).await;
     go.send(true).unwrap();
 
@@ -1324,11 +1330,11 @@ async fn a_worker_whose_disk_is_full_is_quarantined_and_the_build_succeeds() {
             &config_file("[scheduler.quarantine]\nmin_samples = 4\n"),
         ],
     );
-    let _good =
-        ["good-1", "good-2"].map(|name| Worker::start(&server.url, name, &["--capacity", "2"]));
+    let _good = ["good-1", "good-2"]
+        .map(|name| Worker::start(&server.worker_url, name, &["--capacity", "2"]));
     // Its whole directory is a 2 MiB disk: no 3 MiB input fits in its cache.
     let bad = Worker::start_with(
-        &server.url,
+        &server.worker_url,
         "full-disk",
         &["--capacity", "2"],
         WorkerSetup {
@@ -1350,11 +1356,12 @@ async fn a_worker_whose_image_mounts_fail_is_quarantined_and_the_build_succeeds(
     let config = registry.worker_config("[scheduler.quarantine]\nmin_samples = 4\n");
     let server = Farm::server("127.0.0.1:0", &["--config", &config]);
     let worker_args = ["--capacity", "2", "--config", config.as_str()];
-    let _good = ["good-1", "good-2"].map(|name| Worker::start(&server.url, name, &worker_args));
+    let _good =
+        ["good-1", "good-2"].map(|name| Worker::start(&server.worker_url, name, &worker_args));
     // overlayfs takes its directories in a comma- and colon-separated option: under a
     // directory whose name has a colon, no image root of this worker can be mounted.
     let bad = Worker::start_with(
-        &server.url,
+        &server.worker_url,
         "broken-mounts",
         &worker_args,
         WorkerSetup {

@@ -407,7 +407,7 @@ async fn two_workers_produce_identical_outputs() {
     };
     let mut outputs = Vec::new();
     for name in ["left", "right"] {
-        let mut worker = Worker::start(&server.url, name, &["--capacity", "1"]);
+        let mut worker = Worker::start(&server.worker_url, name, &["--capacity", "1"]);
         let response = execute(
             &remote,
             &ExecSpec {
@@ -513,7 +513,7 @@ async fn a_worker_whose_nix_cannot_serve_says_why_and_offers_no_nix_platform() {
         ),
     ];
     for (name, setup, hint) in cases {
-        let mut worker = Worker::start_with(&server.url, name, &["--capacity", "1"], setup);
+        let mut worker = Worker::start_with(&server.worker_url, name, &["--capacity", "1"], setup);
         // An ordinary action runs: the worker is up and connected.
         let plain = ExecSpec {
             arguments: vec!["/bin/true".into()],

@@ -384,7 +384,7 @@ fn action_cgroups(worker: &str) -> usize {
 async fn five_hundred_actions_leave_nothing_behind() {
     let server = Farm::server("127.0.0.1:0", &[]);
     let name = format!("leak-{}", rand::random::<u32>());
-    let worker = Worker::start(&server.url, &name, &["--capacity", "4"]);
+    let worker = Worker::start(&server.worker_url, &name, &["--capacity", "4"]);
     let remote = server.remote("").await;
     let marker = format!(
         "{}.{:04}",
@@ -456,7 +456,7 @@ async fn five_hundred_actions_leave_nothing_behind() {
 async fn a_stopped_worker_kills_its_actions_and_removes_their_cgroups() {
     let server = Farm::server("127.0.0.1:0", &[]);
     let name = format!("stopped-{}", rand::random::<u32>());
-    let mut worker = Worker::start(&server.url, &name, &["--capacity", "2"]);
+    let mut worker = Worker::start(&server.worker_url, &name, &["--capacity", "2"]);
     let remote = server.remote("").await;
     let marker = format!(
         "{}.{:04}",
@@ -509,7 +509,7 @@ async fn a_restarted_worker_cleans_up_what_its_previous_life_left() {
         &["--config", &config_file("[scheduler]\nmax_attempts = 1\n")],
     );
     let name = format!("phoenix-{}", rand::random::<u32>());
-    let mut worker = Worker::start(&server.url, &name, &["--capacity", "1"]);
+    let mut worker = Worker::start(&server.worker_url, &name, &["--capacity", "1"]);
     let remote = server.remote("").await;
     let marker = format!(
         "{}.{:04}",

@@ -146,10 +146,10 @@ async fn check_cache(remote: &Remote, tag: &str, count: usize) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupting_worker_never_reaches_clients_or_the_cache_and_is_quarantined() {
     let server = Farm::server("127.0.0.1:0", &[]);
-    let _good1 = host_worker(&server.url, "good-1", &[]);
-    let _good2 = host_worker(&server.url, "good-2", &[]);
+    let _good1 = host_worker(&server.worker_url, "good-1", &[]);
+    let _good2 = host_worker(&server.worker_url, "good-2", &[]);
     let _bad = host_worker(
-        &server.url,
+        &server.worker_url,
         "corrupter",
         &["--dangerous-fault-injection", "corrupt-outputs=1"],
     );
@@ -188,9 +188,9 @@ async fn a_worker_whose_sandbox_fails_half_the_time_loses_nothing() {
         "127.0.0.1:0",
         &["--config", &config_file("[scheduler]\nmax_attempts = 6\n")],
     );
-    let _good = host_worker(&server.url, "steady", &[]);
+    let _good = host_worker(&server.worker_url, "steady", &[]);
     let _flaky = host_worker(
-        &server.url,
+        &server.worker_url,
         "flaky",
         &["--dangerous-fault-injection", "fail-setup=0.5"],
     );
@@ -211,10 +211,10 @@ async fn a_worker_whose_sandbox_fails_half_the_time_loses_nothing() {
 async fn disagreeing_results_are_settled_by_a_third_worker() {
     let config = config_file("[scheduler.quarantine]\nverify_sample_rate = 1.0\n");
     let server = Farm::server("127.0.0.1:0", &["--config", &config]);
-    let _good1 = host_worker(&server.url, "honest-1", &[]);
-    let _good2 = host_worker(&server.url, "honest-2", &[]);
+    let _good1 = host_worker(&server.worker_url, "honest-1", &[]);
+    let _good2 = host_worker(&server.worker_url, "honest-2", &[]);
     let _liar = host_worker(
-        &server.url,
+        &server.worker_url,
         "liar",
         &["--dangerous-fault-injection", "alter-outputs=1"],
     );
@@ -289,10 +289,10 @@ async fn check_cache_quietly(remote: &Remote, tag: &str, count: usize) -> bool {
 async fn a_quarantined_worker_is_probed_with_canaries_and_released_when_healthy() {
     let config = config_file("[scheduler.quarantine]\ncooldown = \"1s\"\ncanaries = 2\n");
     let server = Farm::server("127.0.0.1:0", &["--config", &config]);
-    let _good1 = host_worker(&server.url, "steady-1", &[]);
-    let _good2 = host_worker(&server.url, "steady-2", &[]);
+    let _good1 = host_worker(&server.worker_url, "steady-1", &[]);
+    let _good2 = host_worker(&server.worker_url, "steady-2", &[]);
     let mut phoenix = host_worker(
-        &server.url,
+        &server.worker_url,
         "phoenix",
         &["--dangerous-fault-injection", "corrupt-outputs=1"],
     );
@@ -319,7 +319,7 @@ async fn a_quarantined_worker_is_probed_with_canaries_and_released_when_healthy(
     let failed_at = started.elapsed();
     // Repaired (restarted without the fault, same name), it passes and is released.
     phoenix.kill9();
-    let _phoenix = host_worker(&server.url, "phoenix", &[]);
+    let _phoenix = host_worker(&server.worker_url, "phoenix", &[]);
     let repaired_at = started.elapsed();
     let released =
         wait_for_standing(&server.url, "phoenix", "active", Duration::from_secs(30)).await;
@@ -350,7 +350,7 @@ async fn failed_probe(url: &str) -> Option<Listed> {
 #[tokio::test(flavor = "multi_thread")]
 async fn operators_drain_quarantine_release_and_invalidate() {
     let server = Farm::server("127.0.0.1:0", &[]);
-    let _w = host_worker(&server.url, "solo", &[]);
+    let _w = host_worker(&server.worker_url, "solo", &[]);
     let remote = server.remote("").await;
     run_checked(&remote, "ops", 3, 3).await;
     let cli = |args: &[&str]| {
@@ -516,7 +516,7 @@ async fn a_straggler_gets_a_speculative_copy_that_wins() {
         "[scheduler.speculation]\nenabled = true\nmultiple = 2.0\nmin_runtime = \"1s\"\nmin_samples = 3\n",
     );
     let server = Farm::server("127.0.0.1:0", &["--config", &config]);
-    let _fast = host_worker(&server.url, "fast", &[]);
+    let _fast = host_worker(&server.worker_url, "fast", &[]);
     let remote = server.remote("").await;
     // History: similar actions take a fraction of a second.
     for i in 0..4 {
@@ -536,7 +536,7 @@ async fn a_straggler_gets_a_speculative_copy_that_wins() {
     }
     // A slow machine joins; with the fast one drained, the next action lands there.
     let _slow = host_worker(
-        &server.url,
+        &server.worker_url,
         "slow",
         &["--dangerous-fault-injection", "delay=60s"],
     );
@@ -621,7 +621,7 @@ async fn twenty_thousand_actions_from_fifty_clients_with_workers_coming_and_goin
     let mut fleet: Vec<Worker> = (0..3)
         .map(|i| {
             Worker::start(
-                &server.url,
+                &server.worker_url,
                 &format!("load-{i}"),
                 &["--runner", "host", "--capacity", "4"],
             )
@@ -676,7 +676,7 @@ async fn twenty_thousand_actions_from_fifty_clients_with_workers_coming_and_goin
         }
         churn += 1;
         fleet.push(Worker::start(
-            &server.url,
+            &server.worker_url,
             &format!("load-{next}"),
             &["--runner", "host", "--capacity", "4"],
         ));

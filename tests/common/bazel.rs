@@ -13,6 +13,35 @@ pub fn shared_dir() -> PathBuf {
     }
 }
 
+/// Where the tests' Bazel finds the OpenSSL half of its gRPC (netty-tcnative).
+///
+/// Debian's Bazel bundles netty-tcnative's Java classes but not its native library,
+/// and its netty has no ALPN through the JDK: without the library, every `grpcs://`
+/// connection fails ("JDK provider does not support ALPN protocol"). Debian's
+/// `libnetty-tcnative-jni` has the library under another name (hyphenated), which
+/// the library itself refuses to load as; a copy under the name netty looks for, in
+/// a directory of the tests' own, given to Bazel's JVM with `java.library.path`,
+/// makes TLS work. Nothing of the machine's configuration changes.
+fn tcnative_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let installed = Path::new("/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so");
+        assert!(
+            installed.exists(),
+            "{} is missing: apt-get install libnetty-tcnative-jni (tests/run does)",
+            installed.display()
+        );
+        let dir = std::env::temp_dir().join("paddock-test-tcnative");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Copied, not linked: the library checks the name it was loaded under.
+        let tmp = dir.join(format!("copy.{}", std::process::id()));
+        std::fs::copy(installed, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("libnetty_tcnative.so")).unwrap();
+        dir
+    })
+    .clone()
+}
+
 /// A private copy of a test workspace with its own Bazel server, shut down on drop.
 pub struct Workspace {
     tmp: tempfile::TempDir,
@@ -107,6 +136,10 @@ impl Workspace {
                 "--output_user_root={}",
                 self.tmp.path().join("root").display()
             ))
+            .arg(format!(
+                "--host_jvm_args=-Djava.library.path={}",
+                tcnative_dir().display()
+            ))
             .args(args)
             .current_dir(self.dir())
             .env_remove("RUST_LOG")
@@ -146,6 +179,10 @@ impl Drop for Workspace {
             .arg(format!(
                 "--output_user_root={}",
                 self.tmp.path().join("root").display()
+            ))
+            .arg(format!(
+                "--host_jvm_args=-Djava.library.path={}",
+                tcnative_dir().display()
             ))
             .arg("shutdown")
             .current_dir(self.dir())

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own share of the harness
 
 pub mod bazel;
+pub mod pki;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};
@@ -70,10 +71,13 @@ pub fn nix_command(program: &str) -> Command {
 pub struct Farm {
     child: Option<Child>,
     pub url: String,
+    /// Where workers connect.
+    pub worker_url: String,
     pub metrics_url: String,
     pub data_dir: PathBuf,
     command: &'static str,
     listen: String,
+    worker_listen: String,
     args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -90,21 +94,28 @@ impl Farm {
         Farm::launch("up", "127.0.0.1:0", args)
     }
 
-    /// Starts `paddock server` (no workers of its own) on `listen`.
+    /// Starts `paddock server` (no workers of its own) on `listen`, with workers
+    /// served on another free port (kept across restarts).
     pub fn server(listen: &str, args: &[&str]) -> Farm {
         Farm::launch("server", listen, args)
     }
 
     fn launch(command: &'static str, listen: &str, args: &[&str]) -> Farm {
+        let worker_listen = match listen.ends_with(":0") {
+            true => listen.to_owned(),
+            false => free_address(),
+        };
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut farm = Farm {
             child: None,
             url: String::new(),
+            worker_url: String::new(),
             metrics_url: String::new(),
             data_dir,
             command,
             listen: listen.to_owned(),
+            worker_listen,
             args: args.iter().map(|s| s.to_string()).collect(),
             _tmp: Some(tmp),
         };
@@ -125,6 +136,7 @@ impl Farm {
         let mut child = Command::new(paddock_bin())
             .arg(self.command)
             .args(["--listen", &self.listen, "--metrics-listen", "127.0.0.1:0"])
+            .args(["--worker-listen", &self.worker_listen])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
@@ -136,8 +148,8 @@ impl Farm {
             .expect("starting paddock");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut url, mut metrics) = (None, None);
-        while url.is_none() || metrics.is_none() {
+        let (mut url, mut worker_url, mut metrics) = (None, None, None);
+        while url.is_none() || worker_url.is_none() || metrics.is_none() {
             let Some(Ok(line)) = lines.next() else {
                 panic!(
                     "paddock exited before it was ready; log:\n{}",
@@ -147,6 +159,9 @@ impl Farm {
             if let Some(u) = line.strip_prefix("paddock: serving REAPI on ") {
                 url = Some(u.trim().to_owned());
             }
+            if let Some(u) = line.strip_prefix("paddock: serving workers on ") {
+                worker_url = Some(u.trim().to_owned());
+            }
             if let Some(m) = line.strip_prefix("paddock: metrics on ") {
                 metrics = Some(m.trim().to_owned());
             }
@@ -154,6 +169,7 @@ impl Farm {
         // Keep draining stdout so the process never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         self.url = url.unwrap();
+        self.worker_url = worker_url.unwrap();
         self.metrics_url = metrics.unwrap();
         self.child = Some(child);
     }
@@ -206,6 +222,11 @@ impl Farm {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The process's id, while it runs.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("the farm runs").id() as i32
     }
 }
 

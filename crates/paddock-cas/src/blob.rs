@@ -27,6 +27,8 @@ pub enum StoreError {
     TooLarge { digest: Digest, capacity: u64 },
     #[error("blob {0} was corrupt in storage and has been removed; upload it again")]
     Corrupt(Digest),
+    #[error("uploads under way already hold {reserved} of the store's {capacity} bytes; try again when they finish")]
+    Full { reserved: u64, capacity: u64 },
     #[error("storage I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -39,7 +41,7 @@ impl StoreError {
             StoreError::DigestMismatch { .. } | StoreError::TooMuchData { .. } => {
                 tonic::Code::InvalidArgument
             }
-            StoreError::TooLarge { .. } => tonic::Code::ResourceExhausted,
+            StoreError::TooLarge { .. } | StoreError::Full { .. } => tonic::Code::ResourceExhausted,
             StoreError::Io(_) => tonic::Code::Internal,
         }
     }
@@ -90,6 +92,8 @@ pub trait BlobStore: Send + Sync + 'static {
 /// A blob being written. Data becomes visible only on [`commit`](BlobSink::commit).
 #[async_trait]
 pub trait BlobSink: Send {
+    /// Appends `chunk`. Refused with [`StoreError::Full`], it took none of the chunk,
+    /// which may be offered again.
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError>;
 
     /// Bytes accepted so far; what a resumed upload continues from.

@@ -3,7 +3,14 @@
 //! The layer keeps an in-memory index of everything below it (rebuilt from
 //! [`BlobStore::list`] at start-up, oldest first), so it answers `find_missing` without
 //! touching the store underneath, and it is the one place that knows the store's size.
+//!
+//! Uploads under way count too: every byte a sink has taken is reserved until the
+//! blob is committed (and becomes part of the store) or abandoned, so that partial
+//! uploads cannot fill the disk beneath a bounded store. Stored blobs are evicted to
+//! make room for them; when reservations alone would pass the bound, writes are
+//! refused with RESOURCE_EXHAUSTED.
 
+use std::io;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -26,11 +33,13 @@ struct Shared {
     state: Mutex<Index>,
 }
 
-/// Blobs in least- to most-recently-used order, with their total size.
+/// Blobs in least- to most-recently-used order, with their total size, and the bytes
+/// uploads under way hold.
 #[derive(Default)]
 struct Index {
     blobs: LinkedHashMap<Digest, ()>,
     total: u64,
+    reserved: u64,
 }
 
 impl Index {
@@ -48,10 +57,11 @@ impl Index {
         }
     }
 
-    /// Removes least recently used blobs until the total fits `capacity`.
+    /// Removes least recently used blobs until they and the reservations fit
+    /// `capacity`.
     fn evict_to(&mut self, capacity: u64) -> Vec<Digest> {
         let mut evicted = Vec::new();
-        while self.total > capacity {
+        while self.total + self.reserved > capacity {
             let Some((digest, ())) = self.blobs.pop_front() else {
                 break;
             };
@@ -102,6 +112,11 @@ impl SizeBounded {
     pub fn size(&self) -> u64 {
         self.shared.state.lock().total
     }
+
+    /// Bytes that uploads under way hold.
+    pub fn reserved(&self) -> u64 {
+        self.shared.state.lock().reserved
+    }
 }
 
 impl Shared {
@@ -119,11 +134,12 @@ impl Shared {
     }
 
     fn report(&self) {
-        let (count, total) = {
+        let (count, total, reserved) = {
             let state = self.state.lock();
-            (state.blobs.len(), state.total)
+            (state.blobs.len(), state.total, state.reserved)
         };
         metrics::gauge!("paddock_store_bytes", "store" => self.name).set(total as f64);
+        metrics::gauge!("paddock_store_reserved_bytes", "store" => self.name).set(reserved as f64);
         metrics::gauge!("paddock_store_blobs", "store" => self.name).set(count as f64);
         metrics::gauge!("paddock_store_capacity_bytes", "store" => self.name)
             .set(self.capacity as f64);
@@ -139,9 +155,36 @@ impl Shared {
         Ok(())
     }
 
-    async fn admit(&self, digest: Digest) {
+    /// Reserves `bytes` more for an upload under way, evicting stored blobs to make
+    /// room; refused when reservations alone would pass the bound.
+    async fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
         let evicted = {
             let mut state = self.state.lock();
+            if state.reserved + bytes > self.capacity {
+                return Err(StoreError::Full {
+                    reserved: state.reserved,
+                    capacity: self.capacity,
+                });
+            }
+            state.reserved += bytes;
+            state.evict_to(self.capacity)
+        };
+        self.remove_evicted(evicted).await;
+        self.report();
+        Ok(())
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut state = self.state.lock();
+        state.reserved = state.reserved.saturating_sub(bytes);
+    }
+
+    /// Adds a written blob, whose `reserved` bytes (if it was uploaded through a
+    /// sink) become part of the store.
+    async fn admit(&self, digest: Digest, reserved: u64) {
+        let evicted = {
+            let mut state = self.state.lock();
+            state.reserved = state.reserved.saturating_sub(reserved);
             state.insert(digest);
             // Evict the oldest first; the blob just written is the newest.
             state.evict_to(self.capacity)
@@ -187,13 +230,14 @@ impl BlobStore for SizeBounded {
             inner: self.shared.inner.write(digest).await?,
             digest: *digest,
             shared: self.shared.clone(),
+            reserved: 0,
         }))
     }
 
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<(), StoreError> {
         self.shared.check_fits(digest)?;
         self.shared.inner.put(digest, data).await?;
-        self.shared.admit(*digest).await;
+        self.shared.admit(*digest, 0).await;
         Ok(())
     }
 
@@ -208,15 +252,21 @@ impl BlobStore for SizeBounded {
     }
 }
 
+/// An upload into the bounded store, holding a reservation for what it has taken.
 struct BoundedSink {
     inner: Box<dyn BlobSink>,
     digest: Digest,
     shared: Arc<Shared>,
+    reserved: u64,
 }
 
 #[async_trait]
 impl BlobSink for BoundedSink {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        // Never more than the blob's size: the sink below refuses the excess anyway.
+        let more = (chunk.len() as u64).min(self.digest.size().saturating_sub(self.reserved));
+        self.shared.reserve(more).await?;
+        self.reserved += more;
         self.inner.write(chunk).await
     }
 
@@ -224,9 +274,51 @@ impl BlobSink for BoundedSink {
         self.inner.written()
     }
 
+    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        let reserved = std::mem::take(&mut self.reserved);
+        let shared = self.shared.clone();
+        let digest = self.digest;
+        // Taken out of the box so that dropping it cannot release the reservation twice.
+        let inner = std::mem::replace(&mut self.inner, Box::new(Committed));
+        match inner.commit().await {
+            Ok(()) => {
+                shared.admit(digest, reserved).await;
+                Ok(())
+            }
+            Err(e) => {
+                shared.release(reserved);
+                shared.report();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for BoundedSink {
+    fn drop(&mut self) {
+        if self.reserved > 0 {
+            self.shared.release(self.reserved);
+            self.shared.report();
+        }
+    }
+}
+
+/// Stands in for a sink that has been committed.
+struct Committed;
+
+#[async_trait]
+impl BlobSink for Committed {
+    async fn write(&mut self, _: Bytes) -> Result<(), StoreError> {
+        Err(StoreError::Io(io::Error::other(
+            "the upload was already committed",
+        )))
+    }
+
+    fn written(&self) -> u64 {
+        0
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.inner.commit().await?;
-        self.shared.admit(self.digest).await;
         Ok(())
     }
 }
@@ -270,5 +362,43 @@ mod tests {
             store.put(&big, data).await,
             Err(StoreError::TooLarge { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn uploads_under_way_count_against_the_bound_until_they_end() {
+        let store = SizeBounded::new(Arc::new(MemoryStore::new()), 300, "test")
+            .await
+            .unwrap();
+        let (a, ad) = blob(1, 100);
+        store.put(&a, ad).await.unwrap();
+        let (big, big_data) = blob(2, 250);
+        let mut sink = store.write(&big).await.unwrap();
+        sink.write(big_data.slice(..150)).await.unwrap();
+        // 150 reserved beside 100 stored fits; 250 reserved does not, so `a` goes.
+        assert_eq!((store.size(), store.reserved()), (100, 150));
+        sink.write(big_data.slice(150..)).await.unwrap();
+        assert_eq!((store.size(), store.reserved()), (0, 250));
+        assert_eq!(store.find_missing(&[a]).await.unwrap(), vec![a]);
+        // A second upload cannot reserve past the bound: refused, not stored.
+        let (other, other_data) = blob(3, 100);
+        let mut second = store.write(&other).await.unwrap();
+        let refused = second.write(other_data.clone()).await.unwrap_err();
+        assert!(matches!(
+            refused,
+            StoreError::Full {
+                reserved: 250,
+                capacity: 300
+            }
+        ));
+        drop(second);
+        // Committed: the reservation becomes the blob.
+        sink.commit().await.unwrap();
+        assert_eq!((store.size(), store.reserved()), (250, 0));
+        // Abandoned: the reservation is given back.
+        let mut third = store.write(&other).await.unwrap();
+        third.write(other_data.slice(..40)).await.unwrap();
+        assert_eq!(store.reserved(), 40);
+        drop(third);
+        assert_eq!((store.size(), store.reserved()), (250, 0));
     }
 }

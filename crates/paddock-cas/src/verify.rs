@@ -229,8 +229,10 @@ impl BlobSink for VerifyingSink {
                 expected: self.digest.size(),
             });
         }
+        // Hashed once written: a chunk the store refused (full, say) may come again.
+        self.inner.write(chunk.clone()).await?;
         self.hasher.update(&chunk);
-        self.inner.write(chunk).await
+        Ok(())
     }
 
     fn written(&self) -> u64 {

@@ -262,6 +262,57 @@ impl fmt::Display for CasBenchReport {
     }
 }
 
+/// What one configuration of a server costs against another (TLS with a token
+/// against plain text, say), from two runs of the CAS benchmark.
+#[derive(Debug, Clone)]
+pub struct CasComparison {
+    /// The share of ByteStream throughput lost, write and read (medians), in percent.
+    pub write_loss_percent: f64,
+    pub read_loss_percent: f64,
+    /// What GetActionResult's p50 gains.
+    pub get_action_result_p50_added: Duration,
+    pub find_missing_p50_added: Duration,
+}
+
+impl CasComparison {
+    pub fn of(base: &CasBenchReport, other: &CasBenchReport) -> CasComparison {
+        let loss = |a: &[f64], b: &[f64]| {
+            let (a, b) = (median(a), median(b));
+            if a > 0.0 {
+                (a - b) / a * 100.0
+            } else {
+                0.0
+            }
+        };
+        CasComparison {
+            write_loss_percent: loss(&base.write_mib_s, &other.write_mib_s),
+            read_loss_percent: loss(&base.read_mib_s, &other.read_mib_s),
+            get_action_result_p50_added: other
+                .get_action_result
+                .p50
+                .saturating_sub(base.get_action_result.p50),
+            find_missing_p50_added: other.find_missing.p50.saturating_sub(base.find_missing.p50),
+        }
+    }
+}
+
+impl fmt::Display for CasComparison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "What TLS with a bearer token costs against plain text:")?;
+        writeln!(
+            f,
+            "  ByteStream throughput: {:.1}% of write, {:.1}% of read",
+            self.write_loss_percent, self.read_loss_percent
+        )?;
+        write!(
+            f,
+            "  p50 latency added: GetActionResult {}, FindMissingBlobs {}",
+            ms(self.get_action_result_p50_added),
+            ms(self.find_missing_p50_added)
+        )
+    }
+}
+
 /// What the execution benchmark measures, and how much of it.
 #[derive(Debug, Clone)]
 pub struct ExecBenchOptions {

@@ -5,6 +5,8 @@
 pub mod bench;
 pub mod exec;
 mod remote;
+mod transport;
 pub mod tree;
 
 pub use remote::{hash_file, ClientError, Remote, Source};
+pub use transport::{endpoint, Credentials, LocalServer, Transport};

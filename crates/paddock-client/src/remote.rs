@@ -17,7 +17,9 @@ use paddock_reapi::proto::re::{
 };
 use paddock_reapi::{resource, Digest, DigestHasher};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::transport::{endpoint, Credentials, Transport};
 use tonic::Code;
 
 /// The chunk size of ByteStream uploads.
@@ -36,7 +38,7 @@ const PER_BLOB_OVERHEAD: u64 = 128;
 pub enum ClientError {
     #[error("cannot connect: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -67,36 +69,36 @@ pub enum Source {
 /// A REAPI server and an instance name on it.
 #[derive(Clone)]
 pub struct Remote {
-    channel: Channel,
+    channel: Transport,
     instance: String,
     max_batch: u64,
 }
 
-/// Turns `grpc://host:port` (or `http://`, or a bare `host:port`) into an endpoint URI.
-fn endpoint_uri(url: &str) -> Result<String, ClientError> {
-    if let Some(rest) = url.strip_prefix("grpc://") {
-        return Ok(format!("http://{rest}"));
-    }
-    if url.starts_with("grpcs://") || url.starts_with("https://") {
-        return Err(ClientError::Protocol(format!(
-            "{url}: TLS is not supported yet; use grpc:// over a trusted network"
-        )));
-    }
-    if url.starts_with("http://") {
-        return Ok(url.to_owned());
-    }
-    Ok(format!("http://{url}"))
-}
-
 impl Remote {
-    /// Connects and reads the server's batch limit from its capabilities.
+    /// Connects without credentials (see [`Remote::connect_with`]).
     pub async fn connect(url: &str, instance: &str) -> Result<Remote, ClientError> {
-        let channel = Endpoint::from_shared(endpoint_uri(url)?)?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20))
-            .connect()
-            .await?;
+        Remote::connect_with(url, instance, &Credentials::default()).await
+    }
+
+    /// Connects (`grpc://` or, with TLS, `grpcs://`) with `credentials` and reads the
+    /// server's batch limit from its capabilities.
+    pub async fn connect_with(
+        url: &str,
+        instance: &str,
+        credentials: &Credentials,
+    ) -> Result<Remote, ClientError> {
+        let channel = endpoint(url, credentials)?.connect().await?;
+        Remote::over(channel, instance, credentials.token.as_deref()).await
+    }
+
+    /// A server reached through `channel` (made by the caller: a connection in the
+    /// same process, say), with `token` on every call.
+    pub async fn over(
+        channel: Channel,
+        instance: &str,
+        token: Option<&str>,
+    ) -> Result<Remote, ClientError> {
+        let channel = Transport::new(channel, token)?;
         let capabilities = CapabilitiesClient::new(channel.clone())
             .get_capabilities(GetCapabilitiesRequest {
                 instance_name: instance.to_owned(),
@@ -130,7 +132,7 @@ impl Remote {
         }
     }
 
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> Transport {
         self.channel.clone()
     }
 
@@ -147,20 +149,20 @@ impl Remote {
             .max(4 << 20)
     }
 
-    pub fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+    pub fn cas(&self) -> ContentAddressableStorageClient<Transport> {
         ContentAddressableStorageClient::new(self.channel())
             .max_decoding_message_size(self.max_message())
     }
 
-    pub fn bytestream(&self) -> ByteStreamClient<Channel> {
+    pub fn bytestream(&self) -> ByteStreamClient<Transport> {
         ByteStreamClient::new(self.channel()).max_decoding_message_size(self.max_message())
     }
 
-    pub fn action_cache(&self) -> ActionCacheClient<Channel> {
+    pub fn action_cache(&self) -> ActionCacheClient<Transport> {
         ActionCacheClient::new(self.channel()).max_decoding_message_size(self.max_message())
     }
 
-    pub fn execution(&self) -> ExecutionClient<Channel> {
+    pub fn execution(&self) -> ExecutionClient<Transport> {
         ExecutionClient::new(self.channel()).max_decoding_message_size(self.max_message())
     }
 

@@ -23,29 +23,261 @@ pub struct Config {
     pub storage: StorageConfig,
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
+    pub auth: AuthConfig,
 }
 
 /// Where the server listens and keeps its state.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// The gRPC address for every REAPI service and the worker protocol.
+    /// The gRPC address for every REAPI service.
     pub listen: SocketAddr,
+    /// The gRPC address for workers (the worker protocol, and the CAS they read and
+    /// write). Unset: the address of `listen` with its port plus two (8982 beside
+    /// 8980), or any free port when `listen`'s is 0.
+    pub worker_listen: Option<SocketAddr>,
     /// The HTTP address of the Prometheus `/metrics` endpoint.
     pub metrics_listen: SocketAddr,
     /// Where storage (and local workers' files) live; defaults to `$XDG_DATA_HOME/paddock`.
     pub data_dir: Option<PathBuf>,
     /// How many workers `paddock up` starts in its own process.
     pub local_workers: usize,
+    /// TLS on every listener; unset, they speak plain text.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8980".parse().expect("valid address"),
+            worker_listen: None,
             metrics_listen: "127.0.0.1:8981".parse().expect("valid address"),
             data_dir: None,
             local_workers: 1,
+            tls: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Where workers connect: `worker_listen`, or derived from `listen`.
+    pub fn worker_address(&self) -> SocketAddr {
+        self.worker_listen.unwrap_or_else(|| {
+            let port = match self.listen.port() {
+                0 => 0,
+                port => port.saturating_add(2),
+            };
+            SocketAddr::new(self.listen.ip(), port)
+        })
+    }
+}
+
+/// The server's certificate and key (PEM files, re-read when they change), and the
+/// CA whose client certificates identify their holders.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Client certificates signed by this CA identify their holders (mutual TLS);
+    /// clients with a token need none.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for a change.
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval: Span,
+}
+
+fn default_reload_interval() -> Span {
+    "5s".parse().expect("a valid duration")
+}
+
+/// Who may use the farm, and for what.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Serve callers without credentials, with every permission, on an address that is
+    /// not loopback. Off: such a server refuses to start without `tokens`,
+    /// `certificates` or `jwt` (a loopback one serves anonymously when none is set).
+    pub allow_anonymous: bool,
+    pub tokens: Vec<TokenConfig>,
+    pub certificates: Vec<CertificateConfig>,
+    pub jwt: Option<JwtConfig>,
+    pub quotas: QuotaConfig,
+}
+
+impl AuthConfig {
+    /// Whether any way of telling callers apart is configured.
+    pub fn configured(&self) -> bool {
+        !self.tokens.is_empty() || !self.certificates.is_empty() || self.jwt.is_some()
+    }
+}
+
+/// A bearer token (`authorization: Bearer TOKEN`) and what its holder may do.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The identity's name, in logs, quotas and worker names.
+    pub name: String,
+    /// A file holding the token itself (trailing newline ignored)...
+    pub token_file: Option<PathBuf>,
+    /// ...or the SHA-256 of the token, in hex, so the file need not hold the secret.
+    pub sha256: Option<String>,
+    pub permissions: Vec<Permission>,
+    /// Instance-name patterns the permissions apply to (`*` matches any text).
+    #[serde(default = "every_instance")]
+    pub instances: Vec<String>,
+}
+
+/// Client certificates (signed by `server.tls.client_ca_file`) and what their holders
+/// may do.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Attributes the certificate's subject must have, e.g. `CN=builder-1` or
+    /// `CN=ci,O=Example` (each listed attribute must match; others may be present).
+    pub subject: Option<String>,
+    /// A subjectAltName the certificate must carry: `DNS:name`, `URI:...` or
+    /// `email:...`.
+    pub san: Option<String>,
+    /// The identity's name; default: the subject's common name.
+    pub name: Option<String>,
+    pub permissions: Vec<Permission>,
+    #[serde(default = "every_instance")]
+    pub instances: Vec<String>,
+}
+
+/// JSON Web Tokens presented as bearer tokens.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// HS256: the shared secret, in a file.
+    pub secret_file: Option<PathBuf>,
+    /// RS256, ES256, EdDSA: the issuer's public keys, a JWKS document in a file
+    /// (re-read when it changes).
+    pub jwks_file: Option<PathBuf>,
+    /// The `iss` a token must carry.
+    pub issuer: String,
+    /// An `aud` a token must carry.
+    pub audience: String,
+    /// The claim listing the holder's permissions: each `PERMISSION` (on the
+    /// instances of `instances_claim`) or `PERMISSION:INSTANCE-PATTERN`.
+    #[serde(default = "default_permissions_claim")]
+    pub permissions_claim: String,
+    /// The claim listing instance-name patterns; absent from a token: every instance.
+    #[serde(default = "default_instances_claim")]
+    pub instances_claim: String,
+    /// The claim naming the holder.
+    #[serde(default = "default_name_claim")]
+    pub name_claim: String,
+}
+
+fn every_instance() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn default_permissions_claim() -> String {
+    "paddock_permissions".into()
+}
+
+fn default_instances_claim() -> String {
+    "paddock_instances".into()
+}
+
+fn default_name_claim() -> String {
+    "sub".into()
+}
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    /// Read blobs: FindMissingBlobs, BatchReadBlobs, GetTree, ByteStream Read.
+    #[serde(rename = "cas.read")]
+    CasRead,
+    /// Write blobs: BatchUpdateBlobs, ByteStream Write, QueryWriteStatus.
+    #[serde(rename = "cas.write")]
+    CasWrite,
+    /// GetActionResult.
+    #[serde(rename = "ac.read")]
+    AcRead,
+    /// UpdateActionResult (the usual policy: CI writes, developers read).
+    #[serde(rename = "ac.write")]
+    AcWrite,
+    /// Execute, WaitExecution and the Operations API.
+    #[serde(rename = "execute")]
+    Execute,
+    /// The operators' admin API.
+    #[serde(rename = "admin")]
+    Admin,
+    /// Serving as a worker (which reads and writes the CAS for its actions).
+    #[serde(rename = "worker")]
+    Worker,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 7] = [
+        Permission::CasRead,
+        Permission::CasWrite,
+        Permission::AcRead,
+        Permission::AcWrite,
+        Permission::Execute,
+        Permission::Admin,
+        Permission::Worker,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::CasRead => "cas.read",
+            Permission::CasWrite => "cas.write",
+            Permission::AcRead => "ac.read",
+            Permission::AcWrite => "ac.write",
+            Permission::Execute => "execute",
+            Permission::Admin => "admin",
+            Permission::Worker => "worker",
+        }
+    }
+}
+
+impl std::str::FromStr for Permission {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Permission, String> {
+        Permission::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!("unknown permission {s:?}: use cas.read, cas.write, ac.read, ac.write, execute, admin or worker")
+            })
+    }
+}
+
+/// What one identity may hold at once. Generous by default: they are there so that
+/// no one caller can hold the server hostage, not to ration honest builds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Executions queued or running (one per Execute call).
+    pub max_executions: usize,
+    /// Broken uploads kept for resumption, and their bytes.
+    pub max_parked_uploads: usize,
+    pub max_parked_bytes: ByteSize,
+    /// How long a broken upload waits to be resumed.
+    pub parked_upload_lifetime: Span,
+    /// Bytes of uploads under way (open and parked), which count against the CAS's
+    /// bound while they last.
+    pub max_upload_bytes: ByteSize,
+    /// Finished operations kept for WaitExecution and GetOperation.
+    pub max_finished_operations: usize,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            max_executions: 100_000,
+            max_parked_uploads: 256,
+            max_parked_bytes: ByteSize::gib(16),
+            parked_upload_lifetime: "1h".parse().expect("a valid duration"),
+            max_upload_bytes: ByteSize::gib(64),
+            max_finished_operations: 100_000,
         }
     }
 }
@@ -447,6 +679,21 @@ pub struct WorkerConfig {
     pub nix: NixConfig,
     pub oci: OciConfig,
     pub limits: ActionLimits,
+    /// How the worker checks the scheduler and proves who it is.
+    pub credentials: ClientCredentials,
+}
+
+/// How a client (a worker, `paddock exec`, ...) checks the server and proves who it
+/// is: the CA that signed the server's certificate (for `grpcs://`), a client
+/// certificate and its key, or a bearer token.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientCredentials {
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// A file holding the bearer token (trailing newline ignored).
+    pub token_file: Option<PathBuf>,
 }
 
 /// What one action may take on a worker. An action beyond a limit fails with
@@ -498,7 +745,7 @@ impl Default for ActionLimits {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            scheduler: "grpc://127.0.0.1:8980".into(),
+            scheduler: "grpc://127.0.0.1:8982".into(),
             name: None,
             work_dir: None,
             capacity: None,
@@ -509,6 +756,7 @@ impl Default for WorkerConfig {
             nix: NixConfig::default(),
             oci: OciConfig::default(),
             limits: ActionLimits::default(),
+            credentials: ClientCredentials::default(),
         }
     }
 }
@@ -526,6 +774,32 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Refuses a server that would listen beyond loopback with no way of telling its
+    /// callers apart, unless `auth.allow_anonymous` says that is meant: whoever
+    /// reached it could write the ActionCache, run actions and pose as a worker.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.auth.configured() || self.auth.allow_anonymous {
+            return Ok(());
+        }
+        let mut exposed: Vec<String> = [self.server.listen, self.server.worker_address()]
+            .iter()
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| a.to_string())
+            .collect();
+        exposed.dedup();
+        if exposed.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to serve {} without authentication: anyone who can reach it could \
+             write the ActionCache, run actions and pose as a worker. Configure [auth] \
+             (auth.tokens, auth.certificates or auth.jwt; see SECURITY.md), listen on a \
+             loopback address, or, if the network itself is trusted, pass \
+             --insecure-allow-anonymous (auth.allow_anonymous = true)",
+            exposed.join(" and ")
+        ))
+    }
+
     /// Reads and validates a configuration file: TOML, or JSON if it ends in `.json`
     /// (the same schema; what tools such as Nix produce most easily).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -672,6 +946,66 @@ impl Config {
             "worker.oci.cache_size",
             "must be more than 0",
         );
+        let credentials = &self.worker.credentials;
+        problem(
+            credentials.tls_cert_file.is_some() != credentials.tls_key_file.is_some(),
+            "worker.credentials.tls_cert_file",
+            "and worker.credentials.tls_key_file go together",
+        );
+        for token in &self.auth.tokens {
+            problem(
+                token.token_file.is_some() == token.sha256.is_some(),
+                "auth.tokens",
+                &format!(
+                    "{:?} needs exactly one of token_file and sha256",
+                    token.name
+                ),
+            );
+            problem(
+                token
+                    .sha256
+                    .as_ref()
+                    .is_some_and(|h| h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit())),
+                "auth.tokens",
+                &format!("{:?}: sha256 must be 64 hexadecimal digits", token.name),
+            );
+            problem(
+                token.name.trim().is_empty(),
+                "auth.tokens",
+                "every token needs a name",
+            );
+        }
+        for certificate in &self.auth.certificates {
+            problem(
+                certificate.subject.is_none() && certificate.san.is_none(),
+                "auth.certificates",
+                "each needs a subject or a san to match",
+            );
+        }
+        problem(
+            !self.auth.certificates.is_empty()
+                && self
+                    .server
+                    .tls
+                    .as_ref()
+                    .is_none_or(|t| t.client_ca_file.is_none()),
+            "auth.certificates",
+            "need server.tls.client_ca_file, the CA that signs client certificates",
+        );
+        if let Some(jwt) = &self.auth.jwt {
+            problem(
+                jwt.secret_file.is_none() && jwt.jwks_file.is_none(),
+                "auth.jwt",
+                "needs secret_file (HS256) or jwks_file (RS256, ES256, EdDSA)",
+            );
+        }
+        problem(
+            self.server
+                .worker_listen
+                .is_some_and(|w| w == self.server.listen && w.port() != 0),
+            "server.worker_listen",
+            "must differ from server.listen",
+        );
         for credentials in self.worker.oci.credentials.values() {
             problem(
                 credentials.password.is_some() == credentials.password_file.is_some(),
@@ -724,23 +1058,21 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     None
 }
 
-/// Workers accept `grpc://HOST:PORT`, `http://HOST:PORT` or a bare `HOST:PORT`.
+/// Workers accept `grpc://HOST:PORT` (or `grpcs://` for TLS, `http://`, `https://`)
+/// or a bare `HOST:PORT`.
 fn check_scheduler_address(address: &str) -> Result<(), String> {
-    if address.starts_with("grpcs://") || address.starts_with("https://") {
-        return Err(format!(
-            "{address:?}: TLS is not supported yet; use grpc://HOST:PORT"
-        ));
-    }
-    let rest = address
-        .strip_prefix("grpc://")
-        .or_else(|| address.strip_prefix("http://"))
+    let rest = ["grpc://", "grpcs://", "http://", "https://"]
+        .iter()
+        .find_map(|scheme| address.strip_prefix(scheme))
         .unwrap_or(address);
     let valid = rest.rsplit_once(':').is_some_and(|(host, port)| {
         !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
     });
     match valid {
         true => Ok(()),
-        false => Err(format!("{address:?} is not grpc://HOST:PORT")),
+        false => Err(format!(
+            "{address:?} is not grpc://HOST:PORT or grpcs://HOST:PORT"
+        )),
     }
 }
 
@@ -756,6 +1088,72 @@ pub fn default_data_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_beyond_loopback_needs_auth_or_an_explicit_choice() {
+        let mut config = Config::default();
+        assert_eq!(config.check_exposure(), Ok(()));
+        config.server.listen = "0.0.0.0:8980".parse().unwrap();
+        let refusal = config.check_exposure().unwrap_err();
+        assert!(
+            refusal.contains("0.0.0.0:8980") && refusal.contains("--insecure-allow-anonymous"),
+            "{refusal}"
+        );
+        // Workers' listener counts too.
+        config.server.listen = "127.0.0.1:8980".parse().unwrap();
+        config.server.worker_listen = Some("10.1.2.3:8982".parse().unwrap());
+        assert!(config
+            .check_exposure()
+            .unwrap_err()
+            .contains("10.1.2.3:8982"));
+        config.auth.allow_anonymous = true;
+        assert_eq!(config.check_exposure(), Ok(()));
+        config.auth.allow_anonymous = false;
+        config.auth.tokens.push(TokenConfig {
+            name: "ci".into(),
+            token_file: None,
+            sha256: Some("0".repeat(64)),
+            permissions: vec![Permission::CasRead],
+            instances: vec!["*".into()],
+        });
+        assert_eq!(config.check_exposure(), Ok(()));
+    }
+
+    #[test]
+    fn auth_configuration_reads_as_the_documentation_says() {
+        let config = Config::parse(
+            r#"
+[server]
+worker_listen = "127.0.0.1:8982"
+[server.tls]
+cert_file = "server.pem"
+key_file = "server.key"
+client_ca_file = "ca.pem"
+[[auth.tokens]]
+name = "ci"
+token_file = "ci.token"
+permissions = ["cas.read", "cas.write", "ac.read", "ac.write", "execute"]
+instances = ["*"]
+[[auth.certificates]]
+subject = "CN=builder-1"
+permissions = ["worker"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.server.worker_address().port(), 8982);
+        assert_eq!(config.auth.tokens[0].permissions.len(), 5);
+        assert_eq!(config.auth.certificates[0].instances, vec!["*".to_owned()]);
+        let bad = Config::parse(
+            "[[auth.tokens]]\nname = \"x\"\npermissions = [\"cas.raed\"]\nsha256 = \"00\"\n",
+        )
+        .unwrap_err();
+        assert!(bad.contains("cas.raed"), "{bad}");
+        let no_ca = Config::parse(
+            "[[auth.certificates]]\nsubject = \"CN=a\"\npermissions = [\"worker\"]\n",
+        )
+        .unwrap_err();
+        assert!(no_ca.contains("client_ca_file"), "{no_ca}");
+    }
 
     #[test]
     fn empty_file_gives_defaults() {
@@ -779,10 +1177,15 @@ mod tests {
             err,
             "scheduler.default_timeout is longer than scheduler.max_timeout"
         );
-        for good in ["grpc://farm:8980", "http://[::1]:8980", "10.0.0.1:8980"] {
+        for good in [
+            "grpc://farm:8980",
+            "grpcs://farm:443",
+            "http://[::1]:8980",
+            "10.0.0.1:8980",
+        ] {
             assert_eq!(check_scheduler_address(good), Ok(()), "{good}");
         }
-        for bad in ["grpc://farm", "grpcs://farm:443", "farm:http", "grpc://:1"] {
+        for bad in ["grpc://farm", "grpcs://farm", "farm:http", "grpc://:1"] {
             assert!(check_scheduler_address(bad).is_err(), "{bad}");
         }
     }

@@ -68,34 +68,33 @@ impl Inner {
         let assignment = finished.assignment_id;
         let job = {
             let state = self.state.lock();
-            state
-                .workers
-                .get(&session)
-                .and_then(|w| w.running.get(&assignment))
-                .and_then(|job_id| state.jobs.get(job_id))
-                .map(|job| {
-                    (
-                        job.id,
-                        job.key.clone(),
-                        job.command.clone(),
-                        job.cacheable && job.kind.is_client(),
-                    )
-                })
+            state.workers.get(&session).and_then(|w| {
+                let job = state.jobs.get(w.running.get(&assignment)?)?;
+                Some((
+                    job.id,
+                    job.key.clone(),
+                    job.command.clone(),
+                    job.cacheable && job.kind.is_client(),
+                    w.name.clone(),
+                ))
+            })
         };
-        let Some((job_id, key, command, cacheable)) = job else {
+        let Some((job_id, key, command, cacheable, worker_name)) = job else {
             tracing::info!(%assignment, "discarding a result for an assignment no longer current");
             metrics::counter!("paddock_late_results_total").increment(1);
             return;
         };
         // Judged before taking the lock again: checking a result reads the CAS.
         let verdict = match finished.outcome {
-            Some(W::Completed(completed)) => match self.judge(&command, completed).await {
-                Ok(valid) => Verdict::Ran(valid),
-                Err(reason) => {
-                    metrics::counter!("paddock_invalid_results_total").increment(1);
-                    Verdict::WorkerFault(format!("its result was refused: {reason}"))
+            Some(W::Completed(completed)) => {
+                match self.judge(&command, completed, &worker_name).await {
+                    Ok(valid) => Verdict::Ran(valid),
+                    Err(reason) => {
+                        metrics::counter!("paddock_invalid_results_total").increment(1);
+                        Verdict::WorkerFault(format!("its result was refused: {reason}"))
+                    }
                 }
-            },
+            }
             Some(W::MissingInputs(missing)) => self.check_missing(missing).await,
             Some(W::Failed(failed)) => match whose(&failed) {
                 wire::Fault::Action => Verdict::Answer(ExecuteResponse {
@@ -209,16 +208,24 @@ impl Inner {
         })
     }
 
-    /// Decodes and checks a completed assignment's result.
-    async fn judge(&self, command: &Bytes, completed: wire::Completed) -> Result<Valid, String> {
-        let result = ActionResult::decode(completed.action_result.as_slice())
+    /// Decodes and checks a completed assignment's result. The worker named in its
+    /// metadata is the one the scheduler knows ran it (a name bound to the worker's
+    /// identity), whatever the worker wrote there.
+    async fn judge(
+        &self,
+        command: &Bytes,
+        completed: wire::Completed,
+        worker: &str,
+    ) -> Result<Valid, String> {
+        let mut result = ActionResult::decode(completed.action_result.as_slice())
             .map_err(|e| format!("its ActionResult does not decode: {e}"))?;
+        result.execution_metadata.get_or_insert_default().worker = worker.to_owned();
         let command = Command::decode(command.clone()).map_err(|e| e.to_string())?;
         results::check(
             self.cas.as_ref(),
             &command,
             &result,
-            self.max_tree_directories,
+            self.bounds.max_tree_directories,
         )
         .await?;
         Ok(Valid {

@@ -32,7 +32,9 @@ impl Inner {
             Some(only) => worker.name == only,
             None => state.fleet.takes_work(&worker.name) && !job.exclude.contains(&worker.name),
         };
-        allowed && self.policies.satisfies(&worker.offer, &job.platform)
+        allowed
+            && worker.serves(&job.key.instance)
+            && self.policies.satisfies(&worker.offer, &job.platform)
     }
 
     /// Offers queued actions to workers with free slots until no more can start.
@@ -266,13 +268,14 @@ impl Inner {
         self.start_probes(&mut state, now);
         let connected = state.workers.values().map(|w| w.name.clone()).collect();
         state.fleet.forget_gone(&connected, now);
+        let State {
+            bindings, fleet, ..
+        } = &mut *state;
+        bindings.retain(|name, _| fleet.get(name).is_some());
         self.speculate(&mut state, now);
 
         let retention = self.config.operation_retention.get();
-        state.operations.retain(|_, op| {
-            op.finished_at
-                .is_none_or(|t| now.duration_since(t) < retention)
-        });
+        state.operations.expire(now, retention);
         self.dispatch(&mut state);
     }
 
@@ -290,7 +293,7 @@ impl Inner {
             // eligible worker can run is dropped.
             let satisfiable = state.workers.values().any(|w| {
                 if job.kind.is_client() {
-                    self.policies.satisfies(&w.offer, &job.platform)
+                    w.serves(&job.key.instance) && self.policies.satisfies(&w.offer, &job.platform)
                 } else {
                     self.eligible(state, job, w.session)
                 }
@@ -426,21 +429,22 @@ impl Inner {
     fn start_probes(&self, state: &mut State, now: Instant) {
         for (worker, transition) in state.fleet.due_for_probing(now) {
             self.transition(Some(transition));
-            let offer = state
-                .workers
-                .values()
-                .find(|w| w.name == worker)
-                .map(|w| w.offer.clone());
+            let session = state.workers.values().find(|w| w.name == worker);
+            let offer = session.map(|w| (w.offer.clone(), w.serves.clone()));
             // Real actions that healthy workers ran check the worker's toolchain; at
             // least one canary is new, with outputs no worker has uploaded, so that
             // the worker's own uploads are checked too.
             let wanted = self.config.quarantine.canaries.max(1);
             let mut picked: Vec<Known> = match &offer {
-                Some(offer) => state
+                Some((offer, serves)) => state
                     .known
                     .iter()
                     .rev()
-                    .filter(|k| k.worker != worker && self.policies.satisfies(offer, &k.platform))
+                    .filter(|k| {
+                        k.worker != worker
+                            && serves(&k.key.instance)
+                            && self.policies.satisfies(offer, &k.platform)
+                    })
                     .take(wanted - 1)
                     .cloned()
                     .collect(),

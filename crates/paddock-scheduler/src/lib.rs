@@ -22,6 +22,7 @@ mod dispatch;
 pub mod health;
 mod history;
 mod matching;
+mod operations;
 mod queue;
 pub mod results;
 mod state;
@@ -35,7 +36,7 @@ use paddock_cas::{read_all, ActionCache, ActionKey, BlobStore};
 use paddock_config::SchedulerConfig;
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::digest::check_digest_function;
-use paddock_reapi::proto::re::{Action, Command, ExecuteRequest, ExecuteResponse};
+use paddock_reapi::proto::re::{Action, ActionResult, Command, ExecuteRequest, ExecuteResponse};
 use paddock_reapi::{status, validate, Digest};
 use parking_lot::Mutex;
 use prost::Message;
@@ -43,13 +44,22 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 pub use matching::{Offer, Policies};
+use operations::Found;
+pub use operations::Owner;
 use queue::FairQueue;
-use state::{Job, JobKind, OperationEntry, State, WorkerSession};
+use state::{Job, JobKind, State, WorkerSession};
+
+/// Whether a worker may run actions of an instance.
+pub type Serves = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Identifies one execution.
 pub type JobId = u64;
 /// Identifies one connection of a worker.
 pub type SessionId = u64;
+
+/// The range of `ExecutionPolicy.priority` the scheduler orders by; priorities
+/// outside it are clamped to it.
+pub const PRIORITY_RANGE: (i32, i32) = (-1000, 1000);
 
 /// Where an operation stands, in REAPI's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +77,9 @@ pub struct Snapshot {
     pub stage: Stage,
     /// The worker running the action, while it runs.
     pub worker: Option<String>,
-    /// Set when, and only when, the stage is Completed.
-    pub response: Option<ExecuteResponse>,
+    /// Set when, and only when, the stage is Completed; shared by every operation of
+    /// the execution.
+    pub response: Option<Arc<ExecuteResponse>>,
 }
 
 /// A client's view of one operation; while it is held, the execution has a waiter.
@@ -99,9 +110,11 @@ impl Drop for Waiter {
     }
 }
 
-/// Who asked for an execution, from the client's RequestMetadata.
+/// Who asked for an execution: the caller's identity (what quotas count), and from
+/// the client's RequestMetadata, its invocation and the action's mnemonic.
 #[derive(Debug, Clone, Default)]
 pub struct Requester {
+    pub identity: String,
     /// `tool_invocation_id`: the unit of fair queueing.
     pub invocation: String,
     /// `action_mnemonic` (e.g. `CppCompile`): what similar actions share.
@@ -112,6 +125,8 @@ pub struct Requester {
 #[derive(Debug, Clone)]
 pub struct WorkerReport {
     pub name: String,
+    /// The identity the worker's name is bound to.
+    pub identity: String,
     pub pool: String,
     /// `active`, `draining`, `quarantined` or `probing`.
     pub standing: String,
@@ -154,8 +169,18 @@ struct Inner {
     action_cache: Arc<dyn ActionCache>,
     config: SchedulerConfig,
     policies: Policies,
+    bounds: Bounds,
+}
+
+/// What the scheduler holds at most.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
     /// The most distinct directories a result's output tree may have.
-    max_tree_directories: usize,
+    pub max_tree_directories: usize,
+    /// Executions one identity may have queued or running (one per Execute call).
+    pub max_executions: usize,
+    /// Finished operations kept per identity for WaitExecution and GetOperation.
+    pub max_finished_operations: usize,
 }
 
 fn invalid(message: impl Into<String>) -> Status {
@@ -167,25 +192,25 @@ fn store_error(e: paddock_cas::StoreError) -> Status {
 }
 
 impl Scheduler {
-    /// A scheduler over the server's CAS and ActionCache. Call [`Scheduler::run`] to
-    /// drive its timers. Results whose output trees have more than
-    /// `max_tree_directories` distinct directories are refused.
+    /// A scheduler over the server's CAS and ActionCache, within `bounds`. Call
+    /// [`Scheduler::run`] to drive its timers.
     pub fn new(
         config: SchedulerConfig,
         cas: Arc<dyn BlobStore>,
         action_cache: Arc<dyn ActionCache>,
-        max_tree_directories: usize,
+        bounds: Bounds,
     ) -> Self {
         let policies = Policies::new(config.property_policies.clone());
+        let fleet = health::Fleet::new(config.quarantine.clone());
         Scheduler {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::new(health::Fleet::new(config.quarantine.clone()))),
+                state: Mutex::new(State::new(fleet, bounds.max_finished_operations)),
                 closing: watch::channel(false).0,
                 cas,
                 action_cache,
                 config,
                 policies,
-                max_tree_directories,
+                bounds,
             }),
         }
     }
@@ -230,24 +255,22 @@ impl Scheduler {
         let priority = request
             .execution_policy
             .as_ref()
-            .map(|p| p.priority)
+            .map(|p| p.priority.clamp(PRIORITY_RANGE.0, PRIORITY_RANGE.1))
             .unwrap_or(0);
         let key = ActionKey {
             instance: request.instance_name.clone(),
             action: action_digest,
+        };
+        let owner = Owner {
+            identity: requester.identity.clone(),
+            instance: request.instance_name.clone(),
         };
 
         if !request.skip_cache_lookup {
             if let Some(result) = inner.action_cache.get(&key).await.map_err(store_error)? {
                 metrics::counter!("paddock_executions_total", "outcome" => "cache_hit")
                     .increment(1);
-                let response = ExecuteResponse {
-                    result: Some(result),
-                    cached_result: true,
-                    status: Some(status::ok()),
-                    ..Default::default()
-                };
-                return Ok(inner.finished_operation(action_digest, response));
+                return Ok(inner.cache_hit(owner, key, result));
             }
         }
 
@@ -255,7 +278,7 @@ impl Scheduler {
             .await
             .map_err(store_error)?
         else {
-            return Ok(inner.missing(action_digest, vec![action_digest], "the Action"));
+            return Ok(inner.missing(owner, action_digest, vec![action_digest], "the Action"));
         };
         let action = Action::decode(action_bytes.clone())
             .map_err(|e| invalid(format!("blob {action_digest} is not an Action: {e}")))?;
@@ -275,7 +298,7 @@ impl Scheduler {
             missing.insert(0, command_digest);
         }
         let Some(command_bytes) = command_bytes.filter(|_| missing.is_empty()) else {
-            return Ok(inner.missing(action_digest, missing, "the Command or input root"));
+            return Ok(inner.missing(owner, action_digest, missing, "the Command or input root"));
         };
         let command = Command::decode(command_bytes.clone())
             .map_err(|e| invalid(format!("blob {command_digest} is not a Command: {e}")))?;
@@ -315,6 +338,9 @@ impl Scheduler {
             )
         };
         let mut state = inner.state.lock();
+        // Counted under the lock that enqueueing takes; a cache hit, above, queues
+        // nothing and counts against nothing.
+        inner.check_quota(&state, &owner.identity)?;
         let job_id = match state.merge.get(&job.key).copied().filter(|_| job.cacheable) {
             Some(existing) => {
                 metrics::counter!("paddock_executions_merged_total").increment(1);
@@ -322,38 +348,60 @@ impl Scheduler {
             }
             None => state.enqueue(job),
         };
-        let watch = inner.attach_operation(&mut state, job_id);
+        let watch = inner.attach_operation(&mut state, job_id, owner);
         inner.dispatch(&mut state);
         Ok(watch)
     }
 
+    /// Who started an operation, and on which instance; `None` if unknown or expired.
+    pub fn owner(&self, name: &str) -> Option<Owner> {
+        self.inner.state.lock().operations.owner(name).cloned()
+    }
+
     /// Follows an existing operation (WaitExecution); `None` if unknown or expired.
-    pub fn watch(&self, name: &str) -> Option<OperationWatch> {
+    pub async fn watch(&self, name: &str) -> Option<OperationWatch> {
         let inner = &self.inner;
-        let mut state = inner.state.lock();
-        let entry = state.operations.get(name)?;
-        let updates = entry.updates.subscribe();
-        let job = entry.job;
-        let waiter = job.map(|job| inner.add_waiter(&mut state, job));
+        let key = {
+            let mut state = inner.state.lock();
+            match state.operations.find(name)? {
+                Found::Live(updates, job) => {
+                    let waiter = job.map(|job| inner.add_waiter(&mut state, job));
+                    return Some(OperationWatch {
+                        updates,
+                        closing: inner.closing.subscribe(),
+                        _waiter: waiter,
+                    });
+                }
+                Found::Hit(key) => key,
+            }
+        };
+        let (_, updates) = watch::channel(inner.hit_snapshot(name, key).await);
         Some(OperationWatch {
             updates,
             closing: inner.closing.subscribe(),
-            _waiter: waiter,
+            _waiter: None,
         })
     }
 
     /// The current state of an operation (GetOperation). A client polling this way
     /// counts as waiting: the execution is not cancelled as orphaned while it polls.
-    pub fn get(&self, name: &str) -> Option<Snapshot> {
-        let mut state = self.inner.state.lock();
-        let entry = state.operations.get(name)?;
-        let snapshot = entry.updates.borrow().clone();
-        if let Some(job) = entry.job.and_then(|id| state.jobs.get_mut(&id)) {
-            if job.waiters == 0 {
-                job.orphaned_since = Some(Instant::now());
+    pub async fn get(&self, name: &str) -> Option<Snapshot> {
+        let key = {
+            let mut state = self.inner.state.lock();
+            match state.operations.find(name)? {
+                Found::Live(updates, job) => {
+                    if let Some(job) = job.and_then(|id| state.jobs.get_mut(&id)) {
+                        if job.waiters == 0 {
+                            job.orphaned_since = Some(Instant::now());
+                        }
+                    }
+                    let snapshot = updates.borrow().clone();
+                    return Some(snapshot);
+                }
+                Found::Hit(key) => key,
             }
-        }
-        Some(snapshot)
+        };
+        Some(self.inner.hit_snapshot(name, key).await)
     }
 
     /// Cancels one operation (CancelOperation). The execution itself stops when no
@@ -361,18 +409,18 @@ impl Scheduler {
     pub fn cancel(&self, name: &str) -> bool {
         let inner = &self.inner;
         let mut state = inner.state.lock();
-        let Some(entry) = state.operations.get_mut(name) else {
-            return false;
+        let Some(job_id) = state.operations.job(name) else {
+            // Unknown, or already finished.
+            return state.operations.owner(name).is_some();
         };
-        let Some(job_id) = entry.job.take() else {
-            return true; // already finished
-        };
-        entry.finished_at = Some(Instant::now());
         let cancelled = status::status(Code::Cancelled, "the operation was cancelled");
-        entry.finish(ExecuteResponse {
-            status: Some(cancelled),
-            ..Default::default()
-        });
+        state.operations.finish(
+            name,
+            Arc::new(ExecuteResponse {
+                status: Some(cancelled),
+                ..Default::default()
+            }),
+        );
         let orphan = match state.jobs.get_mut(&job_id) {
             Some(job) => {
                 job.operations.retain(|op| op != name);
@@ -390,20 +438,40 @@ impl Scheduler {
     /// but the execution is not cancelled for that. False if unknown.
     pub fn delete(&self, name: &str) -> bool {
         let mut state = self.inner.state.lock();
-        let Some(entry) = state.operations.remove(name) else {
+        let Some(owner) = state.operations.owner(name).cloned() else {
             return false;
         };
-        if let Some(job) = entry.job.and_then(|id| state.jobs.get_mut(&id)) {
-            job.operations.retain(|op| op != name);
+        if let Some(job_id) = state.operations.remove(name).flatten() {
+            match state.jobs.get_mut(&job_id) {
+                Some(job) => {
+                    job.operations.retain(|op| op != name);
+                    // The execution runs on, and counts against its owner until it ends.
+                    job.charged.push(owner.identity);
+                }
+                None => state.operations.settle(&owner.identity),
+            }
         }
         true
     }
 
-    /// Registers a worker's new session; an older session of the same name ends.
-    pub fn connect_worker(&self, register: wire::Register) -> Result<WorkerConnection, Status> {
+    /// Registers a worker's new session, for `identity` (who its credentials say it
+    /// is), to run actions of the instances `serves` accepts. A worker's name belongs to the identity that first connected with it,
+    /// for as long as the scheduler remembers the worker: another session from the
+    /// same identity replaces the old one; one from another identity is refused.
+    pub fn connect_worker(
+        &self,
+        register: wire::Register,
+        identity: &str,
+        serves: Serves,
+    ) -> Result<WorkerConnection, Status> {
         let inner = &self.inner;
         if register.name.trim().is_empty() {
             return Err(invalid("a worker must have a name"));
+        }
+        if register.name.len() > 256 || register.name.chars().any(char::is_control) {
+            return Err(invalid(
+                "a worker's name must be at most 256 bytes, without control characters",
+            ));
         }
         if register.capacity == 0 {
             return Err(invalid("a worker's capacity must be at least 1"));
@@ -416,6 +484,20 @@ impl Scheduler {
         if *inner.closing.borrow() {
             return Err(Status::unavailable("the scheduler is shutting down"));
         }
+        if let Some(owner) = state.bindings.get(&register.name) {
+            if owner != identity {
+                tracing::warn!(worker = %register.name, %identity, "refused: a worker's name used by another identity");
+                metrics::counter!("paddock_auth_refusals_total", "kind" => "worker_name", "method" => "Scheduler/Session")
+                    .increment(1);
+                return Err(Status::permission_denied(format!(
+                    "the worker name {:?} belongs to another identity",
+                    register.name
+                )));
+            }
+        }
+        state
+            .bindings
+            .insert(register.name.clone(), identity.to_owned());
         let pool = offer
             .values(&inner.config.quarantine.pool_property)
             .next()
@@ -443,12 +525,13 @@ impl Scheduler {
                 },
             )),
         });
-        tracing::info!(worker = %register.name, capacity = register.capacity, properties = %offer, "worker connected");
+        tracing::info!(worker = %register.name, %identity, capacity = register.capacity, properties = %offer, "worker connected");
         state.workers.insert(
             session,
             WorkerSession {
                 session,
                 name: register.name,
+                serves,
                 offer,
                 capacity: register.capacity as usize,
                 running: Default::default(),
@@ -497,6 +580,7 @@ impl Scheduler {
                     state.workers.values().filter(|w| &w.name == name).collect();
                 WorkerReport {
                     name: name.clone(),
+                    identity: state.bindings.get(name).cloned().unwrap_or_default(),
                     pool: record.pool.clone(),
                     standing: record.standing.name().to_owned(),
                     reason: record.reason.clone(),
@@ -552,31 +636,53 @@ impl Scheduler {
     }
 }
 
+fn operation_name() -> String {
+    format!("operations/{}", uuid::Uuid::new_v4())
+}
+
+fn completed(name: String, action_digest: Digest, response: ExecuteResponse) -> Snapshot {
+    Snapshot {
+        name,
+        action_digest,
+        stage: Stage::Completed,
+        worker: None,
+        response: Some(Arc::new(response)),
+    }
+}
+
+fn hit_response(result: ActionResult) -> ExecuteResponse {
+    ExecuteResponse {
+        result: Some(result),
+        cached_result: true,
+        status: Some(status::ok()),
+        ..Default::default()
+    }
+}
+
 impl Inner {
-    /// An operation that is complete the moment it is created.
-    fn finished_operation(
-        &self,
-        action_digest: Digest,
-        response: ExecuteResponse,
-    ) -> OperationWatch {
-        let mut state = self.state.lock();
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let snapshot = Snapshot {
-            name: name.clone(),
-            action_digest,
-            stage: Stage::Completed,
-            worker: None,
-            response: Some(response),
-        };
-        let (tx, updates) = watch::channel(snapshot);
-        state.operations.insert(
-            name,
-            OperationEntry {
-                updates: tx,
-                job: None,
-                finished_at: Some(Instant::now()),
-            },
+    /// RESOURCE_EXHAUSTED if `identity` already has as many executions queued or
+    /// running as it may.
+    fn check_quota(&self, state: &State, identity: &str) -> Result<(), Status> {
+        let (held, max) = (
+            state.operations.in_flight(identity),
+            self.bounds.max_executions,
         );
+        if held < max {
+            return Ok(());
+        }
+        tracing::warn!(who = %identity, held, "refused: the executions quota");
+        metrics::counter!("paddock_quota_refusals_total", "quota" => "max_executions").increment(1);
+        Err(Status::resource_exhausted(format!(
+            "{identity} has {held} executions queued or running, the most allowed \
+             (auth.quotas.max_executions); wait for some to finish"
+        )))
+    }
+
+    /// An operation answered from the ActionCache: the caller gets the result, the
+    /// operation keeps only its key.
+    fn cache_hit(&self, owner: Owner, key: ActionKey, result: ActionResult) -> OperationWatch {
+        let snapshot = completed(operation_name(), key.action, hit_response(result));
+        let updates = self.state.lock().operations.hit(snapshot, owner, key);
         OperationWatch {
             updates,
             closing: self.closing.subscribe(),
@@ -584,14 +690,57 @@ impl Inner {
         }
     }
 
-    fn missing(&self, action_digest: Digest, missing: Vec<Digest>, what: &str) -> OperationWatch {
+    /// A finished cache hit as it stands now: its result read again from the
+    /// ActionCache.
+    async fn hit_snapshot(&self, name: &str, key: ActionKey) -> Snapshot {
+        let response = match self.action_cache.get(&key).await {
+            Ok(Some(result)) => hit_response(result),
+            Ok(None) => ExecuteResponse {
+                status: Some(status::status(
+                    Code::NotFound,
+                    "the cached result this operation returned has left the ActionCache since; call Execute again",
+                )),
+                ..Default::default()
+            },
+            Err(e) => ExecuteResponse {
+                status: Some(status::status(e.code(), e.to_string())),
+                ..Default::default()
+            },
+        };
+        completed(name.to_owned(), key.action, response)
+    }
+
+    /// An operation that is complete the moment it is created.
+    fn answered(
+        &self,
+        owner: Owner,
+        action_digest: Digest,
+        response: ExecuteResponse,
+    ) -> OperationWatch {
+        let snapshot = completed(operation_name(), action_digest, response);
+        let updates = self.state.lock().operations.answered(snapshot, owner);
+        OperationWatch {
+            updates,
+            closing: self.closing.subscribe(),
+            _waiter: None,
+        }
+    }
+
+    fn missing(
+        &self,
+        owner: Owner,
+        action_digest: Digest,
+        missing: Vec<Digest>,
+        what: &str,
+    ) -> OperationWatch {
         metrics::counter!("paddock_executions_total", "outcome" => "missing_blobs").increment(1);
         let list: Vec<String> = missing.iter().map(Digest::to_string).collect();
         let status = status::missing_blobs(
             format!("{what} is not in the CAS: missing {}", list.join(", ")),
             &missing,
         );
-        self.finished_operation(
+        self.answered(
+            owner,
             action_digest,
             ExecuteResponse {
                 status: Some(status),
@@ -611,24 +760,17 @@ impl Inner {
         }
     }
 
-    fn attach_operation(self: &Arc<Self>, state: &mut State, job_id: JobId) -> OperationWatch {
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
-        let job = &state.jobs[&job_id];
-        let (tx, updates) = watch::channel(job.snapshot(&name));
-        state
-            .jobs
-            .get_mut(&job_id)
-            .expect("job exists")
-            .operations
-            .push(name.clone());
-        state.operations.insert(
-            name,
-            OperationEntry {
-                updates: tx,
-                job: Some(job_id),
-                finished_at: None,
-            },
-        );
+    fn attach_operation(
+        self: &Arc<Self>,
+        state: &mut State,
+        job_id: JobId,
+        owner: Owner,
+    ) -> OperationWatch {
+        let name = operation_name();
+        let job = state.jobs.get_mut(&job_id).expect("job exists");
+        let snapshot = job.snapshot(&name);
+        job.operations.push(name);
+        let updates = state.operations.open(snapshot, owner, job_id);
         let waiter = self.add_waiter(state, job_id);
         OperationWatch {
             updates,

@@ -1,6 +1,7 @@
 //! The scheduler's state, guarded by one lock: executions, operations, workers.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -8,10 +9,11 @@ use hashlink::LinkedHashMap;
 use paddock_cas::ActionKey;
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{ActionResult, ExecuteResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::health::Fleet;
 use crate::history::{Fingerprint, History};
+use crate::operations::Operations;
 use crate::results::Outputs;
 use crate::{FairQueue, JobId, Offer, SessionId, Snapshot, Stage};
 
@@ -21,9 +23,12 @@ pub(crate) struct State {
     pub merge: HashMap<ActionKey, JobId>,
     pub queue: FairQueue,
     pub workers: HashMap<SessionId, WorkerSession>,
-    pub operations: HashMap<String, OperationEntry>,
+    pub operations: Operations,
     /// Every worker's health, by name.
     pub fleet: Fleet,
+    /// The identity each worker name belongs to, for as long as the fleet remembers
+    /// the worker.
+    pub bindings: HashMap<String, String>,
     /// How long similar actions took.
     pub history: History,
     /// Recent results that healthy workers produced, to probe quarantined ones with.
@@ -62,6 +67,9 @@ pub(crate) struct Job {
     pub failures: u32,
     pub state: JobState,
     pub operations: Vec<String>,
+    /// Owners of deleted operations of it, whose quotas it counts against until it
+    /// ends.
+    pub charged: Vec<String>,
     /// Clients currently streaming one of its operations.
     pub waiters: usize,
     pub orphaned_since: Option<Instant>,
@@ -117,26 +125,11 @@ pub(crate) struct Attempt {
     pub speculative: bool,
 }
 
-pub(crate) struct OperationEntry {
-    pub updates: watch::Sender<Snapshot>,
-    /// The execution behind the operation, until it finishes.
-    pub job: Option<JobId>,
-    pub finished_at: Option<Instant>,
-}
-
-impl OperationEntry {
-    pub fn finish(&self, response: ExecuteResponse) {
-        self.updates.send_modify(|s| {
-            s.stage = Stage::Completed;
-            s.worker = None;
-            s.response = Some(response);
-        });
-    }
-}
-
 pub(crate) struct WorkerSession {
     pub session: SessionId,
     pub name: String,
+    /// Which instances' actions it may run (those its identity may serve).
+    pub serves: crate::Serves,
     pub offer: Offer,
     pub capacity: usize,
     /// Assignment id to execution.
@@ -146,6 +139,10 @@ pub(crate) struct WorkerSession {
 }
 
 impl WorkerSession {
+    pub fn serves(&self, instance: &str) -> bool {
+        (self.serves)(instance)
+    }
+
     /// Tells the worker to stop an assignment and forgets it.
     pub fn cancel(&mut self, assignment: &str) {
         self.running.remove(assignment);
@@ -182,6 +179,7 @@ impl Job {
             failures: 0,
             state: JobState::Queued,
             operations: Vec::new(),
+            charged: Vec::new(),
             waiters: 0,
             orphaned_since: None,
             unsatisfiable_since: None,
@@ -211,14 +209,15 @@ impl Job {
 }
 
 impl State {
-    pub fn new(fleet: Fleet) -> State {
+    pub fn new(fleet: Fleet, max_finished_operations: usize) -> State {
         State {
             jobs: HashMap::new(),
             merge: HashMap::new(),
             queue: FairQueue::default(),
             workers: HashMap::new(),
-            operations: HashMap::new(),
+            operations: Operations::new(max_finished_operations),
             fleet,
+            bindings: HashMap::new(),
             history: History::default(),
             known: VecDeque::new(),
             timeouts: LinkedHashMap::new(),
@@ -249,14 +248,7 @@ impl State {
             return;
         };
         for name in &job.operations {
-            if let Some(entry) = self.operations.get(name) {
-                let snapshot = job.snapshot(name);
-                entry.updates.send_if_modified(|s| {
-                    let changed = s.stage != snapshot.stage || s.worker != snapshot.worker;
-                    *s = snapshot;
-                    changed
-                });
-            }
+            self.operations.update(job.snapshot(name));
         }
     }
 
@@ -284,13 +276,13 @@ impl State {
                 }
             }
         }
-        let now = Instant::now();
+        // One response, shared by every operation that asked for it.
+        let response = Arc::new(response);
         for name in &job.operations {
-            if let Some(entry) = self.operations.get_mut(name) {
-                entry.job = None;
-                entry.finished_at = Some(now);
-                entry.finish(response.clone());
-            }
+            self.operations.finish(name, response.clone());
+        }
+        for identity in &job.charged {
+            self.operations.settle(identity);
         }
     }
 }

@@ -10,6 +10,9 @@ use paddock_reapi::proto::re::{
 use paddock_reapi::{validate, Digest};
 use tonic::{Request, Response, Status};
 
+use paddock_config::Permission;
+
+use crate::auth::authorize;
 use crate::{invalid, Storage};
 
 /// The most bytes inlined into one GetActionResult answer; REAPI lets servers inline
@@ -132,6 +135,11 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        authorize(
+            &request,
+            Permission::AcRead,
+            &request.get_ref().instance_name,
+        )?;
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         let action = Digest::from_proto(request.action_digest.as_ref())
@@ -163,6 +171,11 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        authorize(
+            &request,
+            Permission::AcWrite,
+            &request.get_ref().instance_name,
+        )?;
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         let action = Digest::from_proto(request.action_digest.as_ref())

@@ -12,7 +12,14 @@ use paddock_scheduler::health::Counts;
 use paddock_scheduler::{Scheduler, WorkerCommand, WorkerReport};
 use tonic::{Request, Response, Status};
 
+use paddock_config::Permission;
+
+use crate::auth::authorize;
 use crate::{invalid, Storage};
+
+/// The instance an admin grant must cover for calls about the whole farm: only a
+/// grant for every instance (`*`) matches it.
+const EVERY_INSTANCE: &str = "*";
 
 pub struct AdminService {
     scheduler: Scheduler,
@@ -37,6 +44,7 @@ fn counts(c: Counts) -> wire::Counts {
 fn worker(report: WorkerReport) -> wire::Worker {
     wire::Worker {
         name: report.name,
+        identity: report.identity,
         pool: report.pool,
         standing: report.standing,
         reason: report.reason,
@@ -53,8 +61,9 @@ fn worker(report: WorkerReport) -> wire::Worker {
 impl Admin for AdminService {
     async fn list_workers(
         &self,
-        _request: Request<wire::ListWorkersRequest>,
+        request: Request<wire::ListWorkersRequest>,
     ) -> Result<Response<wire::ListWorkersResponse>, Status> {
+        authorize(&request, Permission::Admin, EVERY_INSTANCE)?;
         let workers = self.scheduler.workers().into_iter().map(worker).collect();
         Ok(Response::new(wire::ListWorkersResponse { workers }))
     }
@@ -63,6 +72,7 @@ impl Admin for AdminService {
         &self,
         request: Request<wire::CommandWorkerRequest>,
     ) -> Result<Response<wire::Worker>, Status> {
+        authorize(&request, Permission::Admin, EVERY_INSTANCE)?;
         let request = request.into_inner();
         let command = match Command::try_from(request.command) {
             Ok(Command::Drain) => WorkerCommand::Drain,
@@ -81,6 +91,11 @@ impl Admin for AdminService {
         request: Request<wire::InvalidateActionResultsRequest>,
     ) -> Result<Response<wire::InvalidateActionResultsResponse>, Status> {
         let cache = &self.storage.action_cache;
+        let instance = match &request.get_ref().target {
+            Some(Target::Action(by)) => by.instance_name.as_str(),
+            _ => EVERY_INSTANCE,
+        };
+        authorize(&request, Permission::Admin, instance)?;
         let removed = match request.into_inner().target {
             Some(Target::Action(by)) => {
                 let action: Digest = by

@@ -3,16 +3,24 @@
 //! An upload whose stream breaks before `finish_write` keeps its partial data (hashed
 //! so far, on disk for the disk backend) under its resource name, so the client can
 //! ask `QueryWriteStatus` how much arrived and continue from there. Abandoned uploads
-//! are dropped after [`UPLOAD_IDLE_LIMIT`], and at most [`MAX_PENDING_UPLOADS`] wait.
+//! are dropped after `parked_upload_lifetime`.
+//!
+//! What uploads hold is bounded per identity (`[auth.quotas]`): bytes of uploads
+//! under way, open or parked (`max_upload_bytes`), and parked uploads by count and
+//! bytes; a caller at a bound is answered RESOURCE_EXHAUSTED naming it. The bytes
+//! themselves also count against the store's own bound while they last; when uploads
+//! fill it, parked ones (oldest first) give way to those still moving.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use paddock_cas::{BlobSink, BlobStore};
+use paddock_auth::Principal;
+use paddock_cas::{BlobSink, BlobStore, StoreError};
+use paddock_config::{Permission, QuotaConfig};
 use paddock_reapi::proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
@@ -23,12 +31,12 @@ use parking_lot::Mutex;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{method, principal, require};
 use crate::invalid;
 
-/// How long a broken upload waits to be resumed.
-const UPLOAD_IDLE_LIMIT: Duration = Duration::from_secs(3600);
-/// How many broken uploads may wait at once; the oldest goes first.
-const MAX_PENDING_UPLOADS: usize = 1024;
+/// How many broken uploads may wait at once, whoever they belong to; the oldest
+/// goes first.
+const MAX_PENDING_UPLOADS: usize = 4096;
 /// The largest `data` in one ReadResponse.
 const MAX_READ_CHUNK: usize = 1 << 20;
 
@@ -36,6 +44,7 @@ const MAX_READ_CHUNK: usize = 1 << 20;
 struct PendingUpload {
     sink: Box<dyn BlobSink>,
     parked_at: Instant,
+    identity: String,
 }
 
 /// Identifies an upload: the client's uuid, the blob and the instance.
@@ -51,26 +60,46 @@ fn upload_key(resource: &WriteResource) -> UploadKey {
 
 pub struct ByteStreamService {
     cas: Arc<dyn BlobStore>,
+    quotas: QuotaConfig,
     pending: Mutex<HashMap<UploadKey, PendingUpload>>,
     /// Uploads whose stream is open, and how much each has committed so far.
     active: Mutex<HashMap<UploadKey, Arc<AtomicU64>>>,
+    /// Bytes each identity's open uploads hold.
+    open_bytes: Mutex<HashMap<String, u64>>,
 }
 
-/// Keeps an open upload visible to QueryWriteStatus until its stream ends.
+/// Keeps an open upload visible to QueryWriteStatus, and its bytes counted against
+/// its identity, until its stream ends.
 struct ActiveUpload<'a> {
     service: &'a ByteStreamService,
     key: UploadKey,
     committed: Arc<AtomicU64>,
+    identity: String,
+    /// The bytes counted against the identity.
+    counted: u64,
 }
 
 impl ActiveUpload<'_> {
-    fn record(&self, written: u64) {
+    /// Counts the upload as `total` bytes, refusing what would take its identity
+    /// past its bound on uploads under way.
+    fn charge_to(&mut self, total: u64) -> Result<(), Status> {
+        let more = total.saturating_sub(self.counted);
+        if more > 0 {
+            self.service.charge(&self.identity, more)?;
+            self.counted += more;
+        }
+        Ok(())
+    }
+
+    /// What QueryWriteStatus reports while the stream is open.
+    fn show(&self, written: u64) {
         self.committed.store(written, Ordering::Relaxed);
     }
 }
 
 impl Drop for ActiveUpload<'_> {
     fn drop(&mut self) {
+        self.service.uncharge(&self.identity, self.counted);
         let mut active = self.service.active.lock();
         if active
             .get(&self.key)
@@ -81,17 +110,88 @@ impl Drop for ActiveUpload<'_> {
     }
 }
 
+fn exhausted(who: &str, what: String, key: &str) -> Status {
+    tracing::warn!(%who, limit = key, "refused: {what}");
+    metrics::counter!("paddock_quota_refusals_total", "quota" => key.to_owned()).increment(1);
+    Status::resource_exhausted(format!("{who} {what} (auth.quotas.{key})"))
+}
+
 impl ByteStreamService {
-    pub fn new(cas: Arc<dyn BlobStore>) -> Self {
+    pub fn new(cas: Arc<dyn BlobStore>, quotas: QuotaConfig) -> Self {
         ByteStreamService {
             cas,
+            quotas,
             pending: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
+            open_bytes: Mutex::new(HashMap::new()),
         }
     }
 
-    fn activate(&self, resource: &WriteResource, written: u64) -> ActiveUpload<'_> {
-        let committed = Arc::new(AtomicU64::new(written));
+    /// What `identity`'s parked uploads hold: how many, and their bytes.
+    fn parked(&self, identity: &str) -> (usize, u64) {
+        let pending = self.pending.lock();
+        pending
+            .values()
+            .filter(|u| u.identity == identity)
+            .fold((0, 0), |(n, bytes), u| (n + 1, bytes + u.sink.written()))
+    }
+
+    /// Counts `bytes` more of `identity`'s open uploads, if its uploads under way
+    /// (open and parked) stay within `max_upload_bytes`.
+    fn charge(&self, identity: &str, bytes: u64) -> Result<(), Status> {
+        let (_, parked) = self.parked(identity);
+        let mut open = self.open_bytes.lock();
+        let held = open.get(identity).copied().unwrap_or(0);
+        let max = self.quotas.max_upload_bytes.bytes();
+        if held + parked + bytes > max {
+            return Err(exhausted(
+                identity,
+                format!(
+                    "has {} bytes of uploads under way, the most allowed is {max}",
+                    held + parked
+                ),
+                "max_upload_bytes",
+            ));
+        }
+        *open.entry(identity.to_owned()).or_default() += bytes;
+        Ok(())
+    }
+
+    fn uncharge(&self, identity: &str, bytes: u64) {
+        let mut open = self.open_bytes.lock();
+        if let Some(held) = open.get_mut(identity) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                open.remove(identity);
+            }
+        }
+    }
+
+    /// Refuses a new upload while its identity's parked uploads are at a bound.
+    fn check_parked(&self, identity: &str) -> Result<(), Status> {
+        self.expire();
+        let (count, bytes) = self.parked(identity);
+        let lifetime = self.quotas.parked_upload_lifetime;
+        if count >= self.quotas.max_parked_uploads {
+            return Err(exhausted(
+                identity,
+                format!("has {count} broken uploads waiting to be resumed, the most allowed; resume them, or they expire {lifetime} after they broke"),
+                "max_parked_uploads",
+            ));
+        }
+        let max = self.quotas.max_parked_bytes.bytes();
+        if bytes >= max {
+            return Err(exhausted(
+                identity,
+                format!("has {bytes} bytes in broken uploads waiting to be resumed, the most allowed is {max}; resume them, or they expire {lifetime} after they broke"),
+                "max_parked_bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    fn activate(&self, resource: &WriteResource, identity: &str) -> ActiveUpload<'_> {
+        let committed = Arc::new(AtomicU64::new(0));
         self.active
             .lock()
             .insert(upload_key(resource), committed.clone());
@@ -99,12 +199,30 @@ impl ByteStreamService {
             service: self,
             key: upload_key(resource),
             committed,
+            identity: identity.to_owned(),
+            counted: 0,
         }
     }
 
-    fn park(&self, key: UploadKey, sink: Box<dyn BlobSink>) {
+    fn expire(&self) {
+        let lifetime = self.quotas.parked_upload_lifetime.get();
+        self.pending
+            .lock()
+            .retain(|_, upload| upload.parked_at.elapsed() < lifetime);
+    }
+
+    /// Keeps a broken upload for resumption, if its identity's parked uploads stay
+    /// within their bounds; otherwise it is dropped (and its bytes with it).
+    fn park(&self, key: UploadKey, sink: Box<dyn BlobSink>, identity: &str) {
+        self.expire();
+        let (count, bytes) = self.parked(identity);
+        if count >= self.quotas.max_parked_uploads
+            || bytes + sink.written() > self.quotas.max_parked_bytes.bytes()
+        {
+            tracing::info!(who = %identity, "a broken upload is not kept: its owner's parked uploads are at their bound");
+            return;
+        }
         let mut pending = self.pending.lock();
-        pending.retain(|_, upload| upload.parked_at.elapsed() < UPLOAD_IDLE_LIMIT);
         while pending.len() >= MAX_PENDING_UPLOADS {
             let oldest = pending
                 .iter()
@@ -120,8 +238,37 @@ impl ByteStreamService {
             PendingUpload {
                 sink,
                 parked_at: Instant::now(),
+                identity: identity.to_owned(),
             },
         );
+    }
+
+    /// Drops the oldest parked upload, whoever's it is, giving back what it holds of
+    /// the store; false if none is parked.
+    fn drop_oldest_parked(&self) -> bool {
+        let mut pending = self.pending.lock();
+        let oldest = pending
+            .iter()
+            .min_by_key(|(_, u)| u.parked_at)
+            .map(|(k, _)| k.clone());
+        match oldest.and_then(|k| pending.remove(&k)) {
+            Some(upload) => {
+                tracing::info!(who = %upload.identity, bytes = upload.sink.written(), "dropped a broken upload to make room in the store");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes a chunk; when uploads under way have filled the store, broken uploads
+    /// (kept only in case they are resumed) give way to one that is moving.
+    async fn write_chunk(&self, sink: &mut Box<dyn BlobSink>, chunk: Bytes) -> Result<(), Status> {
+        loop {
+            match sink.write(chunk.clone()).await {
+                Err(StoreError::Full { .. }) if self.drop_oldest_parked() => continue,
+                written => return written.map_err(Status::from),
+            }
+        }
     }
 
     async fn exists(&self, digest: &Digest) -> Result<bool, Status> {
@@ -129,15 +276,24 @@ impl ByteStreamService {
     }
 
     /// Finds where an upload starting at `offset` continues: a fresh sink at 0, or the
-    /// parked one if it holds exactly `offset` bytes.
+    /// parked one if it holds exactly `offset` bytes. Only its own identity resumes
+    /// an upload.
     async fn sink_at(
         &self,
         resource: &WriteResource,
         offset: i64,
+        caller: &Principal,
     ) -> Result<Box<dyn BlobSink>, Status> {
         let key = upload_key(resource);
-        let parked = self.pending.lock().remove(&key);
+        let parked = {
+            let mut pending = self.pending.lock();
+            match pending.get(&key) {
+                Some(upload) if upload.identity == caller.name() => pending.remove(&key),
+                _ => None,
+            }
+        };
         if offset == 0 {
+            self.check_parked(caller.name())?;
             return Ok(self.cas.write(&resource.digest).await?);
         }
         match parked {
@@ -164,8 +320,10 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let (caller, method) = (principal(&request)?, method(&request));
         let request = request.into_inner();
         let resource = parse_read(&request.resource_name).map_err(invalid)?;
+        require(&caller, &method, Permission::CasRead, &resource.instance)?;
         let digest = resource.digest;
         if request.read_offset < 0 || request.read_offset as u64 > digest.size() {
             return Err(Status::out_of_range(format!(
@@ -226,12 +384,14 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let (caller, method) = (principal(&request)?, method(&request));
         let mut stream = request.into_inner();
         let first = match stream.next().await {
             Some(message) => message?,
             None => return Err(invalid("write stream carried no request")),
         };
         let resource = parse_write(&first.resource_name).map_err(invalid)?;
+        require(&caller, &method, Permission::CasWrite, &resource.instance)?;
         let digest = resource.digest;
         if first.write_offset < 0 || first.write_offset as u64 > digest.size() {
             return Err(Status::out_of_range(format!(
@@ -244,11 +404,20 @@ impl ByteStream for ByteStreamService {
         };
         if self.exists(&digest).await? {
             // Someone already uploaded it: the write is complete at once.
-            self.pending.lock().remove(&upload_key(&resource));
+            let mut pending = self.pending.lock();
+            let key = upload_key(&resource);
+            if pending
+                .get(&key)
+                .is_some_and(|u| u.identity == caller.name())
+            {
+                pending.remove(&key);
+            }
             return Ok(Response::new(done));
         }
-        let mut sink = self.sink_at(&resource, first.write_offset).await?;
-        let upload = self.activate(&resource, sink.written());
+        let mut sink = self.sink_at(&resource, first.write_offset, &caller).await?;
+        let mut upload = self.activate(&resource, caller.name());
+        upload.charge_to(sink.written())?;
+        upload.show(sink.written());
         let mut message = first;
         loop {
             if !message.resource_name.is_empty()
@@ -265,10 +434,10 @@ impl ByteStream for ByteStreamService {
             }
             let len = message.data.len() as u64;
             if len > 0 {
-                sink.write(Bytes::from(message.data))
-                    .await
-                    .map_err(Status::from)?;
-                upload.record(sink.written());
+                upload.charge_to(sink.written() + len)?;
+                self.write_chunk(&mut sink, Bytes::from(message.data))
+                    .await?;
+                upload.show(sink.written());
                 metrics::counter!("paddock_cas_bytes_written_total").increment(len);
             }
             if message.finish_write {
@@ -286,12 +455,14 @@ impl ByteStream for ByteStreamService {
                 Some(Ok(m)) => m,
                 Some(Err(status)) => {
                     // The stream broke: keep what arrived for a resumed upload.
-                    self.park(upload_key(&resource), sink);
+                    drop(upload);
+                    self.park(upload_key(&resource), sink, caller.name());
                     return Err(status);
                 }
                 None => {
                     let committed = sink.written() as i64;
-                    self.park(upload_key(&resource), sink);
+                    drop(upload);
+                    self.park(upload_key(&resource), sink, caller.name());
                     return Ok(Response::new(WriteResponse {
                         committed_size: committed,
                     }));
@@ -304,7 +475,9 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let (caller, method) = (principal(&request)?, method(&request));
         let resource = parse_write(&request.into_inner().resource_name).map_err(invalid)?;
+        require(&caller, &method, Permission::CasWrite, &resource.instance)?;
         if self.exists(&resource.digest).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: resource.digest.size() as i64,
@@ -313,7 +486,8 @@ impl ByteStream for ByteStreamService {
         }
         let key = upload_key(&resource);
         let committed = match self.pending.lock().get(&key) {
-            Some(upload) => Some(upload.sink.written()),
+            Some(upload) if upload.identity == caller.name() => Some(upload.sink.written()),
+            Some(_) => None,
             None => self
                 .active
                 .lock()

@@ -1,5 +1,6 @@
 //! Capabilities: what this server supports, so clients can configure themselves.
 
+use paddock_config::Permission;
 use paddock_reapi::proto::re::{
     self, capabilities_server::Capabilities, digest_function, priority_capabilities,
     symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
@@ -7,12 +8,10 @@ use paddock_reapi::proto::re::{
 };
 use paddock_reapi::proto::semver::SemVer;
 use paddock_reapi::{HIGH_API_VERSION, LOW_API_VERSION};
+use paddock_scheduler::PRIORITY_RANGE;
 use tonic::{Request, Response, Status};
 
 use crate::Limits;
-
-/// The range of `ExecutionPolicy.priority` the scheduler orders by.
-pub const PRIORITY_RANGE: (i32, i32) = (-1000, 1000);
 
 pub struct CapabilitiesService {
     limits: Limits,
@@ -41,13 +40,18 @@ fn version((major, minor): (i32, i32)) -> SemVer {
 impl Capabilities for CapabilitiesService {
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
+        // Any caller may ask; the answer is its own: a caller who may not write the
+        // ActionCache is told that updates are off, one who may not execute that
+        // execution is.
+        let caller = crate::auth::principal(&request)?;
+        let instance = &request.get_ref().instance_name;
         let sha256 = digest_function::Value::Sha256 as i32;
         let cache = CacheCapabilities {
             digest_functions: vec![sha256],
             action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                update_enabled: true,
+                update_enabled: caller.may(Permission::AcWrite, instance),
             }),
             cache_priority_capabilities: Some(PriorityCapabilities {
                 priorities: vec![priority_capabilities::PriorityRange {
@@ -63,7 +67,7 @@ impl Capabilities for CapabilitiesService {
         let execution = ExecutionCapabilities {
             digest_function: sha256,
             digest_functions: vec![sha256],
-            exec_enabled: self.execution_enabled,
+            exec_enabled: self.execution_enabled && caller.may(Permission::Execute, instance),
             execution_priority_capabilities: Some(PriorityCapabilities {
                 priorities: vec![priority_capabilities::PriorityRange {
                     min_priority: PRIORITY_RANGE.0,

@@ -21,6 +21,9 @@ use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use paddock_config::Permission;
+
+use crate::auth::authorize;
 use crate::{invalid, Limits};
 
 /// The most directories one GetTree page holds, whatever the client asks for.
@@ -71,6 +74,11 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        authorize(
+            &request,
+            Permission::CasRead,
+            &request.get_ref().instance_name,
+        )?;
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         let digests = parse_digests(&request.blob_digests)?;
@@ -84,6 +92,11 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        authorize(
+            &request,
+            Permission::CasWrite,
+            &request.get_ref().instance_name,
+        )?;
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         self.check_count(request.requests.len())?;
@@ -141,6 +154,11 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        authorize(
+            &request,
+            Permission::CasRead,
+            &request.get_ref().instance_name,
+        )?;
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         self.check_count(request.digests.len())?;
@@ -197,6 +215,11 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
+        authorize(
+            &request,
+            Permission::CasRead,
+            &request.get_ref().instance_name,
+        )?;
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         let root = Digest::from_proto(request.root_digest.as_ref())

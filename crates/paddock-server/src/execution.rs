@@ -2,6 +2,7 @@
 //! scheduler's operations rendered as `Operation` messages.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -13,12 +14,15 @@ use paddock_reapi::proto::longrunning::{
 use paddock_reapi::proto::protobuf::Empty;
 use paddock_reapi::proto::re::{
     execution_server::Execution, execution_stage, ExecuteOperationMetadata, ExecuteRequest,
-    ExecutedActionMetadata, RequestMetadata, WaitExecutionRequest,
+    ExecuteResponse, ExecutedActionMetadata, RequestMetadata, WaitExecutionRequest,
 };
 use paddock_reapi::status::pack;
 use paddock_scheduler::{OperationWatch, Requester, Scheduler, Snapshot, Stage};
 
+use paddock_config::Permission;
+
 use crate::action_cache::inline_outputs;
+use crate::auth::{authorize, method, principal, require};
 use crate::Storage;
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -71,7 +75,7 @@ pub fn operation(snapshot: &Snapshot) -> Operation {
         result: snapshot.response.as_ref().map(|response| {
             operation::Result::Response(pack(
                 "build.bazel.remote.execution.v2.ExecuteResponse",
-                response,
+                response.as_ref(),
             ))
         }),
     }
@@ -109,8 +113,11 @@ fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> 
             }
             let mut snapshot = watch.updates.borrow_and_update().clone();
             let done = snapshot.stage == Stage::Completed;
-            if let Some(result) = snapshot.response.as_mut().and_then(|r| r.result.as_mut()) {
-                if inline.stdout || inline.stderr || !inline.files.is_empty() {
+            let inlining = inline.stdout || inline.stderr || !inline.files.is_empty();
+            if let Some(shared) = snapshot.response.as_mut().filter(|_| inlining) {
+                // This caller's own copy: what it asked to have inlined is its alone.
+                let mut response = ExecuteResponse::clone(shared);
+                if let Some(result) = response.result.as_mut() {
                     inline_outputs(
                         &storage,
                         result,
@@ -120,6 +127,7 @@ fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> 
                     )
                     .await;
                 }
+                *shared = Arc::new(response);
             }
             let next = (!done).then_some((watch, false));
             Some((Ok(operation(&snapshot)), next))
@@ -128,18 +136,47 @@ fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> 
     Box::pin(stream)
 }
 
-/// Who is asking, from the client's RequestMetadata: its tool invocation (for fair
-/// queueing) and the action's mnemonic (for spotting stragglers); empty when unsent.
-fn requester(metadata: &tonic::metadata::MetadataMap) -> Requester {
+/// Who is asking: `identity`, and from the client's RequestMetadata its tool
+/// invocation (for fair queueing) and the action's mnemonic (for spotting
+/// stragglers); empty when unsent.
+fn requester(identity: &str, metadata: &tonic::metadata::MetadataMap) -> Requester {
     let sent = metadata
         .get_bin(REQUEST_METADATA)
         .and_then(|v| v.to_bytes().ok())
         .and_then(|bytes| RequestMetadata::decode(bytes).ok())
         .unwrap_or_default();
     Requester {
+        identity: identity.to_owned(),
         invocation: sent.tool_invocation_id,
         mnemonic: sent.action_mnemonic,
     }
+}
+
+/// Checks that the caller of `request` may follow, cancel or delete the operation
+/// `name`: it needs
+/// `execute` on the operation's instance, and to be the identity that started it
+/// (or an admin of that instance). Anything else is NOT_FOUND for an operation
+/// that is not its own, so names are not probed; PERMISSION_DENIED for a caller
+/// without `execute` at all.
+fn check_operation<T>(
+    scheduler: &Scheduler,
+    request: &Request<T>,
+    name: &str,
+) -> Result<(), Status> {
+    let caller = principal(request)?;
+    let method = method(request);
+    let not_found = || Status::not_found(format!("no operation named {name:?}"));
+    let Some(owner) = scheduler.owner(name) else {
+        if !caller.may_somewhere(Permission::Execute) {
+            require(&caller, &method, Permission::Execute, "")?;
+        }
+        return Err(not_found());
+    };
+    require(&caller, &method, Permission::Execute, &owner.instance)?;
+    if owner.identity != caller.name() && !caller.may(Permission::Admin, &owner.instance) {
+        return Err(not_found());
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -150,7 +187,12 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let requester = requester(request.metadata());
+        let caller = authorize(
+            &request,
+            Permission::Execute,
+            &request.get_ref().instance_name,
+        )?;
+        let requester = requester(caller.name(), request.metadata());
         let request = request.into_inner();
         let inline = Inline {
             stdout: request.inline_stdout,
@@ -171,8 +213,9 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
         let name = request.into_inner().name;
-        let watch = self.scheduler.watch(&name).ok_or_else(|| {
+        let watch = self.scheduler.watch(&name).await.ok_or_else(|| {
             Status::not_found(format!("no operation named {name:?}; call Execute again"))
         })?;
         Ok(Response::new(operation_stream(
@@ -192,9 +235,10 @@ impl OperationsService {
         OperationsService { scheduler }
     }
 
-    fn snapshot(&self, name: &str) -> Result<Snapshot, Status> {
+    async fn snapshot(&self, name: &str) -> Result<Snapshot, Status> {
         self.scheduler
             .get(name)
+            .await
             .ok_or_else(|| Status::not_found(format!("no operation named {name:?}")))
     }
 }
@@ -215,7 +259,8 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        let snapshot = self.snapshot(&request.into_inner().name)?;
+        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
+        let snapshot = self.snapshot(&request.into_inner().name).await?;
         Ok(Response::new(operation(&snapshot)))
     }
 
@@ -223,6 +268,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
+        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
         let name = request.into_inner().name;
         if !self.scheduler.delete(&name) {
             return Err(Status::not_found(format!("no operation named {name:?}")));
@@ -234,6 +280,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
+        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
         let name = request.into_inner().name;
         if !self.scheduler.cancel(&name) {
             return Err(Status::not_found(format!("no operation named {name:?}")));
@@ -245,6 +292,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
         let request = request.into_inner();
         let timeout = request
             .timeout
@@ -253,10 +301,10 @@ impl Operations for OperationsService {
             .filter(|d| !d.is_zero())
             .unwrap_or(MAX_WAIT)
             .min(MAX_WAIT);
-        let mut watch = self
-            .scheduler
-            .watch(&request.name)
-            .ok_or_else(|| Status::not_found(format!("no operation named {:?}", request.name)))?;
+        let mut watch =
+            self.scheduler.watch(&request.name).await.ok_or_else(|| {
+                Status::not_found(format!("no operation named {:?}", request.name))
+            })?;
         let done = async {
             loop {
                 if watch.updates.borrow_and_update().stage == Stage::Completed {
@@ -268,7 +316,7 @@ impl Operations for OperationsService {
             }
         };
         let _ = tokio::time::timeout(timeout, done).await;
-        let snapshot = self.snapshot(&request.name)?;
+        let snapshot = self.snapshot(&request.name).await?;
         Ok(Response::new(operation(&snapshot)))
     }
 }
@@ -289,12 +337,12 @@ mod tests {
             REQUEST_METADATA,
             tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
         );
-        let found = requester(&map);
+        let found = requester("someone", &map);
         assert_eq!(
             (found.invocation.as_str(), found.mnemonic.as_str()),
             ("inv-1", "CppCompile")
         );
-        let none = requester(&tonic::metadata::MetadataMap::new());
+        let none = requester("someone", &tonic::metadata::MetadataMap::new());
         assert_eq!((none.invocation.as_str(), none.mnemonic.as_str()), ("", ""));
     }
 }

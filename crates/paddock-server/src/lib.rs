@@ -1,13 +1,17 @@
-//! Paddock's gRPC front: every REAPI service on one port.
+//! Paddock's gRPC front: the REAPI services for clients, and the worker protocol
+//! with the CAS for workers, each on a listener of its own.
 //!
 //! This crate is protocol code. It validates requests, translates them into calls on
 //! the stores (`paddock-cas`) and the scheduler (`paddock-scheduler`), and answers with
 //! the status codes the REAPI specifies; what to store, evict or schedule is decided
-//! elsewhere. [`serve`] runs the services
-//! with per-RPC metrics until shutdown.
+//! elsewhere. Who may call what is decided by `paddock-auth`: every request passes
+//! [`auth`] first, and each RPC asks for the permission it needs on its instance.
+//! [`serve`] runs services, over TLS or plain text, with per-RPC metrics until
+//! shutdown.
 
 mod action_cache;
 mod admin;
+mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
@@ -19,10 +23,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::Stream;
 use paddock_cas::{ActionCache, BlobStore};
+use paddock_config::QuotaConfig;
 use paddock_reapi::proto::{bytestream as bs, re};
+use paddock_tls::{Protocol, ServerTls};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
+use tonic::transport::server::Connected;
 
 pub use action_cache::ActionCacheService;
 pub use admin::AdminService;
@@ -31,6 +40,8 @@ pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
 pub use execution::{ExecutionService, OperationsService};
 pub use workers::WorkerService;
+
+pub use auth::{Audience, Callers};
 
 /// The stores behind the cache services.
 #[derive(Clone)]
@@ -64,8 +75,14 @@ impl Limits {
 }
 
 /// The REAPI cache services: Capabilities, ContentAddressableStorage, ByteStream and
-/// ActionCache.
-pub fn cache_routes(storage: &Storage, limits: Limits, execution_enabled: bool) -> Routes {
+/// ActionCache. Served on both listeners; clones of the routes share the services'
+/// state (uploads under way, and their quotas).
+pub fn cache_routes(
+    storage: &Storage,
+    limits: Limits,
+    quotas: &QuotaConfig,
+    execution_enabled: bool,
+) -> Routes {
     let max = limits.max_message_size();
     Routes::new(re::capabilities_server::CapabilitiesServer::new(
         CapabilitiesService::new(limits, execution_enabled),
@@ -78,9 +95,12 @@ pub fn cache_routes(storage: &Storage, limits: Limits, execution_enabled: bool) 
         .max_encoding_message_size(max),
     )
     .add_service(
-        bs::byte_stream_server::ByteStreamServer::new(ByteStreamService::new(storage.cas.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
+        bs::byte_stream_server::ByteStreamServer::new(ByteStreamService::new(
+            storage.cas.clone(),
+            quotas.clone(),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
     )
     .add_service(
         re::action_cache_server::ActionCacheServer::new(ActionCacheService::new(storage.clone()))
@@ -89,14 +109,14 @@ pub fn cache_routes(storage: &Storage, limits: Limits, execution_enabled: bool) 
     )
 }
 
-/// The execution services, over `scheduler`: Execution, Operations, the worker
-/// protocol and the operators' protocol.
-pub fn execution_routes(
-    routes: Routes,
+/// What clients use: `cache` and the execution services over `scheduler` (Execution,
+/// Operations, and the operators' protocol).
+pub fn client_routes(
+    cache: Routes,
     storage: &Storage,
     scheduler: &paddock_scheduler::Scheduler,
 ) -> Routes {
-    routes
+    cache
         .add_service(re::execution_server::ExecutionServer::new(
             ExecutionService::new(scheduler.clone(), storage.clone()),
         ))
@@ -105,29 +125,88 @@ pub fn execution_routes(
                 OperationsService::new(scheduler.clone()),
             ),
         )
-        .add_service(
-            paddock_proto::worker::v1::scheduler_server::SchedulerServer::new(WorkerService::new(
-                scheduler.clone(),
-            ))
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20),
-        )
         .add_service(paddock_proto::admin::v1::admin_server::AdminServer::new(
             AdminService::new(scheduler.clone(), storage.clone()),
         ))
+}
+
+/// What workers use: `cache` (for their actions' inputs and outputs) and the worker
+/// protocol over `scheduler`.
+pub fn worker_routes(cache: Routes, scheduler: &paddock_scheduler::Scheduler) -> Routes {
+    cache.add_service(
+        paddock_proto::worker::v1::scheduler_server::SchedulerServer::new(WorkerService::new(
+            scheduler.clone(),
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20),
+    )
 }
 
 /// How long calls still in flight at shutdown may take to finish before their
 /// connections are closed under them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves `routes` on `listener` until `shutdown` resolves, then lets in-flight
-/// calls finish for up to [`SHUTDOWN_GRACE`].
+/// Who is served on a listener, and how they are told apart.
+#[derive(Clone)]
+pub struct Access {
+    pub callers: Callers,
+    pub audience: Audience,
+}
+
+/// Serves `routes` on `listener` (through TLS when `tls` is given) as `access` says,
+/// until `shutdown` resolves, then lets in-flight calls finish for up to
+/// [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     routes: Routes,
+    access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some(tls) => {
+            let incoming = paddock_tls::incoming(listener, tls, Protocol::Grpc);
+            serve_incoming(incoming, routes, access, shutdown).await
+        }
+        None => {
+            // Latency-bound calls (GetActionResult, FindMissingBlobs) must not wait on Nagle.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            serve_incoming(incoming, routes, access, shutdown).await
+        }
+    }
+}
+
+/// Serves `routes` over connections made inside this process (workers the server
+/// runs itself), whose caller is always `principal`.
+pub async fn serve_local(
+    connections: tokio::sync::mpsc::Receiver<tokio::io::DuplexStream>,
+    routes: Routes,
+    principal: Arc<paddock_auth::Principal>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = futures::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(connections),
+        Ok::<_, std::io::Error>,
+    );
+    let access = Access {
+        callers: Callers::Fixed(principal),
+        audience: Audience::Workers,
+    };
+    serve_incoming(incoming, routes, access, shutdown).await
+}
+
+async fn serve_incoming<I, IO, IE>(
+    incoming: I,
+    routes: Routes,
+    access: Access,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    I: Stream<Item = Result<IO, IE>>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (began, draining) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -141,32 +220,25 @@ pub async fn serve(
             Err(_) => std::future::pending().await,
         }
     };
-    tokio::select! {
-        served = serve_until(listener, routes, shutdown) => served,
-        _ = deadline => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still in flight after the shutdown grace period; stopping without them");
-            Ok(())
-        }
-    }
-}
-
-async fn serve_until(
-    listener: TcpListener,
-    routes: Routes,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    // Latency-bound calls (GetActionResult, FindMissingBlobs) must not wait on Nagle.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let layers = tower::ServiceBuilder::new()
+        .layer(rpc_metrics::RpcMetricsLayer)
+        .layer(auth::AuthLayer::new(access.callers, access.audience));
+    let served = tonic::transport::Server::builder()
         // Large windows let one ByteStream call move a gigabyte a second on loopback.
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .max_frame_size(Some((1 << 20) - 1))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(rpc_metrics::RpcMetricsLayer)
+        .layer(layers)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::select! {
+        served = served => served,
+        _ = deadline => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still in flight after the shutdown grace period; stopping without them");
+            Ok(())
+        }
+    }
 }
 
 /// Maps a malformed-argument error to INVALID_ARGUMENT.

@@ -27,7 +27,7 @@ pub struct RpcMetrics<S> {
 
 /// `/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs` →
 /// `ContentAddressableStorage/FindMissingBlobs`.
-fn rpc_name(path: &str) -> String {
+pub(crate) fn rpc_name(path: &str) -> String {
     let path = path.trim_start_matches('/');
     match path.split_once('/') {
         Some((service, method)) => {

@@ -1,14 +1,22 @@
 //! The scheduler's side of Paddock's worker protocol (`proto/paddock/worker/v1`).
+//!
+//! A session needs the `worker` permission; the worker's name is bound to the
+//! caller's identity, and it is given only actions of the instances that identity
+//! may serve.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use paddock_config::Permission;
 use paddock_proto::worker::v1::{
     scheduler_server::Scheduler as SchedulerRpc, worker_message, SchedulerMessage, WorkerMessage,
 };
-use paddock_scheduler::Scheduler;
+use paddock_scheduler::{Scheduler, Serves};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{method, principal, require};
 
 pub struct WorkerService {
     scheduler: Scheduler,
@@ -28,6 +36,10 @@ impl SchedulerRpc for WorkerService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = principal(&request)?;
+        if !caller.may_somewhere(Permission::Worker) {
+            require(&caller, &method(&request), Permission::Worker, "")?;
+        }
         let mut inbound = request.into_inner();
         let register = match inbound.next().await {
             Some(Ok(WorkerMessage {
@@ -40,7 +52,10 @@ impl SchedulerRpc for WorkerService {
                 ))
             }
         };
-        let connection = self.scheduler.connect_worker(register)?;
+        let identity = caller.name().to_owned();
+        let serves: Serves =
+            Arc::new(move |instance: &str| caller.may(Permission::Worker, instance));
+        let connection = self.scheduler.connect_worker(register, &identity, serves)?;
         let session = connection.session;
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {

@@ -2,18 +2,20 @@
 //!
 //! Logs go through `tracing` (plain or JSON lines, filtered by `RUST_LOG`). Metrics go
 //! through the `metrics` facade into one process-wide Prometheus recorder, which
-//! [`serve_metrics`] exposes as `GET /metrics` on its own HTTP port.
+//! [`serve_metrics`] exposes as `GET /metrics` on its own HTTP port (HTTPS when the
+//! server has TLS).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::IsTerminal;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use paddock_tls::{Protocol, ServerTls};
 use tokio::net::TcpListener;
 
 /// Latency buckets in seconds, from 50 µs to 10 minutes.
@@ -62,7 +64,11 @@ pub fn metrics() -> &'static PrometheusHandle {
 }
 
 /// Serves `GET /metrics` in the Prometheus text format until `shutdown` resolves.
-pub async fn serve_metrics(listener: TcpListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let handle = metrics();
     tokio::pin!(shutdown);
     loop {
@@ -91,10 +97,16 @@ pub async fn serve_metrics(listener: TcpListener, shutdown: impl Future<Output =
                 Ok::<_, Infallible>(response.expect("static response parts are valid"))
             },
         );
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            let _ = match tls {
+                Some(tls) => match tls.accept(stream, Protocol::Http1).await {
+                    Some(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                    None => return,
+                },
+                None => http.serve_connection(TokioIo::new(stream), service).await,
+            };
         });
     }
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use paddock_client::Remote;
+use paddock_client::{Credentials, LocalServer, Remote};
 use paddock_config::ActionLimits;
 use paddock_proto::worker::v1 as wire;
 use paddock_proto::worker::v1::scheduler_client::SchedulerClient;
@@ -33,11 +33,45 @@ const CANCEL_GRACE: Duration = Duration::from_secs(30);
 pub use cache::FileCache;
 pub use faults::Faults;
 
+/// Where a worker finds its scheduler (and the CAS).
+#[derive(Clone, Debug)]
+pub enum SchedulerAddress {
+    /// `grpc://HOST:PORT`, or `grpcs://HOST:PORT` for TLS, with what the worker
+    /// checks the scheduler's certificate against and proves itself with.
+    Url {
+        url: String,
+        credentials: Credentials,
+    },
+    /// The scheduler in this process (`paddock up`'s own workers).
+    Local(LocalServer),
+}
+
+impl std::fmt::Display for SchedulerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SchedulerAddress::Url { url, .. } => f.write_str(url),
+            SchedulerAddress::Local(_) => f.write_str("the scheduler in this process"),
+        }
+    }
+}
+
+impl SchedulerAddress {
+    async fn connect(&self) -> Result<Remote, paddock_client::ClientError> {
+        match self {
+            SchedulerAddress::Url { url, credentials } => {
+                Remote::connect_with(url, "", credentials).await
+            }
+            SchedulerAddress::Local(server) => {
+                Remote::over(server.channel().await?, "", None).await
+            }
+        }
+    }
+}
+
 /// How a worker is set up.
 pub struct WorkerOptions {
     pub name: String,
-    /// The scheduler's (and CAS's) address, `grpc://HOST:PORT`.
-    pub scheduler: String,
+    pub scheduler: SchedulerAddress,
     pub work_dir: PathBuf,
     pub capacity: usize,
     pub cache_size: u64,
@@ -112,7 +146,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let outcome = async {
-            let remote = Remote::connect(&options.scheduler, "").await?;
+            let remote = options.scheduler.connect().await?;
             let ctx = Arc::new(execute::Context {
                 name: options.name.clone(),
                 remote,
@@ -131,7 +165,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
         match outcome {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
-                tracing::warn!(worker = %options.name, error = %e, "scheduler connection failed")
+                tracing::warn!(worker = %options.name, scheduler = %options.scheduler, error = format!("{e:#}"), "scheduler connection failed")
             }
         }
         tokio::select! {

@@ -3,30 +3,61 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use paddock_auth::{Authenticator, Principal};
+use paddock_client::LocalServer;
 use paddock_config::{Config, RunnerKind, SandboxConfig, WorkerConfig};
 use paddock_sandbox::Zygote;
-use paddock_scheduler::Scheduler;
-use paddock_server::{Limits, Storage};
-use paddock_worker::WorkerOptions;
+use paddock_scheduler::{Bounds, Scheduler};
+use paddock_server::{Access, Audience, Callers, Limits, Storage};
+use paddock_tls::ServerTls;
+use paddock_worker::{SchedulerAddress, WorkerOptions};
+use tokio::io::DuplexStream;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 /// The services, bound and ready to serve.
 struct Farm {
     listener: TcpListener,
+    worker_listener: TcpListener,
     metrics_listener: TcpListener,
-    routes: tonic::service::Routes,
+    tls: Option<Arc<ServerTls>>,
+    tls_reload: Duration,
+    callers: Callers,
+    client_routes: Routes,
+    worker_routes: Routes,
     scheduler: Scheduler,
+    /// Connections of workers in this process, when there are any.
+    local: Option<mpsc::Receiver<DuplexStream>>,
 }
 
 impl Farm {
     async fn build(config: &Config, data_dir: PathBuf) -> Result<Farm> {
+        config.check_exposure().map_err(anyhow::Error::msg)?;
+        let authenticator =
+            Authenticator::new(&config.auth).map_err(|e| anyhow::anyhow!("[auth]: {e}"))?;
+        let tls = match &config.server.tls {
+            Some(tls) => Some(
+                ServerTls::load(paddock_tls::Files {
+                    cert: tls.cert_file.clone(),
+                    key: tls.key_file.clone(),
+                    client_ca: tls.client_ca_file.clone(),
+                })
+                .map_err(|e| anyhow::anyhow!("[server.tls]: {e}"))?,
+            ),
+            None => None,
+        };
+        if tls.is_none() && !authenticator.is_open() {
+            tracing::warn!(
+                "[auth] is configured without [server.tls]: tokens cross the network in plain text"
+            );
+        }
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
         let cas = paddock_cas::open_cas(&config.storage, &data_dir)
@@ -34,11 +65,16 @@ impl Farm {
             .context("opening the CAS")?;
         let action_cache = paddock_cas::open_action_cache(&config.storage, &data_dir, cas.clone())
             .context("opening the ActionCache")?;
+        let quotas = &config.auth.quotas;
         let scheduler = Scheduler::new(
             config.scheduler.clone(),
             cas.clone(),
             action_cache.clone(),
-            config.storage.max_tree_directories,
+            Bounds {
+                max_tree_directories: config.storage.max_tree_directories,
+                max_executions: quotas.max_executions,
+                max_finished_operations: quotas.max_finished_operations,
+            },
         );
         let storage = Storage { cas, action_cache };
         let limits = Limits {
@@ -46,32 +82,61 @@ impl Farm {
             max_batch_blobs: config.storage.max_batch_blobs,
             max_tree_directories: config.storage.max_tree_directories,
         };
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("binding {}", config.server.listen))?;
-        let metrics_listener = TcpListener::bind(config.server.metrics_listen)
-            .await
-            .with_context(|| format!("binding {}", config.server.metrics_listen))?;
-        let routes = paddock_server::execution_routes(
-            paddock_server::cache_routes(&storage, limits, true),
-            &storage,
-            &scheduler,
-        );
+        let bind = |address: std::net::SocketAddr| async move {
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {address}"))
+        };
+        let listener = bind(config.server.listen).await?;
+        let worker_listener = bind(config.server.worker_address()).await?;
+        let metrics_listener = bind(config.server.metrics_listen).await?;
+        let cache = paddock_server::cache_routes(&storage, limits, quotas, true);
         Ok(Farm {
             listener,
+            worker_listener,
             metrics_listener,
-            routes,
+            tls,
+            tls_reload: config
+                .server
+                .tls
+                .as_ref()
+                .map_or(Duration::from_secs(5), |t| t.reload_interval.get()),
+            callers: Callers::Authenticated(Arc::new(authenticator)),
+            client_routes: paddock_server::client_routes(cache.clone(), &storage, &scheduler),
+            worker_routes: paddock_server::worker_routes(cache, &scheduler),
             scheduler,
+            local: None,
         })
     }
 
-    fn url(&self) -> String {
+    fn address(&self, listener: &TcpListener, scheme: &str) -> String {
+        let secure = if self.tls.is_some() { "s" } else { "" };
         format!(
-            "grpc://{}",
-            self.listener
+            "{scheme}{secure}://{}",
+            listener
                 .local_addr()
                 .expect("a bound listener has an address")
         )
+    }
+
+    fn url(&self) -> String {
+        self.address(&self.listener, "grpc")
+    }
+
+    fn worker_url(&self) -> String {
+        self.address(&self.worker_listener, "grpc")
+    }
+
+    fn metrics_url(&self) -> String {
+        format!("{}/metrics", self.address(&self.metrics_listener, "http"))
+    }
+
+    /// Where workers in this process reach the scheduler: through connections that
+    /// never leave it, as [`Principal::local_workers`].
+    fn local_scheduler(&mut self) -> SchedulerAddress {
+        let (server, connections) = LocalServer::new();
+        self.local = Some(connections);
+        SchedulerAddress::Local(server)
     }
 
     /// Serves until `shutdown`, then stops `local_workers` and ends the scheduler's
@@ -81,27 +146,66 @@ impl Farm {
         shutdown: impl Future<Output = ()> + Send + 'static,
         local_workers: CancellationToken,
     ) -> Result<()> {
-        let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+        let stop = CancellationToken::new();
+        let tls_watch = self.tls.as_ref().map(|tls| tls.watch(self.tls_reload));
         let metrics = tokio::spawn(paddock_telemetry::serve_metrics(
             self.metrics_listener,
-            async move {
-                let _ = metrics_stopped.await;
-            },
+            self.tls.clone(),
+            stop.clone().cancelled_owned(),
         ));
         let timers = tokio::spawn(self.scheduler.clone().run());
         let scheduler = self.scheduler;
-        let shutdown = async move {
+        let stopping = stop.clone();
+        tokio::spawn(async move {
             shutdown.await;
             // Long-lived streams (workers, clients waiting on actions) would hold up a
             // graceful shutdown: end them first, and keep local workers from reconnecting.
             local_workers.cancel();
             scheduler.shutdown();
-        };
-        let served = paddock_server::serve(self.listener, self.routes, shutdown).await;
+            stopping.cancel();
+        });
+        let workers = tokio::spawn(paddock_server::serve(
+            self.worker_listener,
+            self.tls.clone(),
+            self.worker_routes.clone(),
+            Access {
+                callers: self.callers.clone(),
+                audience: Audience::Workers,
+            },
+            stop.clone().cancelled_owned(),
+        ));
+        let local = self.local.map(|connections| {
+            tokio::spawn(paddock_server::serve_local(
+                connections,
+                self.worker_routes,
+                Arc::new(Principal::local_workers()),
+                stop.clone().cancelled_owned(),
+            ))
+        });
+        let served = paddock_server::serve(
+            self.listener,
+            self.tls,
+            self.client_routes,
+            Access {
+                callers: self.callers,
+                audience: Audience::Clients,
+            },
+            stop.clone().cancelled_owned(),
+        )
+        .await;
+        // If one listener failed, the others stop too.
+        stop.cancel();
+        let workers_served = workers.await?;
+        if let Some(local) = local {
+            local.await?.context("serving local workers")?;
+        }
         timers.abort();
-        let _ = stop_metrics.send(());
+        if let Some(watch) = tls_watch {
+            watch.abort();
+        }
         let _ = metrics.await;
-        served.context("serving gRPC")
+        served.context("serving gRPC to clients")?;
+        workers_served.context("serving gRPC to workers")
     }
 }
 
@@ -110,7 +214,7 @@ impl Farm {
 /// and cgroups) unless the configuration asks for the host runner.
 pub async fn worker_options(
     config: &WorkerConfig,
-    scheduler: String,
+    scheduler: SchedulerAddress,
     name: String,
     data_dir: PathBuf,
     zygote: Option<&Zygote>,
@@ -316,32 +420,33 @@ pub async fn run(config: Config, zygote: Option<Zygote>) -> Result<()> {
     let stop = ShutdownSignal::install()?;
     let data_dir = data_dir(&config);
     paddock_telemetry::metrics();
-    let farm = Farm::build(&config, data_dir.clone()).await?;
-    // These two lines are the interface for scripts and tests: keep their form.
+    let mut farm = Farm::build(&config, data_dir.clone()).await?;
+    // These lines are the interface for scripts and tests: keep their form.
     println!("paddock: serving REAPI on {}", farm.url());
-    println!(
-        "paddock: metrics on http://{}/metrics",
-        farm.metrics_listener.local_addr()?
-    );
+    println!("paddock: serving workers on {}", farm.worker_url());
+    println!("paddock: metrics on {}", farm.metrics_url());
     tracing::info!(data_dir = %data_dir.display(), backend = ?config.storage.backend, "paddock is up");
     let stop_workers = CancellationToken::new();
     let mut workers = Vec::new();
     let host = paddock_worker::host_name();
-    for i in 0..config.server.local_workers {
-        let mut worker_config = config.worker.clone();
-        worker_config.work_dir = None;
-        let options = worker_options(
-            &worker_config,
-            farm.url(),
-            format!("{host}-local-{i}"),
-            data_dir.join("workers").join(i.to_string()),
-            zygote.as_ref(),
-        )
-        .await?;
-        workers.push(tokio::spawn(paddock_worker::run(
-            options,
-            stop_workers.clone(),
-        )));
+    if config.server.local_workers > 0 {
+        let scheduler = farm.local_scheduler();
+        for i in 0..config.server.local_workers {
+            let mut worker_config = config.worker.clone();
+            worker_config.work_dir = None;
+            let options = worker_options(
+                &worker_config,
+                scheduler.clone(),
+                format!("{host}-local-{i}"),
+                data_dir.join("workers").join(i.to_string()),
+                zygote.as_ref(),
+            )
+            .await?;
+            workers.push(tokio::spawn(paddock_worker::run(
+                options,
+                stop_workers.clone(),
+            )));
+        }
     }
     farm.serve(stop.received(), stop_workers).await?;
     for worker in workers {
@@ -400,26 +505,25 @@ impl Embedded {
         zygote: Option<&Zygote>,
     ) -> Result<Embedded> {
         let faults = vec![paddock_worker::Faults::default(); workers];
-        Embedded::start_with(Default::default(), worker_config, faults, zygote).await
+        Embedded::start_with(Config::default(), worker_config, faults, zygote).await
     }
 
-    /// A farm with this scheduler configuration and one worker per entry of
-    /// `faults` (which a benchmark may give faults, e.g. a delay).
+    /// A farm with this configuration (its listeners moved to free loopback ports)
+    /// and one worker per entry of `faults` (which a benchmark may give faults, e.g.
+    /// a delay).
     pub async fn start_with(
-        scheduler: paddock_config::SchedulerConfig,
+        mut config: Config,
         worker_config: &WorkerConfig,
         faults: Vec<paddock_worker::Faults>,
         zygote: Option<&Zygote>,
     ) -> Result<Embedded> {
         let data_dir = tempfile::tempdir()?;
-        let mut config = Config {
-            scheduler,
-            ..Config::default()
-        };
         config.server.listen = "127.0.0.1:0".parse()?;
+        config.server.worker_listen = Some("127.0.0.1:0".parse()?);
         config.server.metrics_listen = "127.0.0.1:0".parse()?;
-        let farm = Farm::build(&config, data_dir.path().to_owned()).await?;
+        let mut farm = Farm::build(&config, data_dir.path().to_owned()).await?;
         let url = farm.url();
+        let scheduler = farm.local_scheduler();
         let (stop, stopped) = oneshot::channel::<()>();
         let stop_workers = CancellationToken::new();
         tokio::spawn(farm.serve(
@@ -431,7 +535,7 @@ impl Embedded {
         for (i, faults) in faults.into_iter().enumerate() {
             let mut options = worker_options(
                 worker_config,
-                url.clone(),
+                scheduler.clone(),
                 format!("bench-{i}"),
                 data_dir.path().join("workers").join(i.to_string()),
                 zygote,

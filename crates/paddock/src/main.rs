@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use paddock_client::bench::{self, CasBenchOptions};
 use paddock_client::exec::ExecSpec;
-use paddock_client::Remote;
+use paddock_client::{Credentials, Remote};
 use paddock_config::{Config, RunnerKind, StorageBackend, WorkerConfig};
 use paddock_reapi::Digest;
 use paddock_sandbox::Zygote;
@@ -105,9 +105,12 @@ struct WorkerArgs {
     /// A TOML configuration file (its [worker] section); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The scheduler to take work from.
+    /// The scheduler to take work from: its worker address (`grpc://HOST:PORT`, or
+    /// `grpcs://HOST:PORT` with TLS), which the server prints at start-up.
     #[arg(long)]
     scheduler: Option<String>,
+    #[command(flatten)]
+    credentials: CredentialArgs,
     /// The worker's name in the fleet (default: the host name).
     #[arg(long)]
     name: Option<String>,
@@ -175,6 +178,7 @@ impl WorkerArgs {
         if let Some(url) = &self.scheduler {
             config.scheduler = url.clone();
         }
+        self.credentials.apply(&mut config.credentials);
         if let Some(dir) = &self.work_dir {
             config.work_dir = Some(dir.clone());
         }
@@ -217,6 +221,13 @@ struct ServerArgs {
     /// The gRPC address to serve every REAPI service on; port 0 picks a free port.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// The gRPC address workers connect to (default: --listen's port plus two).
+    #[arg(long)]
+    worker_listen: Option<SocketAddr>,
+    /// Serve callers without credentials even on an address that is not loopback:
+    /// anyone who reaches it may do anything. Only on a network that is itself trusted.
+    #[arg(long)]
+    insecure_allow_anonymous: bool,
     /// The HTTP address of the Prometheus /metrics endpoint; port 0 picks a free port.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -238,6 +249,12 @@ impl ServerArgs {
         if let Some(listen) = self.listen {
             config.server.listen = listen;
         }
+        if let Some(listen) = self.worker_listen {
+            config.server.worker_listen = Some(listen);
+        }
+        if self.insecure_allow_anonymous {
+            config.auth.allow_anonymous = true;
+        }
         if let Some(listen) = self.metrics_listen {
             config.server.metrics_listen = listen;
         }
@@ -253,12 +270,65 @@ impl ServerArgs {
 
 #[derive(Args)]
 struct RemoteArgs {
-    /// The REAPI server to talk to.
+    /// The REAPI server to talk to (`grpcs://` for TLS).
     #[arg(long, default_value = "grpc://127.0.0.1:8980")]
     remote: String,
     /// The instance name to use on it.
     #[arg(long, default_value = "")]
     instance: String,
+    #[command(flatten)]
+    credentials: CredentialArgs,
+}
+
+impl RemoteArgs {
+    async fn connect(&self) -> Result<Remote> {
+        let credentials = self.credentials.load()?;
+        Ok(Remote::connect_with(&self.remote, &self.instance, &credentials).await?)
+    }
+}
+
+/// How a client checks the server and proves who it is.
+#[derive(Args, Clone, Default)]
+pub struct CredentialArgs {
+    /// The CA that signed the server's certificate (for grpcs://; default: the
+    /// system's roots).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM), for servers that identify clients by certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A file holding a bearer token (or set PADDOCK_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+impl CredentialArgs {
+    /// The credentials these flags (or PADDOCK_TOKEN) give.
+    pub fn load(&self) -> Result<Credentials> {
+        Ok(Credentials::from_files(
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.token_file.as_deref(),
+            std::env::var("PADDOCK_TOKEN").ok(),
+        )?)
+    }
+
+    /// Puts these flags over a worker's configured credentials.
+    fn apply(&self, config: &mut paddock_config::ClientCredentials) {
+        let replace = |field: &mut Option<PathBuf>, flag: &Option<PathBuf>| {
+            if flag.is_some() {
+                field.clone_from(flag);
+            }
+        };
+        replace(&mut config.tls_ca_file, &self.tls_ca);
+        replace(&mut config.tls_cert_file, &self.tls_cert);
+        replace(&mut config.tls_key_file, &self.tls_key);
+        replace(&mut config.token_file, &self.token_file);
+    }
 }
 
 #[derive(Subcommand)]
@@ -311,6 +381,8 @@ enum BenchCommand {
         remote: Option<String>,
         #[arg(long, default_value = "")]
         instance: String,
+        #[command(flatten)]
+        credentials: CredentialArgs,
         /// Size of the streamed blob, in MiB.
         #[arg(long, default_value_t = 100)]
         blob_mib: usize,
@@ -380,6 +452,8 @@ enum BenchCommand {
         remote: Option<String>,
         #[arg(long, default_value = "")]
         instance: String,
+        #[command(flatten)]
+        credentials: CredentialArgs,
         /// Workers of the embedded farm.
         #[arg(long, default_value_t = 1)]
         workers: usize,
@@ -400,6 +474,8 @@ enum BenchCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // One TLS provider for the whole process: servers, clients and the registry client.
+    paddock_tls::install_provider();
     // Logs go to a copy of stderr: in the containers that this process's zygote
     // forks, fd 2 becomes the action's stderr, and libcontainer logs from inside them.
     // libcgroups warns about every controller this kernel lacks; that is not news.
@@ -475,9 +551,19 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 .name
                 .or_else(|| config.name.clone())
                 .unwrap_or_else(paddock_worker::host_name);
+            let scheduler = paddock_worker::SchedulerAddress::Url {
+                url: config.scheduler.clone(),
+                credentials: Credentials::from_files(
+                    config.credentials.tls_ca_file.clone(),
+                    config.credentials.tls_cert_file.clone(),
+                    config.credentials.tls_key_file.clone(),
+                    config.credentials.token_file.as_deref(),
+                    std::env::var("PADDOCK_TOKEN").ok(),
+                )?,
+            };
             let mut options = farm::worker_options(
                 &config,
-                config.scheduler.clone(),
+                scheduler,
                 name,
                 paddock_config::default_data_dir().join("worker"),
                 zygote.as_ref(),
@@ -521,6 +607,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
             BenchCommand::Cas {
                 remote,
                 instance,
+                credentials,
                 blob_mib,
                 rounds,
                 small_blobs,
@@ -531,17 +618,16 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                     small_blobs,
                     ..CasBenchOptions::default()
                 };
-                let (url, _embedded) = match remote {
-                    Some(url) => (url, None),
-                    None => {
-                        let embedded = farm::Embedded::start(0, &Default::default(), None).await?;
-                        (embedded.url(), Some(embedded))
+                match remote {
+                    Some(url) => {
+                        let remote =
+                            Remote::connect_with(&url, &instance, &credentials.load()?).await?;
+                        let mut report = bench::cas(&remote, options).await?;
+                        report.target = url;
+                        println!("{report}");
                     }
-                };
-                let remote = Remote::connect(&url, &instance).await?;
-                let mut report = bench::cas(&remote, options).await?;
-                report.target = url;
-                println!("{report}");
+                    None => bench_cas_embedded(options).await?,
+                }
                 Ok(())
             }
             BenchCommand::Sandbox {
@@ -646,6 +732,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
             BenchCommand::Exec {
                 remote,
                 instance,
+                credentials,
                 workers,
                 capacity,
                 runner,
@@ -670,7 +757,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                         (embedded.url(), Some(embedded))
                     }
                 };
-                let remote = Remote::connect(&url, &instance).await?;
+                let remote = Remote::connect_with(&url, &instance, &credentials.load()?).await?;
                 let mut report = bench::exec(&remote, options).await?;
                 report.target = match &_embedded {
                     Some(_) => format!("{url} (embedded, {workers} workers, {runner:?} runner)"),
@@ -683,8 +770,58 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
     }
 }
 
+/// `paddock bench cas` without `--remote`: an embedded farm over plain text, then
+/// one over TLS with a bearer token (a self-signed certificate made here), and what
+/// TLS with a token costs.
+async fn bench_cas_embedded(options: CasBenchOptions) -> Result<()> {
+    let plain = farm::Embedded::start(0, &WorkerConfig::default(), None).await?;
+    let remote = Remote::connect(&plain.url(), "").await?;
+    let mut plain_report = bench::cas(&remote, options.clone()).await?;
+    plain_report.target = format!("{} (embedded, plain text)", plain.url());
+    drop((remote, plain));
+    println!("{plain_report}");
+
+    let dir = tempfile::tempdir()?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+        .self_signed(&key)?;
+    let (cert_file, key_file) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert_file, cert.pem())?;
+    std::fs::write(&key_file, key.serialize_pem())?;
+    let token = format!("bench-{:032x}", rand::random::<u128>());
+    let token_file = dir.path().join("bench.token");
+    std::fs::write(&token_file, &token)?;
+    let mut config = Config::default();
+    config.server.tls = Some(paddock_config::ServerTlsConfig {
+        cert_file: cert_file.clone(),
+        key_file,
+        client_ca_file: None,
+        reload_interval: "5s".parse().map_err(anyhow::Error::msg)?,
+    });
+    config.auth.tokens = vec![paddock_config::TokenConfig {
+        name: "bench".into(),
+        token_file: Some(token_file),
+        sha256: None,
+        permissions: paddock_config::Permission::ALL.to_vec(),
+        instances: vec!["*".into()],
+    }];
+    let secure =
+        farm::Embedded::start_with(config, &WorkerConfig::default(), Vec::new(), None).await?;
+    let credentials = Credentials {
+        tls_ca: Some(cert_file),
+        token: Some(token),
+        ..Default::default()
+    };
+    let remote = Remote::connect_with(&secure.url(), "", &credentials).await?;
+    let mut tls_report = bench::cas(&remote, options).await?;
+    tls_report.target = format!("{} (embedded, TLS and a bearer token)", secure.url());
+    println!("{tls_report}");
+    println!("{}", bench::CasComparison::of(&plain_report, &tls_report));
+    Ok(())
+}
+
 async fn exec(args: ExecArgs) -> Result<()> {
-    let remote = Remote::connect(&args.remote.remote, &args.remote.instance).await?;
+    let remote = args.remote.connect().await?;
     let spec = ExecSpec {
         arguments: args.command,
         environment: args.environment,
@@ -986,7 +1123,7 @@ fn nix_exec_properties(paths: &[String]) -> Result<String> {
 async fn cas(command: CasCommand) -> Result<()> {
     match command {
         CasCommand::Put { remote, files } => {
-            let client = Remote::connect(&remote.remote, &remote.instance).await?;
+            let client = remote.connect().await?;
             for file in files {
                 let digest = client
                     .upload_file(&file)
@@ -1002,7 +1139,7 @@ async fn cas(command: CasCommand) -> Result<()> {
             output,
         } => {
             let digest: Digest = digest.parse()?;
-            let client = Remote::connect(&remote.remote, &remote.instance).await?;
+            let client = remote.connect().await?;
             match output {
                 Some(path) => client.read_to_file(&digest, &path).await?,
                 None => {

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use paddock_client::Remote;
+use paddock_client::{Remote, Transport};
 use paddock_config::Span;
 use paddock_proto::admin::v1::{
     self as wire,
@@ -19,9 +19,8 @@ use paddock_reapi::time::{from_unix_micros, unix_micros};
 pub enum WorkersCommand {
     /// Every worker the scheduler knows: standing, pool, load and failure statistics.
     List {
-        /// The scheduler.
-        #[arg(long, default_value = "grpc://127.0.0.1:8980")]
-        remote: String,
+        #[command(flatten)]
+        server: Server,
     },
     /// Give the worker no new work; what it runs finishes.
     Drain(Order),
@@ -37,8 +36,18 @@ pub struct Order {
     /// Why, for the log and `workers list`.
     #[arg(long, default_value = "")]
     reason: String,
+    #[command(flatten)]
+    server: Server,
+}
+
+/// The server, and what the operator proves itself with (the `admin` permission).
+#[derive(clap::Args)]
+pub struct Server {
+    /// The server's REAPI address (`grpcs://` for TLS).
     #[arg(long, default_value = "grpc://127.0.0.1:8980")]
     remote: String,
+    #[command(flatten)]
+    credentials: crate::CredentialArgs,
 }
 
 #[derive(Subcommand)]
@@ -47,8 +56,8 @@ pub enum CacheCommand {
     /// one worker produced in a time window (`--worker NAME --since 2h [--until 30m]`,
     /// times before now).
     Invalidate {
-        #[arg(long, default_value = "grpc://127.0.0.1:8980")]
-        remote: String,
+        #[command(flatten)]
+        server: Server,
         #[arg(long, default_value = "")]
         instance: String,
         #[arg(long, conflicts_with = "worker", required_unless_present = "worker")]
@@ -69,8 +78,9 @@ fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
-async fn client(remote: &str) -> Result<AdminClient<tonic::transport::Channel>> {
-    let remote = Remote::connect(remote, "").await?;
+async fn client(server: &Server) -> Result<AdminClient<Transport>> {
+    let credentials = server.credentials.load()?;
+    let remote = Remote::connect_with(&server.remote, "", &credentials).await?;
     Ok(AdminClient::new(remote.channel()))
 }
 
@@ -114,8 +124,8 @@ fn print_workers(workers: &[wire::Worker]) {
 
 pub async fn workers(command: WorkersCommand) -> Result<()> {
     let (order, which) = match command {
-        WorkersCommand::List { remote } => {
-            let listed = client(&remote)
+        WorkersCommand::List { server } => {
+            let listed = client(&server)
                 .await?
                 .list_workers(wire::ListWorkersRequest {})
                 .await
@@ -128,7 +138,7 @@ pub async fn workers(command: WorkersCommand) -> Result<()> {
         WorkersCommand::Quarantine(order) => (order, Command::Quarantine),
         WorkersCommand::Release(order) => (order, Command::Release),
     };
-    let worker = client(&order.remote)
+    let worker = client(&order.server)
         .await?
         .command_worker(wire::CommandWorkerRequest {
             name: order.name.clone(),
@@ -145,7 +155,7 @@ pub async fn workers(command: WorkersCommand) -> Result<()> {
 
 pub async fn cache(command: CacheCommand) -> Result<()> {
     let CacheCommand::Invalidate {
-        remote,
+        server,
         instance,
         action,
         worker,
@@ -166,7 +176,7 @@ pub async fn cache(command: CacheCommand) -> Result<()> {
         }),
         (None, None) => anyhow::bail!("say --action or --worker"),
     };
-    let removed = client(&remote)
+    let removed = client(&server)
         .await?
         .invalidate_action_results(wire::InvalidateActionResultsRequest {
             target: Some(target),

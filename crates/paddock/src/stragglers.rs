@@ -37,7 +37,11 @@ async fn build(speculation: bool, options: &Options) -> Result<(Duration, String
     };
     let mut faults = vec![Faults::default(); options.workers.max(2)];
     faults[0].delay = options.delay;
-    let farm = Embedded::start_with(scheduler, &worker, faults, None).await?;
+    let config = paddock_config::Config {
+        scheduler,
+        ..Default::default()
+    };
+    let farm = Embedded::start_with(config, &worker, faults, None).await?;
     let remote = Remote::connect(&farm.url(), "").await?;
     let nonce = rand::random::<u32>();
     let started = Instant::now();
