@@ -1463,70 +1463,124 @@ async fn every_quota_is_answered_clearly_and_memory_and_disk_stay_bounded() {
     drop(held);
 }
 
+/// An upload that keeps moving: `sent` MiB of `blob` written and its stream open,
+/// until the rest is asked for.
+struct MovingUpload {
+    blob: Bytes,
+    resource: String,
+    tx: mpsc::Sender<WriteRequest>,
+    sent: usize,
+    writing: tokio::task::JoinHandle<
+        Result<tonic::Response<paddock_reapi::proto::bytestream::WriteResponse>, tonic::Status>,
+    >,
+}
+
+impl MovingUpload {
+    async fn start(remote: &Remote, blob: Bytes, sent_mib: usize) -> MovingUpload {
+        let digest = Digest::of(&blob);
+        let resource = format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            digest.hash_hex(),
+            digest.size()
+        );
+        let (tx, rx) = mpsc::channel::<WriteRequest>(64);
+        let mut client = remote.bytestream();
+        let writing = tokio::spawn(async move { client.write(ReceiverStream::new(rx)).await });
+        let mut upload = MovingUpload {
+            blob,
+            resource,
+            tx,
+            sent: 0,
+            writing,
+        };
+        upload.send(sent_mib).await;
+        // Until the server has it all.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let committed = remote
+                .bytestream()
+                .query_write_status(QueryWriteStatusRequest {
+                    resource_name: upload.resource.clone(),
+                })
+                .await
+                .map(|s| s.into_inner().committed_size)
+                .unwrap_or(0);
+            if committed >= (sent_mib << 20) as i64 {
+                return upload;
+            }
+            assert!(Instant::now() < deadline, "the moving upload stalled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn send(&mut self, mib: usize) {
+        for _ in 0..mib {
+            let at = self.sent << 20;
+            let end = (at + (1 << 20)).min(self.blob.len());
+            let request = WriteRequest {
+                resource_name: if at == 0 {
+                    self.resource.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: at as i64,
+                finish_write: end == self.blob.len(),
+                data: self.blob[at..end].to_vec(),
+            };
+            self.tx.send(request).await.unwrap();
+            self.sent += 1;
+        }
+    }
+
+    async fn finish(mut self) -> i64 {
+        let rest = (self.blob.len() >> 20) - self.sent;
+        self.send(rest).await;
+        self.writing
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .committed_size
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_under_way_count_against_the_store_bound() {
     let pki = Pki::new();
-    let token = pki.token("ci");
+    let names = ["ci", "second", "third", "fourth"];
     let mut config = pki.tls_section();
-    config += &pki.token_section("ci", &["cas.read", "cas.write"], &["*"]);
+    for name in names {
+        pki.token(name);
+        config += &pki.token_section(name, &["cas.read", "cas.write"], &["*"]);
+    }
+    // Each identity may hold half the store in uploads under way.
     config += "[storage]\nmax_size = \"12MiB\"\n";
     let farm = Farm::server("127.0.0.1:0", &["--config", &config_file(&config)]);
-    let remote = Remote::connect_with(&farm.url, "", &pki.with_token(&token))
-        .await
-        .unwrap();
+    let mut remotes = Vec::new();
+    for name in names {
+        let token = std::fs::read_to_string(pki.path(&format!("{name}.token"))).unwrap();
+        let remote = Remote::connect_with(&farm.url, "", &pki.with_token(token.trim()))
+            .await
+            .unwrap();
+        remotes.push(remote);
+    }
     let mib = |i: usize| i << 20;
 
-    // An upload that keeps moving: 8 of its 10 MiB sent, its stream open.
-    let moving = random_blob(mib(10));
-    let digest = Digest::of(&moving);
-    let resource = format!(
-        "uploads/{}/blobs/{}/{}",
-        uuid::Uuid::new_v4(),
-        digest.hash_hex(),
-        digest.size()
-    );
-    let (tx, rx) = mpsc::channel::<WriteRequest>(16);
-    let chunk = |i: usize| WriteRequest {
-        resource_name: if i == 0 {
-            resource.clone()
-        } else {
-            String::new()
-        },
-        write_offset: mib(i) as i64,
-        finish_write: i == 9,
-        data: moving[mib(i)..mib(i + 1)].to_vec(),
-    };
-    let mut client = remote.bytestream();
-    let writing = tokio::spawn(async move { client.write(ReceiverStream::new(rx)).await });
-    for i in 0..8 {
-        tx.send(chunk(i)).await.unwrap();
-    }
-    let status = || {
-        let (mut bytestream, resource_name) = (remote.bytestream(), resource.clone());
-        async move {
-            bytestream
-                .query_write_status(QueryWriteStatusRequest { resource_name })
-                .await
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status()
-        .await
-        .map(|s| s.into_inner().committed_size)
-        .unwrap_or(0)
-        < mib(8) as i64
-    {
-        assert!(Instant::now() < deadline, "the moving upload stalled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // One identity alone cannot take more than half.
+    let (_, answer) = break_upload(&remotes[0], &random_blob(mib(8)), mib(8)).await;
+    exhausted(answer, "max_upload_bytes");
 
-    // A broken one holds 3 MiB more: 11 of the store's 12.
-    let (parked, answer) = break_upload(&remote, &random_blob(mib(4)), mib(3)).await;
-    assert_eq!(answer.unwrap(), mib(3) as i64);
-    // A third upload needs room: the broken one gives way, then the bound holds.
-    let (_, answer) = break_upload(&remote, &random_blob(mib(6)), mib(6)).await;
+    // Two uploads that keep moving hold 10 of the store's 12 MiB...
+    let first = MovingUpload::start(&remotes[0], random_blob(mib(6)), 5).await;
+    let second = MovingUpload::start(&remotes[1], random_blob(mib(6)), 5).await;
+    // ...and a broken one 2 MiB more.
+    let (parked, answer) = break_upload(&remotes[2], &random_blob(mib(4)), mib(2)).await;
+    assert_eq!(answer.unwrap(), mib(2) as i64);
+    // A fourth needs room: the broken one gives way, then the bound holds.
+    let (_, answer) = break_upload(&remotes[3], &random_blob(mib(4)), mib(4)).await;
     exhausted(answer, "uploads under way");
-    let gone = remote
+    let gone = remotes[2]
         .bytestream()
         .query_write_status(QueryWriteStatusRequest {
             resource_name: parked,
@@ -1537,21 +1591,82 @@ async fn uploads_under_way_count_against_the_store_bound() {
     assert!(farm.log().contains("dropped a broken upload to make room"));
     let used = du(&farm.data_dir);
     assert!(
-        used <= mib(12) as u64 + mib(1) as u64,
+        used <= (mib(13)) as u64,
         "{used} bytes in the data directory"
     );
 
-    // The moving upload finishes, whole.
-    for i in 8..10 {
-        tx.send(chunk(i)).await.unwrap();
-    }
-    let written = writing.await.unwrap().unwrap().into_inner();
-    assert_eq!(written.committed_size, mib(10) as i64);
-    assert_eq!(remote.read_blob(&digest).await.unwrap(), moving);
+    // The moving uploads finish, whole.
+    let (first_blob, second_blob) = (first.blob.clone(), second.blob.clone());
+    assert_eq!(first.finish().await, mib(6) as i64);
+    assert_eq!(second.finish().await, mib(6) as i64);
+    assert_eq!(
+        remotes[0]
+            .read_blob(&Digest::of(&first_blob))
+            .await
+            .unwrap(),
+        first_blob
+    );
+    assert_eq!(
+        remotes[1]
+            .read_blob(&Digest::of(&second_blob))
+            .await
+            .unwrap(),
+        second_blob
+    );
     let metrics = https_get(&farm.metrics_url, &pki.path("ca.pem"));
     assert!(
         metrics.contains("paddock_store_reserved_bytes"),
         "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_is_ended_and_kept_for_its_owner_to_resume() {
+    let pki = Pki::new();
+    let token = pki.token("ci");
+    let mut config = pki.tls_section();
+    config += &pki.token_section("ci", &["cas.read", "cas.write"], &["*"]);
+    config += "[auth.quotas]\nupload_idle_timeout = \"1s\"\n";
+    let farm = Farm::server("127.0.0.1:0", &["--config", &config_file(&config)]);
+    let remote = Remote::connect_with(&farm.url, "", &pki.with_token(&token))
+        .await
+        .unwrap();
+    let stalled = MovingUpload::start(&remote, random_blob(3 << 20), 1).await;
+    let answer = tokio::time::timeout(Duration::from_secs(20), stalled.writing)
+        .await
+        .expect("the server ended the stalled upload")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(answer.code(), Code::DeadlineExceeded, "{answer:?}");
+    assert!(
+        answer.message().contains("upload_idle_timeout"),
+        "{answer:?}"
+    );
+    // What arrived is kept: the client picks up where it stopped.
+    let committed = remote
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: stalled.resource.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .committed_size;
+    assert_eq!(committed, 1 << 20);
+    let rest = WriteRequest {
+        resource_name: stalled.resource.clone(),
+        write_offset: 1 << 20,
+        finish_write: true,
+        data: stalled.blob[1 << 20..].to_vec(),
+    };
+    remote
+        .bytestream()
+        .write(futures::stream::iter([rest]))
+        .await
+        .unwrap();
+    assert_eq!(
+        remote.read_blob(&Digest::of(&stalled.blob)).await.unwrap(),
+        stalled.blob
     );
 }
 

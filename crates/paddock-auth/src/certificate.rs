@@ -2,6 +2,7 @@
 //! configured CA: a certificate is matched by the attributes of its subject and by
 //! its subjectAltNames.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use paddock_config::CertificateConfig;
@@ -69,6 +70,21 @@ fn attribute_name(oid: &x509_parser::der_parser::oid::Oid) -> String {
         .unwrap_or(text)
 }
 
+/// Whether two subjectAltNames (`KIND:value`) are the same: DNS names ignore case,
+/// URIs and mail addresses do not.
+fn same_name(have: &str, want: &str) -> bool {
+    match (have.split_once(':'), want.split_once(':')) {
+        (Some((kind, a)), Some((wanted, b))) if kind.eq_ignore_ascii_case(wanted) => {
+            if kind.eq_ignore_ascii_case("DNS") {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        }
+        _ => false,
+    }
+}
+
 /// What a verified certificate says of its holder.
 struct Holder {
     subject: Vec<(String, String)>,
@@ -120,11 +136,18 @@ impl Holder {
 
 impl Rule {
     pub fn new(config: &CertificateConfig) -> Result<Rule, String> {
+        let subject = match &config.subject {
+            Some(text) => parse_subject(text)?,
+            None => Vec::new(),
+        };
+        if subject.is_empty() && config.san.as_deref().is_none_or(|s| s.trim().is_empty()) {
+            return Err(
+                "an [[auth.certificates]] rule names no subject attribute and no san: it would match every certificate"
+                    .into(),
+            );
+        }
         Ok(Rule {
-            subject: match &config.subject {
-                Some(text) => parse_subject(text)?,
-                None => Vec::new(),
-            },
+            subject,
             san: config.san.clone(),
             name: config.name.clone(),
             config: config.clone(),
@@ -136,19 +159,22 @@ impl Rule {
             .subject
             .iter()
             .all(|want| holder.subject.contains(want));
-        let san = self.san.as_ref().is_none_or(|want| {
-            holder
-                .sans
-                .iter()
-                .any(|have| have.eq_ignore_ascii_case(want))
-        });
+        let san = self
+            .san
+            .as_ref()
+            .is_none_or(|want| holder.sans.iter().any(|have| same_name(have, want)));
         subject && san
     }
 }
 
 /// The principal a verified client certificate stands for: the first rule it
-/// matches.
-pub fn identify(rules: &[Rule], der: &[u8]) -> Result<Arc<Principal>, Unauthenticated> {
+/// matches. A name taken from the certificate (its common name) must not be one of
+/// `taken`, the names of configured identities and reserved ones.
+pub fn identify(
+    rules: &[Rule],
+    der: &[u8],
+    taken: &HashSet<String>,
+) -> Result<Arc<Principal>, Unauthenticated> {
     let holder = Holder::of(der)?;
     let rule = rules
         .iter()
@@ -159,11 +185,21 @@ pub fn identify(rules: &[Rule], der: &[u8]) -> Result<Arc<Principal>, Unauthenti
                 holder.describe()
             ))
         })?;
-    let name = rule
-        .name
-        .clone()
-        .or_else(|| holder.common_name().map(str::to_owned))
-        .unwrap_or_else(|| holder.describe());
+    let name = match &rule.name {
+        Some(name) => name.clone(),
+        None => {
+            let name = holder
+                .common_name()
+                .map(str::to_owned)
+                .unwrap_or_else(|| holder.describe());
+            if taken.contains(&name) || name.starts_with(crate::jwt::PREFIX) {
+                return Err(Unauthenticated(format!(
+                    "the client certificate's name {name:?} is another identity's; give its rule a name"
+                )));
+            }
+            name
+        }
+    };
     Ok(Arc::new(Principal::new(
         name,
         Proof::Certificate,
@@ -211,14 +247,33 @@ mod tests {
             rule(Some("CN=ci, O=Example"), None),
             rule(None, Some("DNS:cache.example")),
         ];
-        let p = identify(&rules, &certificate("builder-1", None, &[])).unwrap();
+        let taken: HashSet<String> = ["ci-token".to_owned(), "local-workers".to_owned()].into();
+        let id = |der: &[u8]| identify(&rules, der, &taken);
+        let p = id(&certificate("builder-1", None, &[])).unwrap();
         assert_eq!(p.name(), "builder-1");
-        assert!(identify(&rules, &certificate("ci", Some("Example"), &[])).is_ok());
-        assert!(identify(&rules, &certificate("ci", Some("Other"), &[])).is_err());
-        let p = identify(&rules, &certificate("anything", None, &["cache.example"])).unwrap();
+        assert!(id(&certificate("ci", Some("Example"), &[])).is_ok());
+        assert!(id(&certificate("ci", Some("Other"), &[])).is_err());
+        let p = id(&certificate("anything", None, &["CACHE.example"])).unwrap();
         assert_eq!(p.name(), "anything");
-        let refused = identify(&rules, &certificate("stranger", None, &[])).unwrap_err();
+        let refused = id(&certificate("stranger", None, &[])).unwrap_err();
         assert!(refused.to_string().contains("CN=stranger"), "{refused}");
+        // A common name that is another identity's is not taken over.
+        for taken_name in ["local-workers", "ci-token", "jwt:someone"] {
+            let refused = id(&certificate(taken_name, None, &["cache.example"])).unwrap_err();
+            assert!(
+                refused.to_string().contains("another identity"),
+                "{refused}"
+            );
+        }
+        // A rule that names nothing would match every certificate.
+        assert!(Rule::new(&CertificateConfig {
+            subject: Some(" ".into()),
+            san: None,
+            name: None,
+            permissions: vec![Permission::Worker],
+            instances: vec!["*".into()],
+        })
+        .is_err());
         assert_eq!(
             parse_subject(r"CN=a\,b, O=x").unwrap(),
             vec![("CN".into(), "a,b".into()), ("O".into(), "x".into())]

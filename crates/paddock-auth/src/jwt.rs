@@ -1,8 +1,10 @@
 //! JSON Web Tokens: HS256 with a shared secret, or RS256, ES256 and EdDSA with the
 //! issuer's keys (a JWKS document, re-read when it changes). A token must carry the
 //! configured issuer and audience and an expiry; its permissions come from a claim.
-//! Verified tokens are remembered (by digest, until they expire), so that a build's
-//! thousands of calls pay for one signature check.
+//! Verified tokens are remembered (by digest, until they expire or the keys change),
+//! so that a build's thousands of calls pay for one signature check. A token's
+//! identity is named `jwt:` and its subject, so that no issuer can mint the name of a
+//! configured token or certificate.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +23,11 @@ use crate::{Grant, Pattern, Principal, Proof, Unauthenticated};
 const REMEMBERED: usize = 4096;
 /// How often the JWKS file is looked at for a change.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
+/// The shortest HS256 secret accepted: a short one can be guessed offline from any
+/// token signed with it.
+const MIN_SECRET: usize = 32;
+/// What names a JWT's identity.
+pub const PREFIX: &str = "jwt:";
 
 /// `xxx.yyy.zzz`: a JWS in compact form.
 pub fn looks_like_jwt(credential: &str) -> bool {
@@ -93,6 +100,13 @@ impl Verifier {
                 let text = std::fs::read(file)
                     .map_err(|e| format!("reading the JWT secret {}: {e}", file.display()))?;
                 let trimmed = text.strip_suffix(b"\n").unwrap_or(&text);
+                if trimmed.len() < MIN_SECRET {
+                    return Err(format!(
+                        "the JWT secret {} holds {} bytes; HS256 needs at least {MIN_SECRET}",
+                        file.display(),
+                        trimmed.len()
+                    ));
+                }
                 Some(DecodingKey::from_secret(trimmed))
             }
             None => None,
@@ -144,6 +158,8 @@ impl Verifier {
                         tracing::info!(jwks = %path.display(), "reloaded the JWT keys");
                         keys.set = set;
                         keys.modified = modified;
+                        // A key taken out revokes what it signed.
+                        self.remembered.lock().clear();
                     }
                     Err(e) => tracing::warn!(error = %e, "keeping the JWT keys loaded before"),
                 }
@@ -198,19 +214,33 @@ impl Verifier {
             )
         })?;
         let claims = data.claims;
-        let name = claims[&self.config.name_claim]
+        let subject = claims[&self.config.name_claim]
             .as_str()
             .filter(|n| !n.is_empty())
             .ok_or_else(|| {
                 Unauthenticated(format!("the token has no {} claim", self.config.name_claim))
-            })?
-            .to_owned();
+            })?;
+        let name = format!("{PREFIX}{subject}");
+        // Absent: every instance. Present, it must say which, plainly: a claim that is
+        // not a list of names is refused rather than read as "everywhere".
         let instances: Vec<String> = match claims.get(&self.config.instances_claim) {
+            None => vec!["*".into()],
             Some(serde_json::Value::Array(items)) => items
                 .iter()
-                .filter_map(|i| i.as_str().map(str::to_owned))
-                .collect(),
-            _ => vec!["*".into()],
+                .map(|i| i.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    Unauthenticated(format!(
+                        "the token's {} claim is not a list of instance patterns",
+                        self.config.instances_claim
+                    ))
+                })?,
+            Some(_) => {
+                return Err(Unauthenticated(format!(
+                    "the token's {} claim is not a list of instance patterns",
+                    self.config.instances_claim
+                )))
+            }
         };
         let mut grants = Vec::new();
         if let Some(serde_json::Value::Array(items)) = claims.get(&self.config.permissions_claim) {
@@ -249,8 +279,10 @@ mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
 
+    const SECRET: &[u8] = b"a shared secret of thirty-two bytes or more";
+
     fn config(dir: &std::path::Path) -> JwtConfig {
-        std::fs::write(dir.join("secret"), "shared-secret\n").unwrap();
+        std::fs::write(dir.join("secret"), [SECRET, b"\n"].concat()).unwrap();
         JwtConfig {
             secret_file: Some(dir.join("secret")),
             jwks_file: None,
@@ -284,8 +316,8 @@ mod tests {
             use sha2::Digest as _;
             verifier.verify(t, &sha2::Sha256::digest(t.as_bytes()).into())
         };
-        let alice = check(&token(b"shared-secret", good.clone())).unwrap();
-        assert_eq!(alice.name(), "dev-alice");
+        let alice = check(&token(SECRET, good.clone())).unwrap();
+        assert_eq!(alice.name(), "jwt:dev-alice");
         assert!(alice.may(Permission::AcRead, "main"));
         assert!(
             alice.may(Permission::Execute, "team-x") && !alice.may(Permission::Execute, "main")
@@ -297,15 +329,32 @@ mod tests {
         audience["aud"] = serde_json::json!("someone-else");
         let mut issuer = good.clone();
         issuer["iss"] = serde_json::json!("https://evil.example");
+        let mut bad_instances = good.clone();
+        bad_instances["paddock_instances"] = serde_json::json!("team-a");
         for (what, t, want) in [
-            ("expired", token(b"shared-secret", expired), "expired"),
-            ("audience", token(b"shared-secret", audience), "audience"),
-            ("issuer", token(b"shared-secret", issuer), "issuer"),
+            (
+                "instances",
+                token(SECRET, bad_instances),
+                "instance patterns",
+            ),
+            ("expired", token(SECRET, expired), "expired"),
+            ("audience", token(SECRET, audience), "audience"),
+            ("issuer", token(SECRET, issuer), "issuer"),
             ("signature", token(b"wrong-secret", good), "signature"),
         ] {
             let refused = check(&t).unwrap_err().to_string();
             assert!(refused.contains(want), "{what}: {refused}");
             assert!(!refused.contains(&t), "{what}: the token was echoed");
         }
+    }
+
+    #[test]
+    fn a_short_secret_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        std::fs::write(dir.path().join("short"), "hunter2\n").unwrap();
+        config.secret_file = Some(dir.path().join("short"));
+        let refused = Verifier::new(&config).err().unwrap();
+        assert!(refused.contains("at least 32"), "{refused}");
     }
 }

@@ -17,6 +17,7 @@ mod certificate;
 mod jwt;
 mod pattern;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use paddock_config::{AuthConfig, Permission};
@@ -65,6 +66,10 @@ pub struct Denied {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub struct Unauthenticated(pub String);
+
+/// Names no credential may take: the open server's caller, and the server's own
+/// workers.
+pub const RESERVED: [&str; 2] = ["anonymous", "local-workers"];
 
 fn every(permission: Permission) -> Grant {
     Grant {
@@ -188,11 +193,31 @@ pub struct Authenticator {
     tokens: Vec<Token>,
     certificates: Vec<certificate::Rule>,
     jwt: Option<jwt::Verifier>,
+    /// The names of configured identities, and reserved ones: a certificate whose
+    /// common name is one of them must be given a name of its own.
+    names: HashSet<String>,
 }
 
 impl Authenticator {
     /// Reads the token files and keys the configuration names.
     pub fn new(config: &AuthConfig) -> Result<Authenticator, String> {
+        // Every identity has a name of its own: quotas, operations, uploads and worker
+        // names belong to names.
+        let mut names: HashSet<String> = RESERVED.iter().map(|n| (*n).to_owned()).collect();
+        let configured = config
+            .tokens
+            .iter()
+            .map(|t| &t.name)
+            .chain(config.certificates.iter().filter_map(|c| c.name.as_ref()));
+        for name in configured {
+            if name.starts_with(jwt::PREFIX) || !names.insert(name.clone()) {
+                return Err(format!(
+                    "the identity name {name:?} is taken (by another token or certificate, or reserved: {}, and {}…)",
+                    RESERVED.join(", "),
+                    jwt::PREFIX
+                ));
+            }
+        }
         let mut tokens = Vec::new();
         for token in &config.tokens {
             let sha256 = match (&token.token_file, &token.sha256) {
@@ -244,6 +269,7 @@ impl Authenticator {
             tokens,
             certificates,
             jwt,
+            names,
         })
     }
 
@@ -274,7 +300,7 @@ impl Authenticator {
             return self.bearer(credential);
         }
         if let Some(der) = certificate {
-            return certificate::identify(&self.certificates, der);
+            return certificate::identify(&self.certificates, der, &self.names);
         }
         Err(Unauthenticated(
             "no credentials: send `authorization: Bearer TOKEN`, or a client certificate".into(),
@@ -367,5 +393,28 @@ mod tests {
         assert!(!local.may(Permission::CasWrite, "x"));
         let serving = local.serving_workers();
         assert!(serving.may(Permission::CasWrite, "x") && !serving.may(Permission::AcWrite, "x"));
+    }
+
+    #[test]
+    fn every_identity_has_a_name_of_its_own() {
+        let token = |name: &str| TokenConfig {
+            name: name.into(),
+            token_file: None,
+            sha256: Some("0".repeat(64)),
+            permissions: vec![Permission::CasRead],
+            instances: vec!["*".into()],
+        };
+        for names in [
+            vec!["ci", "ci"],
+            vec!["anonymous"],
+            vec!["local-workers"],
+            vec!["jwt:admin"],
+        ] {
+            let refused = Authenticator::new(&config(names.iter().map(|n| token(n)).collect()))
+                .err()
+                .unwrap();
+            assert!(refused.contains("is taken"), "{refused}");
+        }
+        assert!(Authenticator::new(&config(vec![token("ci"), token("dev")])).is_ok());
     }
 }

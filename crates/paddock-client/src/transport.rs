@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::ClientError;
 
 /// What a client proves itself with, and which servers it trusts.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Credentials {
     /// The CA that signed the server's certificate (for `grpcs://`); unset, the
     /// system's roots.
@@ -24,6 +24,18 @@ pub struct Credentials {
     pub tls_key: Option<PathBuf>,
     /// A bearer token, sent as `authorization: Bearer TOKEN`.
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    /// Never the token itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, ClientError> {
@@ -99,6 +111,9 @@ pub fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint, Client
             "{url}: TLS options were given for a plain-text address; use grpcs://"
         )));
     }
+    if !tls && credentials.token.is_some() && !is_loopback(&uri) {
+        tracing::warn!(%url, "sending a bearer token in plain text; use grpcs://");
+    }
     let mut endpoint = Endpoint::from_shared(uri)?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(16 << 20))
@@ -107,6 +122,21 @@ pub fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint, Client
         endpoint = endpoint.tls_config(credentials.tls()?)?;
     }
     Ok(endpoint)
+}
+
+/// Whether `uri` names this machine.
+fn is_loopback(uri: &str) -> bool {
+    let host = uri
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.rsplit_once(':'))
+        .map_or("", |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A channel that adds the caller's bearer token to every request.

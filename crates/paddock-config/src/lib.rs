@@ -263,10 +263,18 @@ pub struct QuotaConfig {
     /// How long a broken upload waits to be resumed.
     pub parked_upload_lifetime: Span,
     /// Bytes of uploads under way (open and parked), which count against the CAS's
-    /// bound while they last.
+    /// bound while they last; never more than half of `storage.max_size`, so that
+    /// no one identity's unfinished uploads can evict everything
+    /// ([`Config::quotas`]).
     pub max_upload_bytes: ByteSize,
+    /// An upload whose client sends nothing for this long is ended (and kept for
+    /// resumption): a stalled stream holds no bytes of the store for long.
+    pub upload_idle_timeout: Span,
     /// Finished operations kept for WaitExecution and GetOperation.
     pub max_finished_operations: usize,
+    /// Worker names bound to the identity at once (a name stays bound while the
+    /// scheduler remembers its worker: an hour after it leaves).
+    pub max_worker_names: usize,
 }
 
 impl Default for QuotaConfig {
@@ -274,10 +282,12 @@ impl Default for QuotaConfig {
         QuotaConfig {
             max_executions: 100_000,
             max_parked_uploads: 256,
-            max_parked_bytes: ByteSize::gib(16),
+            max_parked_bytes: ByteSize::gib(2),
             parked_upload_lifetime: "1h".parse().expect("a valid duration"),
-            max_upload_bytes: ByteSize::gib(64),
+            max_upload_bytes: ByteSize::gib(4),
+            upload_idle_timeout: "1m".parse().expect("a valid duration"),
             max_finished_operations: 100_000,
+            max_worker_names: 10_000,
         }
     }
 }
@@ -774,6 +784,20 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The quotas as they apply: `max_upload_bytes` (and `max_parked_bytes` with it)
+    /// at most half the store.
+    pub fn quotas(&self) -> QuotaConfig {
+        let mut quotas = self.auth.quotas.clone();
+        let half = ByteSize(self.storage.max_size.bytes() / 2);
+        if quotas.max_upload_bytes.bytes() > half.bytes() {
+            quotas.max_upload_bytes = half;
+        }
+        if quotas.max_parked_bytes.bytes() > quotas.max_upload_bytes.bytes() {
+            quotas.max_parked_bytes = quotas.max_upload_bytes;
+        }
+        quotas
+    }
+
     /// Refuses a server that would listen beyond loopback with no way of telling its
     /// callers apart, unless `auth.allow_anonymous` says that is meant: whoever
     /// reached it could write the ActionCache, run actions and pose as a worker.
@@ -999,6 +1023,17 @@ impl Config {
                 "needs secret_file (HS256) or jwks_file (RS256, ES256, EdDSA)",
             );
         }
+        let quotas = &self.auth.quotas;
+        problem(
+            quotas.max_parked_bytes.bytes() > quotas.max_upload_bytes.bytes(),
+            "auth.quotas.max_parked_bytes",
+            "must not exceed auth.quotas.max_upload_bytes, which counts parked uploads too",
+        );
+        problem(
+            quotas.upload_idle_timeout.get().is_zero(),
+            "auth.quotas.upload_idle_timeout",
+            "must be more than 0",
+        );
         problem(
             self.server
                 .worker_listen

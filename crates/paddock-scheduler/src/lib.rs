@@ -181,6 +181,8 @@ pub struct Bounds {
     pub max_executions: usize,
     /// Finished operations kept per identity for WaitExecution and GetOperation.
     pub max_finished_operations: usize,
+    /// Worker names one identity may have bound at once.
+    pub max_worker_names: usize,
 }
 
 fn invalid(message: impl Into<String>) -> Status {
@@ -483,6 +485,16 @@ impl Scheduler {
         // after it has ended them all.
         if *inner.closing.borrow() {
             return Err(Status::unavailable("the scheduler is shutting down"));
+        }
+        let bound = state.bindings.values().filter(|o| *o == identity).count();
+        let max = inner.bounds.max_worker_names;
+        if bound >= max && !state.bindings.contains_key(&register.name) {
+            metrics::counter!("paddock_quota_refusals_total", "quota" => "max_worker_names")
+                .increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "{identity} has {bound} worker names, the most allowed \
+                 (auth.quotas.max_worker_names); names are kept an hour after their worker leaves"
+            )));
         }
         if let Some(owner) = state.bindings.get(&register.name) {
             if owner != identity {

@@ -44,8 +44,8 @@ pub enum Audience {
 }
 
 /// The method a request calls, for messages and refusal logs.
-#[derive(Debug, Clone)]
-pub struct Method(pub String);
+#[derive(Debug, Clone, Copy)]
+pub struct Method(pub &'static str);
 
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -78,9 +78,36 @@ pub struct Auth<S> {
     audience: Audience,
 }
 
-fn refused(kind: &'static str, who: &str, method: &str, instance: &str, why: &str) {
-    tracing::warn!(%who, %method, %instance, reason = %why, "refused: {kind}");
-    metrics::counter!("paddock_auth_refusals_total", "kind" => kind, "method" => method.to_owned())
+/// How many refusals are logged per second at most; the rest are counted, and the
+/// next logged line says how many were not logged.
+const REFUSALS_LOGGED_PER_SECOND: u64 = 100;
+
+/// Lets through at most [`REFUSALS_LOGGED_PER_SECOND`] log lines a second, so that a
+/// stream of bad requests cannot flood the log.
+fn may_log() -> Option<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if SECOND.swap(now, Ordering::Relaxed) != now {
+        LOGGED.store(0, Ordering::Relaxed);
+    }
+    if LOGGED.fetch_add(1, Ordering::Relaxed) < REFUSALS_LOGGED_PER_SECOND {
+        Some(SUPPRESSED.swap(0, Ordering::Relaxed))
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+fn refused(kind: &'static str, who: &str, method: &'static str, instance: &str, why: &str) {
+    if let Some(suppressed) = may_log() {
+        tracing::warn!(%who, %method, %instance, reason = %why, not_logged_before = suppressed, "refused: {kind}");
+    }
+    metrics::counter!("paddock_auth_refusals_total", "kind" => kind, "method" => method)
         .increment(1);
 }
 
@@ -127,7 +154,7 @@ where
                 Box::pin(response)
             }
             Err(unauthenticated) => {
-                refused("unauthenticated", "?", &method, "", &unauthenticated.0);
+                refused("unauthenticated", "?", method, "", &unauthenticated.0);
                 let status = Status::unauthenticated(unauthenticated.0);
                 Box::pin(async move { Ok(status.into_http()) })
             }
@@ -151,23 +178,23 @@ pub fn authorize<T>(
     instance: &str,
 ) -> Result<Arc<Principal>, Status> {
     let principal = principal(request)?;
-    require(&principal, &method(request), permission, instance)?;
+    require(&principal, method(request), permission, instance)?;
     Ok(principal)
 }
 
 /// The method a request calls (for calls whose instance is known only later, in a
 /// stream).
-pub fn method<T>(request: &tonic::Request<T>) -> String {
+pub fn method<T>(request: &tonic::Request<T>) -> &'static str {
     request
         .extensions()
         .get::<Method>()
-        .map_or_else(|| "?".to_owned(), |m| m.0.clone())
+        .map_or("unknown", |m| m.0)
 }
 
 /// Whether `principal`, calling `method`, may do `permission` on `instance`.
 pub fn require(
     principal: &Principal,
-    method: &str,
+    method: &'static str,
     permission: Permission,
     instance: &str,
 ) -> Result<(), Status> {

@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use paddock_auth::Principal;
 use paddock_cas::{BlobSink, BlobStore, StoreError};
 use paddock_config::{Permission, QuotaConfig};
 use paddock_reapi::proto::bytestream::{
@@ -44,18 +43,25 @@ const MAX_READ_CHUNK: usize = 1 << 20;
 struct PendingUpload {
     sink: Box<dyn BlobSink>,
     parked_at: Instant,
-    identity: String,
 }
 
-/// Identifies an upload: the client's uuid, the blob and the instance.
-type UploadKey = (String, String, Digest);
+/// Identifies an upload: whose it is, the instance, the client's uuid and the blob.
+/// One identity never sees, resumes or replaces another's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct UploadKey {
+    identity: String,
+    instance: String,
+    uuid: String,
+    digest: Digest,
+}
 
-fn upload_key(resource: &WriteResource) -> UploadKey {
-    (
-        resource.instance.clone(),
-        resource.uuid.clone(),
-        resource.digest,
-    )
+fn upload_key(resource: &WriteResource, identity: &str) -> UploadKey {
+    UploadKey {
+        identity: identity.to_owned(),
+        instance: resource.instance.clone(),
+        uuid: resource.uuid.clone(),
+        digest: resource.digest,
+    }
 }
 
 pub struct ByteStreamService {
@@ -74,7 +80,6 @@ struct ActiveUpload<'a> {
     service: &'a ByteStreamService,
     key: UploadKey,
     committed: Arc<AtomicU64>,
-    identity: String,
     /// The bytes counted against the identity.
     counted: u64,
 }
@@ -85,7 +90,7 @@ impl ActiveUpload<'_> {
     fn charge_to(&mut self, total: u64) -> Result<(), Status> {
         let more = total.saturating_sub(self.counted);
         if more > 0 {
-            self.service.charge(&self.identity, more)?;
+            self.service.charge(&self.key.identity, more)?;
             self.counted += more;
         }
         Ok(())
@@ -99,7 +104,7 @@ impl ActiveUpload<'_> {
 
 impl Drop for ActiveUpload<'_> {
     fn drop(&mut self) {
-        self.service.uncharge(&self.identity, self.counted);
+        self.service.uncharge(&self.key.identity, self.counted);
         let mut active = self.service.active.lock();
         if active
             .get(&self.key)
@@ -131,9 +136,11 @@ impl ByteStreamService {
     fn parked(&self, identity: &str) -> (usize, u64) {
         let pending = self.pending.lock();
         pending
-            .values()
-            .filter(|u| u.identity == identity)
-            .fold((0, 0), |(n, bytes), u| (n + 1, bytes + u.sink.written()))
+            .iter()
+            .filter(|(key, _)| key.identity == identity)
+            .fold((0, 0), |(n, bytes), (_, u)| {
+                (n + 1, bytes + u.sink.written())
+            })
     }
 
     /// Counts `bytes` more of `identity`'s open uploads, if its uploads under way
@@ -190,16 +197,13 @@ impl ByteStreamService {
         Ok(())
     }
 
-    fn activate(&self, resource: &WriteResource, identity: &str) -> ActiveUpload<'_> {
+    fn activate(&self, key: UploadKey) -> ActiveUpload<'_> {
         let committed = Arc::new(AtomicU64::new(0));
-        self.active
-            .lock()
-            .insert(upload_key(resource), committed.clone());
+        self.active.lock().insert(key.clone(), committed.clone());
         ActiveUpload {
             service: self,
-            key: upload_key(resource),
+            key,
             committed,
-            identity: identity.to_owned(),
             counted: 0,
         }
     }
@@ -213,8 +217,9 @@ impl ByteStreamService {
 
     /// Keeps a broken upload for resumption, if its identity's parked uploads stay
     /// within their bounds; otherwise it is dropped (and its bytes with it).
-    fn park(&self, key: UploadKey, sink: Box<dyn BlobSink>, identity: &str) {
+    fn park(&self, key: UploadKey, sink: Box<dyn BlobSink>) {
         self.expire();
+        let identity = key.identity.as_str();
         let (count, bytes) = self.parked(identity);
         if count >= self.quotas.max_parked_uploads
             || bytes + sink.written() > self.quotas.max_parked_bytes.bytes()
@@ -238,7 +243,6 @@ impl ByteStreamService {
             PendingUpload {
                 sink,
                 parked_at: Instant::now(),
-                identity: identity.to_owned(),
             },
         );
     }
@@ -251,9 +255,9 @@ impl ByteStreamService {
             .iter()
             .min_by_key(|(_, u)| u.parked_at)
             .map(|(k, _)| k.clone());
-        match oldest.and_then(|k| pending.remove(&k)) {
-            Some(upload) => {
-                tracing::info!(who = %upload.identity, bytes = upload.sink.written(), "dropped a broken upload to make room in the store");
+        match oldest.and_then(|k| pending.remove_entry(&k)) {
+            Some((key, upload)) => {
+                tracing::info!(who = %key.identity, bytes = upload.sink.written(), "dropped a broken upload to make room in the store");
                 true
             }
             None => false,
@@ -275,32 +279,19 @@ impl ByteStreamService {
         Ok(self.cas.find_missing(&[*digest]).await?.is_empty())
     }
 
-    /// Finds where an upload starting at `offset` continues: a fresh sink at 0, or the
-    /// parked one if it holds exactly `offset` bytes. Only its own identity resumes
-    /// an upload.
-    async fn sink_at(
-        &self,
-        resource: &WriteResource,
-        offset: i64,
-        caller: &Principal,
-    ) -> Result<Box<dyn BlobSink>, Status> {
-        let key = upload_key(resource);
-        let parked = {
-            let mut pending = self.pending.lock();
-            match pending.get(&key) {
-                Some(upload) if upload.identity == caller.name() => pending.remove(&key),
-                _ => None,
-            }
-        };
+    /// Finds where the upload `key` starting at `offset` continues: a fresh sink at
+    /// 0, or the parked one if it holds exactly `offset` bytes.
+    async fn sink_at(&self, key: &UploadKey, offset: i64) -> Result<Box<dyn BlobSink>, Status> {
+        let parked = self.pending.lock().remove(key);
         if offset == 0 {
-            self.check_parked(caller.name())?;
-            return Ok(self.cas.write(&resource.digest).await?);
+            self.check_parked(&key.identity)?;
+            return Ok(self.cas.write(&key.digest).await?);
         }
         match parked {
             Some(upload) if upload.sink.written() == offset as u64 => Ok(upload.sink),
             Some(upload) => {
                 let committed = upload.sink.written();
-                self.pending.lock().insert(key, upload);
+                self.pending.lock().insert(key.clone(), upload);
                 Err(invalid(format!(
                     "write_offset {offset} does not match the committed size {committed}; resume from QueryWriteStatus"
                 )))
@@ -323,7 +314,7 @@ impl ByteStream for ByteStreamService {
         let (caller, method) = (principal(&request)?, method(&request));
         let request = request.into_inner();
         let resource = parse_read(&request.resource_name).map_err(invalid)?;
-        require(&caller, &method, Permission::CasRead, &resource.instance)?;
+        require(&caller, method, Permission::CasRead, &resource.instance)?;
         let digest = resource.digest;
         if request.read_offset < 0 || request.read_offset as u64 > digest.size() {
             return Err(Status::out_of_range(format!(
@@ -391,7 +382,7 @@ impl ByteStream for ByteStreamService {
             None => return Err(invalid("write stream carried no request")),
         };
         let resource = parse_write(&first.resource_name).map_err(invalid)?;
-        require(&caller, &method, Permission::CasWrite, &resource.instance)?;
+        require(&caller, method, Permission::CasWrite, &resource.instance)?;
         let digest = resource.digest;
         if first.write_offset < 0 || first.write_offset as u64 > digest.size() {
             return Err(Status::out_of_range(format!(
@@ -402,20 +393,14 @@ impl ByteStream for ByteStreamService {
         let done = WriteResponse {
             committed_size: digest.size() as i64,
         };
+        let key = upload_key(&resource, caller.name());
         if self.exists(&digest).await? {
             // Someone already uploaded it: the write is complete at once.
-            let mut pending = self.pending.lock();
-            let key = upload_key(&resource);
-            if pending
-                .get(&key)
-                .is_some_and(|u| u.identity == caller.name())
-            {
-                pending.remove(&key);
-            }
+            self.pending.lock().remove(&key);
             return Ok(Response::new(done));
         }
-        let mut sink = self.sink_at(&resource, first.write_offset, &caller).await?;
-        let mut upload = self.activate(&resource, caller.name());
+        let mut sink = self.sink_at(&key, first.write_offset).await?;
+        let mut upload = self.activate(key.clone());
         upload.charge_to(sink.written())?;
         upload.show(sink.written());
         let mut message = first;
@@ -451,18 +436,32 @@ impl ByteStream for ByteStreamService {
                 sink.commit().await.map_err(Status::from)?;
                 return Ok(Response::new(done));
             }
-            message = match stream.next().await {
+            let idle = self.quotas.upload_idle_timeout.get();
+            let next = match tokio::time::timeout(idle, stream.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // A stalled client: the upload waits for it, parked, holding
+                    // nothing a moving upload needs.
+                    drop(upload);
+                    self.park(key, sink);
+                    return Err(Status::deadline_exceeded(format!(
+                        "the upload sent nothing for {} (auth.quotas.upload_idle_timeout); resume it with QueryWriteStatus",
+                        self.quotas.upload_idle_timeout
+                    )));
+                }
+            };
+            message = match next {
                 Some(Ok(m)) => m,
                 Some(Err(status)) => {
                     // The stream broke: keep what arrived for a resumed upload.
                     drop(upload);
-                    self.park(upload_key(&resource), sink, caller.name());
+                    self.park(key, sink);
                     return Err(status);
                 }
                 None => {
                     let committed = sink.written() as i64;
                     drop(upload);
-                    self.park(upload_key(&resource), sink, caller.name());
+                    self.park(key, sink);
                     return Ok(Response::new(WriteResponse {
                         committed_size: committed,
                     }));
@@ -477,17 +476,16 @@ impl ByteStream for ByteStreamService {
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let (caller, method) = (principal(&request)?, method(&request));
         let resource = parse_write(&request.into_inner().resource_name).map_err(invalid)?;
-        require(&caller, &method, Permission::CasWrite, &resource.instance)?;
+        require(&caller, method, Permission::CasWrite, &resource.instance)?;
         if self.exists(&resource.digest).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: resource.digest.size() as i64,
                 complete: true,
             }));
         }
-        let key = upload_key(&resource);
+        let key = upload_key(&resource, caller.name());
         let committed = match self.pending.lock().get(&key) {
-            Some(upload) if upload.identity == caller.name() => Some(upload.sink.written()),
-            Some(_) => None,
+            Some(upload) => Some(upload.sink.written()),
             None => self
                 .active
                 .lock()

@@ -168,11 +168,11 @@ fn check_operation<T>(
     let not_found = || Status::not_found(format!("no operation named {name:?}"));
     let Some(owner) = scheduler.owner(name) else {
         if !caller.may_somewhere(Permission::Execute) {
-            require(&caller, &method, Permission::Execute, "")?;
+            require(&caller, method, Permission::Execute, "")?;
         }
         return Err(not_found());
     };
-    require(&caller, &method, Permission::Execute, &owner.instance)?;
+    require(&caller, method, Permission::Execute, &owner.instance)?;
     if owner.identity != caller.name() && !caller.may(Permission::Admin, &owner.instance) {
         return Err(not_found());
     }
@@ -193,7 +193,12 @@ impl Execution for ExecutionService {
             &request.get_ref().instance_name,
         )?;
         let requester = requester(caller.name(), request.metadata());
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        // A cached result is the ActionCache's to give: without `ac.read` the action
+        // runs (and its result is still cached for those who may read it).
+        if !caller.may(Permission::AcRead, &request.instance_name) {
+            request.skip_cache_lookup = true;
+        }
         let inline = Inline {
             stdout: request.inline_stdout,
             stderr: request.inline_stderr,

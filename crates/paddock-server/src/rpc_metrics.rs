@@ -25,17 +25,46 @@ pub struct RpcMetrics<S> {
     inner: S,
 }
 
+/// Every RPC Paddock serves, as metrics and logs name them.
+const RPCS: &[&str] = &[
+    "Capabilities/GetCapabilities",
+    "ContentAddressableStorage/FindMissingBlobs",
+    "ContentAddressableStorage/BatchUpdateBlobs",
+    "ContentAddressableStorage/BatchReadBlobs",
+    "ContentAddressableStorage/GetTree",
+    "ContentAddressableStorage/SplitBlob",
+    "ContentAddressableStorage/SpliceBlob",
+    "ByteStream/Read",
+    "ByteStream/Write",
+    "ByteStream/QueryWriteStatus",
+    "ActionCache/GetActionResult",
+    "ActionCache/UpdateActionResult",
+    "Execution/Execute",
+    "Execution/WaitExecution",
+    "Operations/ListOperations",
+    "Operations/GetOperation",
+    "Operations/DeleteOperation",
+    "Operations/CancelOperation",
+    "Operations/WaitOperation",
+    "Scheduler/Session",
+    "Admin/ListWorkers",
+    "Admin/CommandWorker",
+    "Admin/InvalidateActionResults",
+];
+
 /// `/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs` →
-/// `ContentAddressableStorage/FindMissingBlobs`.
-pub(crate) fn rpc_name(path: &str) -> String {
+/// `ContentAddressableStorage/FindMissingBlobs`; anything else is `unknown`, so that
+/// what callers send never becomes a label of its own.
+pub(crate) fn rpc_name(path: &str) -> &'static str {
     let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((service, method)) => {
-            let service = service.rsplit('.').next().unwrap_or(service);
-            format!("{service}/{method}")
-        }
-        None => path.to_owned(),
-    }
+    let Some((service, method)) = path.split_once('/') else {
+        return "unknown";
+    };
+    let service = service.rsplit('.').next().unwrap_or(service);
+    RPCS.iter()
+        .copied()
+        .find(|known| known.split_once('/') == Some((service, method)))
+        .unwrap_or("unknown")
 }
 
 fn grpc_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
@@ -77,7 +106,7 @@ where
 }
 
 struct Call {
-    rpc: String,
+    rpc: &'static str,
     started: Instant,
     code: Option<tonic::Code>,
 }
@@ -85,7 +114,7 @@ struct Call {
 impl Call {
     fn record(self, code: tonic::Code) {
         let code = format!("{code:?}");
-        metrics::counter!("paddock_grpc_requests_total", "rpc" => self.rpc.clone(), "code" => code)
+        metrics::counter!("paddock_grpc_requests_total", "rpc" => self.rpc, "code" => code)
             .increment(1);
         metrics::histogram!("paddock_grpc_request_duration_seconds", "rpc" => self.rpc)
             .record(self.started.elapsed().as_secs_f64());
@@ -165,5 +194,13 @@ mod tests {
             rpc_name("/google.bytestream.ByteStream/Read"),
             "ByteStream/Read"
         );
+        for made_up in [
+            "/x.Y/Z",
+            "/google.bytestream.ByteStream/Reed",
+            "nothing",
+            "",
+        ] {
+            assert_eq!(rpc_name(made_up), "unknown");
+        }
     }
 }

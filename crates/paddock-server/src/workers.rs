@@ -38,7 +38,7 @@ impl SchedulerRpc for WorkerService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let caller = principal(&request)?;
         if !caller.may_somewhere(Permission::Worker) {
-            require(&caller, &method(&request), Permission::Worker, "")?;
+            require(&caller, method(&request), Permission::Worker, "")?;
         }
         let mut inbound = request.into_inner();
         let register = match inbound.next().await {

@@ -3,13 +3,18 @@
 //! again when they change (rotation without a restart), and optional client
 //! certificates verified against a CA, which then identify their holders. Clients
 //! with a bearer token need no certificate, so one is asked for but not required.
+//! Changes are found by the files' contents, not their times (a file replaced with
+//! its old modification time, as Nix store paths are, still counts); a set of files
+//! that does not load (a certificate written before its key) keeps the previous
+//! configuration and is tried again until it does.
 //!
 //! Handshakes run in tasks of their own, with a timeout, so a slow or silent client
 //! never holds up the accept loop; a failed handshake is logged and dropped.
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -52,10 +57,17 @@ impl Files {
         all
     }
 
-    fn modified(&self) -> Vec<Option<SystemTime>> {
+    /// What the files hold now, in brief.
+    fn fingerprint(&self) -> Vec<Option<u64>> {
         self.all()
             .iter()
-            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .map(|p| {
+                std::fs::read(p).ok().map(|bytes| {
+                    let mut hasher = std::hash::DefaultHasher::new();
+                    bytes.hash(&mut hasher);
+                    hasher.finish()
+                })
+            })
             .collect()
     }
 }
@@ -64,17 +76,20 @@ impl Files {
 struct Loaded {
     grpc: Arc<ServerConfig>,
     http1: Arc<ServerConfig>,
-    modified: Vec<Option<SystemTime>>,
+    fingerprint: Vec<Option<u64>>,
 }
 
 /// A listener's TLS, re-read when its files change.
 pub struct ServerTls {
     files: Files,
     loaded: RwLock<Loaded>,
+    /// Files that did not load, as they were: reported once, tried again when they
+    /// change.
+    failed: Mutex<Option<Vec<Option<u64>>>>,
 }
 
 fn load(files: &Files) -> Result<Loaded, String> {
-    let modified = files.modified();
+    let fingerprint = files.fingerprint();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|i| i.collect::<Result<_, _>>())
         .map_err(|e| format!("reading the certificate {}: {e}", files.cert.display()))?;
@@ -120,7 +135,7 @@ fn load(files: &Files) -> Result<Loaded, String> {
     Ok(Loaded {
         grpc: build(b"h2")?,
         http1: build(b"http/1.1")?,
-        modified,
+        fingerprint,
     })
 }
 
@@ -132,25 +147,29 @@ impl ServerTls {
         Ok(Arc::new(ServerTls {
             files,
             loaded: RwLock::new(loaded),
+            failed: Mutex::new(None),
         }))
     }
 
     /// Reads the files again if any changed since the last reading. A reading that
     /// fails (a certificate written but not its key yet, say) keeps the previous one.
     pub fn reload_if_changed(&self) {
-        let modified = self.files.modified();
-        if self.loaded.read().expect("not poisoned").modified == modified {
+        let now = self.files.fingerprint();
+        if self.loaded.read().expect("not poisoned").fingerprint == now {
             return;
         }
+        let mut failed = self.failed.lock().expect("not poisoned");
         match load(&self.files) {
             Ok(loaded) => {
                 *self.loaded.write().expect("not poisoned") = loaded;
+                *failed = None;
                 tracing::info!(cert = %self.files.cert.display(), "reloaded the TLS certificate and key");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "keeping the TLS configuration read before");
-                // Not again until a file changes once more.
-                self.loaded.write().expect("not poisoned").modified = modified;
+                if failed.as_ref() != Some(&now) {
+                    tracing::warn!(error = %e, "keeping the TLS configuration read before");
+                    *failed = Some(now);
+                }
             }
         }
     }
@@ -272,13 +291,21 @@ mod tests {
         tls.reload_if_changed();
         assert!(Arc::ptr_eq(&before, &tls.loaded.read().unwrap().grpc));
         // A broken certificate: the old configuration stays.
-        std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&cert, "not a certificate").unwrap();
         tls.reload_if_changed();
         assert!(Arc::ptr_eq(&before, &tls.loaded.read().unwrap().grpc));
-        // A new pair: taken.
-        std::thread::sleep(Duration::from_millis(20));
+        // A new pair, with the old files' times (as a Nix store path would have):
+        // found by content, taken.
+        let times = std::fs::metadata(&key).unwrap().modified().unwrap();
         write_pair(dir.path(), "server", "second");
+        for file in [&cert, &key] {
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .set_modified(times)
+                .unwrap();
+        }
         tls.reload_if_changed();
         assert!(!Arc::ptr_eq(&before, &tls.loaded.read().unwrap().grpc));
         assert!(ServerTls::load(Files {

@@ -65,7 +65,7 @@ impl Farm {
             .context("opening the CAS")?;
         let action_cache = paddock_cas::open_action_cache(&config.storage, &data_dir, cas.clone())
             .context("opening the ActionCache")?;
-        let quotas = &config.auth.quotas;
+        let quotas = &config.quotas();
         let scheduler = Scheduler::new(
             config.scheduler.clone(),
             cas.clone(),
@@ -74,6 +74,7 @@ impl Farm {
                 max_tree_directories: config.storage.max_tree_directories,
                 max_executions: quotas.max_executions,
                 max_finished_operations: quotas.max_finished_operations,
+                max_worker_names: quotas.max_worker_names,
             },
         );
         let storage = Storage { cas, action_cache };
