@@ -871,3 +871,185 @@ async fn operations_can_be_polled_deleted_and_inlined() {
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
 }
+
+/// A value of a counter in the farm's metrics (0 if absent).
+fn counter(farm: &Farm, name: &str) -> f64 {
+    common::http_get(&farm.metrics_url)
+        .lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_assignment_its_worker_stops_reporting_is_lost_and_its_late_result_discarded() {
+    use paddock_proto::worker::v1 as wire;
+    use tokio_stream::wrappers::ReceiverStream;
+    let server = Farm::server(
+        "127.0.0.1:0",
+        &[
+            "--config",
+            &config_file("[scheduler]\nheartbeat_interval = \"200ms\"\n"),
+        ],
+    );
+    // A worker over the real protocol that takes an assignment, then heartbeats
+    // without it, as one that lost it would.
+    let remote = Remote::connect(&server.worker_url, "").await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<wire::WorkerMessage>(16);
+    let say = |message| wire::WorkerMessage {
+        message: Some(message),
+    };
+    tx.send(say(wire::worker_message::Message::Register(
+        wire::Register {
+            name: "forgetful".into(),
+            properties: paddock_worker::detected_properties()
+                .into_iter()
+                .map(|(name, value)| wire::Property { name, value })
+                .collect(),
+            capacity: 1,
+        },
+    )))
+    .await
+    .unwrap();
+    let mut inbound = wire::scheduler_client::SchedulerClient::new(remote.channel())
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let client = server.remote("").await;
+    let spec = shell(&format!("echo {}", uuid::Uuid::new_v4()));
+    let (_, mut stream) = start(&client, &spec).await;
+    let assignment = loop {
+        match inbound.message().await.unwrap().unwrap().message {
+            Some(wire::scheduler_message::Message::Assignment(a)) => break a,
+            _ => continue,
+        }
+    };
+    let late_before = counter(&server, "paddock_late_results_total");
+    // A healthy worker joins, so that the retry has somewhere else to go...
+    let _healthy = Worker::start(
+        &server.worker_url,
+        "healthy",
+        &["--runner", "host", "--capacity", "1"],
+    );
+    let admin = paddock_proto::admin::v1::admin_client::AdminClient::new(client.channel());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = admin
+            .clone()
+            .list_workers(paddock_proto::admin::v1::ListWorkersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if listed.iter().any(|w| w.name == "healthy" && w.connected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the healthy worker never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and the forgetful one heartbeats without its assignment.
+    let beats = tokio::spawn({
+        let tx = tx.clone();
+        async move {
+            loop {
+                let beat = wire::Heartbeat { running: vec![] };
+                if tx
+                    .send(wire::WorkerMessage {
+                        message: Some(wire::worker_message::Message::Heartbeat(beat)),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    // The scheduler gives the assignment up and the healthy worker runs it.
+    let mut last = None;
+    while let Some(op) = stream.next().await {
+        last = Some(op.unwrap());
+    }
+    let response = response_of(&last.unwrap());
+    assert_eq!(status_code(&response), Code::Ok, "{:?}", response.status);
+    assert_eq!(
+        response.result.unwrap().execution_metadata.unwrap().worker,
+        "healthy"
+    );
+    // The forgetful worker answers after all, with a forgery: it is discarded.
+    let forged = paddock_reapi::proto::re::ActionResult {
+        exit_code: 3,
+        ..Default::default()
+    };
+    tx.send(say(wire::worker_message::Message::Finished(
+        wire::Finished {
+            assignment_id: assignment.assignment_id,
+            outcome: Some(wire::finished::Outcome::Completed(wire::Completed {
+                action_result: forged.encode_to_vec(),
+                timed_out: false,
+                message: String::new(),
+            })),
+        },
+    )))
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&server, "paddock_late_results_total") <= late_before {
+        assert!(Instant::now() < deadline, "the late result was not seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prepared = prepare(&spec).await.unwrap();
+    let cached = client
+        .action_cache()
+        .get_action_result(paddock_reapi::proto::re::GetActionResultRequest {
+            action_digest: Some(prepared.digest.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cached.exit_code, 0);
+    assert_eq!(cached.execution_metadata.unwrap().worker, "healthy");
+    assert!(counter(&server, "paddock_lost_assignments_total") >= 1.0);
+    beats.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_task_panics_fails_the_attempt_instead_of_hanging_it() {
+    let server = Farm::server("127.0.0.1:0", &[]);
+    let _buggy = Worker::start(
+        &server.worker_url,
+        "buggy",
+        &[
+            "--runner",
+            "host",
+            "--capacity",
+            "1",
+            "--dangerous-fault-injection",
+            "panic=1",
+        ],
+    );
+    let remote = server.remote("").await;
+    let response = tokio::time::timeout(
+        Duration::from_secs(60),
+        execute(&remote, &shell("echo never")),
+    )
+    .await
+    .expect("the action must not hang")
+    .unwrap();
+    // Every attempt failed on the only worker there is: the client hears why.
+    assert_eq!(
+        status_code(&response),
+        Code::Unavailable,
+        "{:?}",
+        response.status
+    );
+    let message = response.status.unwrap().message;
+    assert!(message.contains("a bug in the worker"), "{message}");
+}

@@ -3,6 +3,9 @@
 //! execution, the clients get their answer (and the ActionCache the result), a
 //! verification compares runs, or a canary passes or fails its worker.
 
+use std::collections::HashSet;
+use std::time::Instant;
+
 use bytes::Bytes;
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{ActionResult, Command, ExecuteResponse};
@@ -54,6 +57,56 @@ fn whose(failed: &wire::Failed) -> wire::Fault {
 }
 
 impl Inner {
+    /// A heartbeat lists what the worker runs. An assignment it no longer lists, once
+    /// it has had time to arrive (two heartbeat intervals after it was sent), is
+    /// lost: its attempt fails, as the worker's fault. A worker sends an
+    /// assignment's result before it stops listing it, so a result is never
+    /// overtaken.
+    pub(crate) fn reconcile(&self, session: SessionId, reported: &[String]) {
+        let grace = self.config.heartbeat_interval.get() * 2;
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let Some(worker) = state.workers.get(&session) else {
+            return;
+        };
+        let reported: HashSet<&str> = reported.iter().map(String::as_str).collect();
+        let sent_at = |job: &JobId, assignment: &str| match state.jobs.get(job).map(|j| &j.state) {
+            Some(JobState::Running(attempts)) => attempts
+                .iter()
+                .find(|a| a.assignment == assignment)
+                .map(|a| a.started),
+            _ => None,
+        };
+        let lost: Vec<(String, JobId)> = worker
+            .running
+            .iter()
+            .filter(|(assignment, _)| !reported.contains(assignment.as_str()))
+            .filter(|(assignment, job)| {
+                sent_at(job, assignment).is_some_and(|t| now.duration_since(t) > grace)
+            })
+            .map(|(assignment, job)| (assignment.clone(), *job))
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        let name = worker.name.clone();
+        for (assignment, job) in lost {
+            if let Some(worker) = state.workers.get_mut(&session) {
+                worker.running.remove(&assignment);
+            }
+            metrics::counter!("paddock_lost_assignments_total").increment(1);
+            let transition = state.fleet.record(&name, Outcome::InfraFailure);
+            self.transition(transition);
+            self.attempt_failed(
+                &mut state,
+                job,
+                &assignment,
+                &format!("worker {name} no longer reports it running"),
+            );
+        }
+        self.dispatch(&mut state);
+    }
+
     pub(crate) fn started(&self, session: SessionId, assignment: &str) {
         let state = self.state.lock();
         if let Some(worker) = state.workers.get(&session) {
@@ -108,8 +161,18 @@ impl Inner {
             },
             None => Verdict::WorkerFault("it reported no outcome".into()),
         };
+        let current = || {
+            let state = self.state.lock();
+            state
+                .workers
+                .get(&session)
+                .and_then(|w| w.running.get(&assignment))
+                == Some(&job_id)
+        };
         if let Verdict::Ran(valid) = &verdict {
-            if cacheable && !valid.timed_out && valid.result.exit_code == 0 {
+            // Only a current attempt's result is cached: one cancelled, lost or
+            // overtaken while it was checked is not.
+            if cacheable && !valid.timed_out && valid.result.exit_code == 0 && current() {
                 if let Err(e) = self.action_cache.put(&key, &valid.result).await {
                     tracing::warn!(action = %key.action, error = %e, "could not write the ActionCache");
                 }

@@ -564,11 +564,18 @@ impl Scheduler {
             let mut state = inner.state.lock();
             match state.workers.get_mut(&session) {
                 Some(worker) => worker.last_seen = Instant::now(),
-                None => return, // a session already declared lost
+                None => {
+                    // A session already declared lost: what it says now is late.
+                    if matches!(message.message, Some(M::Finished(_))) {
+                        metrics::counter!("paddock_late_results_total").increment(1);
+                    }
+                    return;
+                }
             }
         }
         match message.message {
-            Some(M::Heartbeat(_)) | Some(M::Register(_)) | None => {}
+            Some(M::Heartbeat(beat)) => inner.reconcile(session, &beat.running),
+            Some(M::Register(_)) | None => {}
             Some(M::Started(started)) => inner.started(session, &started.assignment_id),
             Some(M::Finished(finished)) => inner.finished(session, finished).await,
         }

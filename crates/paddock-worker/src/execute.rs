@@ -74,6 +74,17 @@ fn cancelled() -> Outcome {
     failed(Code::Cancelled, "cancelled", Fault::Worker)
 }
 
+/// How an assignment ended whose task died (a panic in this worker's code): the
+/// worker's fault, so that it runs elsewhere rather than hang.
+pub fn broken(assignment_id: String) -> wire::Finished {
+    wire::Finished {
+        assignment_id,
+        outcome: Some(worker_fault(
+            "the worker's task for it failed (a bug in the worker); it will run elsewhere",
+        )),
+    }
+}
+
 /// Runs an assignment and says how it ended. `started` is called once the command
 /// is about to run. Nothing of the action is left on disk afterwards, and its
 /// identity is free again only once its files are gone.
@@ -83,6 +94,9 @@ pub async fn execute(
     cancel: CancellationToken,
     started: impl FnOnce(),
 ) -> wire::Finished {
+    if Faults::strikes(ctx.faults.panic) {
+        panic!("fault injection: the worker's task panics");
+    }
     let assignment_id = assignment.assignment_id.clone();
     let dir = ctx
         .actions_dir

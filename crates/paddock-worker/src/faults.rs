@@ -12,7 +12,9 @@
 //! - `alter-outputs=P`: with probability P, output files are changed before they
 //!   are hashed, so the result is consistent but wrong (a broken toolchain): only
 //!   comparing with other workers can catch it;
-//! - `delay=DURATION`: every command starts this much later (a slow machine).
+//! - `delay=DURATION`: every command starts this much later (a slow machine);
+//! - `panic=P`: with probability P, the worker's task for an assignment panics (a
+//!   bug in the worker).
 
 use std::path::Path;
 
@@ -26,6 +28,7 @@ pub struct Faults {
     pub corrupt_outputs: f64,
     pub alter_outputs: f64,
     pub delay: Duration,
+    pub panic: f64,
 }
 
 impl Faults {
@@ -81,6 +84,7 @@ impl FromStr for Faults {
                 "fail-setup" => faults.fail_setup = probability()?,
                 "corrupt-outputs" => faults.corrupt_outputs = probability()?,
                 "alter-outputs" => faults.alter_outputs = probability()?,
+                "panic" => faults.panic = probability()?,
                 "delay" => {
                     faults.delay = value
                         .parse::<paddock_config::Span>()
@@ -89,7 +93,7 @@ impl FromStr for Faults {
                 }
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?}: use fail-setup, corrupt-outputs, alter-outputs or delay"
+                        "unknown fault {other:?}: use fail-setup, corrupt-outputs, alter-outputs, delay or panic"
                     ))
                 }
             }

@@ -287,12 +287,23 @@ fn spawn_assignment(
                 })),
             });
         };
-        let finished = execute::execute(&ctx, assignment, token, started).await;
-        running.lock().remove(&id);
+        // In a task of its own, so that a panic in it becomes a failed attempt the
+        // scheduler hears of, not an assignment that never ends.
+        let work =
+            tokio::spawn(async move { execute::execute(&ctx, assignment, token, started).await });
+        let finished = match work.await {
+            Ok(finished) => finished,
+            Err(error) => {
+                tracing::error!(assignment = %id, %error, "the task running an assignment died");
+                execute::broken(id.clone())
+            }
+        };
         let _ = tx
             .send(wire::WorkerMessage {
                 message: Some(W::Finished(finished)),
             })
             .await;
+        // Only now: a heartbeat that no longer lists it must come after its result.
+        running.lock().remove(&id);
     });
 }
