@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config_file, paddock_bin, Farm, Worker};
+use common::{config_file, free_address, paddock_bin, Farm, Worker};
 use futures::StreamExt;
 use paddock_client::exec::{execute, prepare, ExecSpec};
 use paddock_client::Remote;
@@ -180,6 +180,157 @@ async fn a_corrupting_worker_never_reaches_clients_or_the_cache_and_is_quarantin
         bad.reason,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// What the scheduler knows of its workers outlives it: saved at a graceful stop,
+/// and a quarantine is saved as it happens, so a crash right after does not lift it.
+#[tokio::test(flavor = "multi_thread")]
+async fn quarantines_and_health_windows_survive_a_restart_and_a_crash() {
+    let mut server = Farm::server(&free_address(), &[]);
+    let _good1 = host_worker(&server.worker_url, "good-1", &[]);
+    let _good2 = host_worker(&server.worker_url, "good-2", &[]);
+    let _bad = host_worker(
+        &server.worker_url,
+        "corrupter",
+        &["--dangerous-fault-injection", "corrupt-outputs=1"],
+    );
+    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
+    run_checked(&server.remote("").await, "saved", 40, 8).await;
+    let before = workers(&server.url).await;
+    assert_eq!(before["corrupter"].standing, "quarantined");
+
+    // A crash straight after: the quarantine was saved when it happened.
+    server.kill9();
+    server.start_again();
+    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
+    let after = workers(&server.url).await;
+    let bad = &after["corrupter"];
+    assert_eq!(bad.standing, "quarantined", "{bad:?}");
+    assert_eq!(bad.reason, before["corrupter"].reason);
+    assert_eq!(bad.totals, before["corrupter"].totals);
+    assert_eq!(bad.recent, before["corrupter"].recent);
+    let producers = run_checked(&server.remote("").await, "after-crash", 20, 4).await;
+    assert!(
+        !producers.iter().any(|w| w == "corrupter"),
+        "a quarantined worker got work after a restart"
+    );
+
+    // A graceful restart saves the health windows as they are at the stop.
+    let before = workers(&server.url).await;
+    server.restart();
+    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
+    let after = workers(&server.url).await;
+    for name in ["good-1", "good-2", "corrupter"] {
+        assert_eq!(after[name].standing, before[name].standing, "{name}");
+        assert_eq!(after[name].totals, before[name].totals, "{name}");
+        assert_eq!(after[name].recent, before[name].recent, "{name}");
+    }
+    assert_eq!(after["corrupter"].standing, "quarantined");
+
+    // A saved state it cannot read stops the start-up rather than being forgotten.
+    server.stop();
+    let file = server.data_dir.join("scheduler.json");
+    std::fs::write(&file, "{\"version\": 1, \"workers\": [").unwrap();
+    let output = std::process::Command::new(paddock_bin())
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--worker-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("scheduler.json") && stderr.contains("malformed"),
+        "{stderr}"
+    );
+}
+
+/// A gauge for one pool in the farm's metrics.
+fn pool_gauge(server: &Farm, name: &str, pool: &str) -> Option<f64> {
+    let prefix = format!("{name}{{pool=\"{pool}\"}} ");
+    common::http_get(&server.metrics_url)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+async fn wait_for_gauge(server: &Farm, name: &str, pool: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool_gauge(server, name, pool) != Some(value) {
+        assert!(
+            Instant::now() < deadline,
+            "{name} of pool {pool:?} is {:?}, not {value}",
+            pool_gauge(server, name, pool)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The autoscaling signal follows the queue up and the idle workers down, per pool,
+/// in `/metrics` and in `paddock workers list`.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_pool_reports_the_workers_it_should_have() {
+    let server = Farm::server(
+        "127.0.0.1:0",
+        &[
+            "--config",
+            &config_file("[scheduler.autoscaling]\nidle_after = \"2s\"\npools = [\"gpu\"]\n"),
+        ],
+    );
+    let _w = host_worker(&server.worker_url, "small", &["--property", "Pool=cpp"]);
+    wait_connected(&server.url, &["small"]).await;
+    wait_for_gauge(&server, "paddock_pool_slots", "cpp", 2.0).await;
+    // Nothing waits, nothing runs: the pool's one worker becomes idle, and the
+    // configured pool with no workers wants none.
+    wait_for_gauge(&server, "paddock_pool_desired_workers", "cpp", 0.0).await;
+    assert_eq!(
+        pool_gauge(&server, "paddock_pool_desired_workers", "gpu"),
+        Some(0.0)
+    );
+
+    // 2 running and 12 waiting on 2 slots: 4 per slot, twice the threshold, so
+    // twice the workers (of 2 slots each: 12 / (2 × 2) = 3).
+    let remote = server.remote("").await;
+    let sleep = |i: usize| ExecSpec {
+        arguments: vec!["sh".into(), "-c".into(), format!("sleep 4; echo {i}")],
+        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        platform: vec![("Pool".into(), "cpp".into())],
+        ..Default::default()
+    };
+    let mut running = Vec::new();
+    for i in 0..14 {
+        let remote = remote.clone();
+        let spec = sleep(i);
+        running.push(tokio::spawn(async move {
+            execute(&remote, &spec).await.unwrap()
+        }));
+    }
+    wait_for_gauge(&server, "paddock_pool_queued", "cpp", 12.0).await;
+    wait_for_gauge(&server, "paddock_pool_desired_workers", "cpp", 3.0).await;
+    assert_eq!(
+        pool_gauge(&server, "paddock_pool_running", "cpp"),
+        Some(2.0)
+    );
+    let output = std::process::Command::new(paddock_bin())
+        .args(["workers", "list", "--remote", &server.url])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&output.stdout);
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with("cpp "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    // POOL QUEUED WORKERS SLOTS RUNNING IDLE DESIRED
+    assert_eq!(columns, ["cpp", "12", "1", "2", "2", "0", "3"], "{listed}");
+    for task in running {
+        task.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -391,6 +391,35 @@ pub struct SchedulerConfig {
     pub property_policies: BTreeMap<String, MatchPolicy>,
     pub quarantine: QuarantineConfig,
     pub speculation: SpeculationConfig,
+    pub autoscaling: AutoscalingConfig,
+}
+
+/// The autoscaling signal: how many workers each pool (by the quarantine's
+/// `pool_property`) should have, for an autoscaler to follow.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoscalingConfig {
+    /// A pool is short of workers when more actions wait than this many per slot
+    /// (a slot is one unit of a worker's capacity, normally a core).
+    pub queued_per_slot: f64,
+    /// A worker that has run nothing for this long is idle...
+    pub idle_after: Span,
+    /// ...and a pool with more than this fraction of its workers idle has too many.
+    pub idle_fraction: f64,
+    /// Pools reported even with no worker connected, so that an autoscaler can start
+    /// one from zero (other pools are those of the workers the scheduler knows).
+    pub pools: Vec<String>,
+}
+
+impl Default for AutoscalingConfig {
+    fn default() -> Self {
+        AutoscalingConfig {
+            queued_per_slot: 2.0,
+            idle_after: Span::secs(300),
+            idle_fraction: 0.2,
+            pools: Vec::new(),
+        }
+    }
 }
 
 /// Worker health: outcome statistics, quarantine of anomalous workers, probes.
@@ -480,6 +509,7 @@ impl Default for SchedulerConfig {
             property_policies: BTreeMap::new(),
             quarantine: QuarantineConfig::default(),
             speculation: SpeculationConfig::default(),
+            autoscaling: AutoscalingConfig::default(),
         }
     }
 }

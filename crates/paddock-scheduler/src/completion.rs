@@ -78,7 +78,7 @@ impl Inner {
             _ => None,
         };
         let lost: Vec<(String, JobId)> = worker
-            .running
+            .running()
             .iter()
             .filter(|(assignment, _)| !reported.contains(assignment.as_str()))
             .filter(|(assignment, job)| {
@@ -92,7 +92,7 @@ impl Inner {
         let name = worker.name.clone();
         for (assignment, job) in lost {
             if let Some(worker) = state.workers.get_mut(&session) {
-                worker.running.remove(&assignment);
+                worker.release(&assignment);
             }
             metrics::counter!("paddock_lost_assignments_total").increment(1);
             let transition = state.fleet.record(&name, Outcome::InfraFailure);
@@ -110,7 +110,7 @@ impl Inner {
     pub(crate) fn started(&self, session: SessionId, assignment: &str) {
         let state = self.state.lock();
         if let Some(worker) = state.workers.get(&session) {
-            if let Some(job) = worker.running.get(assignment) {
+            if let Some(job) = worker.running().get(assignment) {
                 tracing::debug!(action = %state.jobs[job].key.action, worker = %worker.name, "started");
             }
         }
@@ -122,7 +122,7 @@ impl Inner {
         let job = {
             let state = self.state.lock();
             state.workers.get(&session).and_then(|w| {
-                let job = state.jobs.get(w.running.get(&assignment)?)?;
+                let job = state.jobs.get(w.running().get(&assignment)?)?;
                 Some((
                     job.id,
                     job.key.clone(),
@@ -166,7 +166,7 @@ impl Inner {
             state
                 .workers
                 .get(&session)
-                .and_then(|w| w.running.get(&assignment))
+                .and_then(|w| w.running().get(&assignment))
                 == Some(&job_id)
         };
         if let Verdict::Ran(valid) = &verdict {
@@ -183,14 +183,14 @@ impl Inner {
         let current = state
             .workers
             .get(&session)
-            .and_then(|w| w.running.get(&assignment))
+            .and_then(|w| w.running().get(&assignment))
             == Some(&job_id);
         if !current {
             return; // cancelled or lost while the result was being checked
         }
         let worker = {
             let w = state.workers.get_mut(&session).expect("checked above");
-            w.running.remove(&assignment);
+            w.release(&assignment);
             w.name.clone()
         };
         match verdict {

@@ -46,8 +46,8 @@ impl Inner {
             let free: Vec<(SessionId, usize)> = state
                 .workers
                 .values()
-                .filter(|w| w.running.len() < w.capacity)
-                .map(|w| (w.session, w.capacity - w.running.len()))
+                .filter(|w| w.running().len() < w.capacity)
+                .map(|w| (w.session, w.capacity - w.running().len()))
                 .collect();
             if free.is_empty() {
                 break;
@@ -116,7 +116,7 @@ impl Inner {
             .workers
             .get_mut(&session)
             .expect("a free worker exists");
-        worker.running.insert(assignment_id, job_id);
+        worker.assign(assignment_id, job_id);
         let _ = worker.outbound.send(wire::SchedulerMessage {
             message: Some(wire::scheduler_message::Message::Assignment(assignment)),
         });
@@ -186,24 +186,23 @@ impl Inner {
         let Some(worker) = state.workers.remove(&session) else {
             return;
         };
-        tracing::warn!(worker = %worker.name, running = worker.running.len(), %reason, "worker lost");
-        for (assignment, job_id) in worker.running {
+        tracing::warn!(worker = %worker.name, running = worker.running().len(), %reason, "worker lost");
+        let name = worker.name.clone();
+        for (assignment, job_id) in worker.into_running() {
             let canary = matches!(
                 state.jobs.get(&job_id).map(|j| &j.kind),
                 Some(JobKind::Canary { .. })
             );
             let transition = match canary {
-                true => state
-                    .fleet
-                    .canary(&worker.name, false, "lost during a canary"),
-                false => state.fleet.record(&worker.name, Outcome::InfraFailure),
+                true => state.fleet.canary(&name, false, "lost during a canary"),
+                false => state.fleet.record(&name, Outcome::InfraFailure),
             };
             self.transition(transition);
             self.attempt_failed(
                 state,
                 job_id,
                 &assignment,
-                &format!("worker {} was lost: {reason}", worker.name),
+                &format!("worker {name} was lost: {reason}"),
             );
         }
         self.report(state);
@@ -405,9 +404,9 @@ impl Inner {
             let free = state
                 .workers
                 .values()
-                .filter(|w| w.running.len() < w.capacity && w.name != running_on)
+                .filter(|w| w.running().len() < w.capacity && w.name != running_on)
                 .filter(|w| self.eligible(state, job, w.session))
-                .max_by_key(|w| w.capacity - w.running.len())
+                .max_by_key(|w| w.capacity - w.running().len())
                 .map(|w| w.session);
             let Some(session) = free else {
                 continue;

@@ -17,9 +17,13 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use paddock_config::QuarantineConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::saved::{SavedRecord, SavedStanding};
 
 /// What one action came to on one worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The command ran and its result was valid (exit code 0).
     Success,
@@ -38,7 +42,7 @@ impl Outcome {
 }
 
 /// Counts over a window.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub outcomes: usize,
     pub infra_failures: usize,
@@ -159,6 +163,19 @@ pub struct Transition {
 pub struct Fleet {
     config: QuarantineConfig,
     records: HashMap<String, Record>,
+    /// What has changed since the records were last saved.
+    unsaved: Unsaved,
+}
+
+/// How urgently the records need saving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unsaved {
+    #[default]
+    Nothing,
+    /// Outcomes in the windows: saved within a few seconds.
+    Outcomes,
+    /// A standing or a worker: saved at once.
+    Standings,
 }
 
 impl Fleet {
@@ -166,18 +183,105 @@ impl Fleet {
         Fleet {
             config,
             records: HashMap::new(),
+            unsaved: Unsaved::Nothing,
         }
+    }
+
+    /// What has changed since [`Fleet::saved`] was last called.
+    pub fn unsaved(&self) -> Unsaved {
+        self.unsaved
+    }
+
+    /// Every record as it is kept across restarts; what is returned counts as saved.
+    pub fn saved(&mut self) -> Vec<SavedRecord> {
+        self.unsaved = Unsaved::Nothing;
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        self.records
+            .iter()
+            .map(|(name, record)| SavedRecord {
+                name: name.clone(),
+                pool: record.pool.clone(),
+                standing: match record.standing {
+                    Standing::Active => SavedStanding::Active,
+                    Standing::Draining => SavedStanding::Draining,
+                    Standing::Quarantined {
+                        manual,
+                        probe_at,
+                        strikes,
+                    } => SavedStanding::Quarantined {
+                        manual,
+                        probe_at: probe_at.map(|at| wall + at.saturating_duration_since(now)),
+                        strikes,
+                    },
+                    // Its canaries do not outlive the scheduler: it probes again.
+                    Standing::Probing { strikes, .. } => SavedStanding::Quarantined {
+                        manual: false,
+                        probe_at: Some(wall),
+                        strikes,
+                    },
+                },
+                reason: record.reason.clone(),
+                since: record.since,
+                window: record.window.iter().copied().collect(),
+                totals: record.totals,
+            })
+            .collect()
+    }
+
+    /// Takes back records saved by an earlier scheduler. A worker is remembered as
+    /// long as if it had just been seen.
+    pub fn restore(&mut self, saved: Vec<SavedRecord>) {
+        let window = self.config.window.max(1);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        for record in saved {
+            let standing = match record.standing {
+                SavedStanding::Active => Standing::Active,
+                SavedStanding::Draining => Standing::Draining,
+                SavedStanding::Quarantined {
+                    manual,
+                    probe_at,
+                    strikes,
+                } => Standing::Quarantined {
+                    manual,
+                    probe_at: probe_at
+                        .map(|at| now + at.duration_since(wall).unwrap_or(Duration::ZERO)),
+                    strikes,
+                },
+            };
+            let skip = record.window.len().saturating_sub(window);
+            self.records.insert(
+                record.name,
+                Record {
+                    pool: record.pool,
+                    standing,
+                    reason: record.reason,
+                    since: record.since,
+                    window: record.window.into_iter().skip(skip).collect(),
+                    totals: record.totals,
+                    seen: now,
+                },
+            );
+        }
+    }
+
+    /// Marks the records as needing a save (again, after one failed).
+    pub fn mark_unsaved(&mut self, what: Unsaved) {
+        self.unsaved = self.unsaved.max(what);
     }
 
     /// The record of `worker`, made on first sight (in `pool`). A known worker keeps
     /// its standing and statistics when it reconnects: restarting does not lift a
     /// quarantine.
     pub fn enroll(&mut self, worker: &str, pool: String) -> &Record {
-        let record = self
-            .records
-            .entry(worker.to_owned())
-            .or_insert_with(|| Record::new(pool.clone()));
-        record.pool = pool;
+        let unsaved = &mut self.unsaved;
+        let record = self.records.entry(worker.to_owned()).or_insert_with(|| {
+            *unsaved = Unsaved::Standings;
+            Record::new(pool.clone())
+        });
+        if record.pool != pool {
+            record.pool = pool;
+            *unsaved = Unsaved::Standings;
+        }
         record.seen = Instant::now();
         record
     }
@@ -187,6 +291,7 @@ impl Fleet {
     /// hour, quarantined ones after a day (a worker back within the day is still
     /// quarantined).
     pub fn forget_gone(&mut self, connected: &std::collections::HashSet<String>, now: Instant) {
+        let before = self.records.len();
         self.records.retain(|name, record| {
             let keep_for = match record.standing {
                 Standing::Quarantined { .. } | Standing::Probing { .. } => {
@@ -196,6 +301,9 @@ impl Fleet {
             };
             connected.contains(name) || now.duration_since(record.seen) < keep_for
         });
+        if self.records.len() != before {
+            self.mark_unsaved(Unsaved::Standings);
+        }
     }
 
     pub fn get(&self, worker: &str) -> Option<&Record> {
@@ -216,6 +324,7 @@ impl Fleet {
     pub fn record(&mut self, worker: &str, outcome: Outcome) -> Option<Transition> {
         let window = self.config.window.max(1);
         let record = self.records.get_mut(worker)?;
+        self.unsaved = self.unsaved.max(Unsaved::Outcomes);
         record.seen = Instant::now();
         record.totals += count(outcome);
         record.window.push_back(outcome);
@@ -330,6 +439,7 @@ impl Fleet {
         record.standing = standing;
         record.reason = reason.clone();
         record.since = SystemTime::now();
+        self.mark_unsaved(Unsaved::Standings);
         changed.then(|| Transition {
             worker: worker.to_owned(),
             from,
@@ -450,6 +560,68 @@ mod tests {
         // P(X >= 8 | 10, 0.5) = (45 + 10 + 1) / 1024
         assert!((binomial_upper_tail(10, 8, 0.5) - 56.0 / 1024.0).abs() < 1e-12);
         assert!(binomial_upper_tail(100, 50, 0.01) < 1e-50);
+    }
+
+    #[test]
+    fn records_saved_and_restored_keep_standings_windows_and_cool_downs() {
+        let mut fleet = fleet();
+        for w in ["a", "b", "bad", "probing"] {
+            fleet.enroll(w, "pool".into());
+        }
+        assert_eq!(fleet.unsaved(), Unsaved::Standings);
+        fleet.saved();
+        assert_eq!(fleet.unsaved(), Unsaved::Nothing);
+        for _ in 0..8 {
+            fleet.record("a", Outcome::Success);
+            fleet.record("b", Outcome::Success);
+        }
+        assert_eq!(fleet.unsaved(), Unsaved::Outcomes);
+        let mut caught = None;
+        for _ in 0..8 {
+            caught = caught.or(fleet.record("bad", Outcome::InfraFailure));
+        }
+        assert_eq!(caught.expect("quarantined").to, "quarantined");
+        assert_eq!(fleet.unsaved(), Unsaved::Standings);
+        fleet.set(
+            "probing",
+            Standing::Probing {
+                strikes: 3,
+                passed: 1,
+            },
+            "canaries".into(),
+        );
+
+        let mut restored = self::fleet();
+        restored.restore(fleet.saved());
+        assert_eq!(fleet.unsaved(), Unsaved::Nothing);
+        for w in ["a", "b", "bad"] {
+            let (was, is) = (fleet.get(w).unwrap(), restored.get(w).unwrap());
+            assert_eq!(is.standing.name(), was.standing.name(), "{w}");
+            assert_eq!((is.recent(), is.totals), (was.recent(), was.totals), "{w}");
+            assert_eq!(is.reason, was.reason);
+        }
+        let Standing::Quarantined {
+            manual: false,
+            probe_at: Some(probe_at),
+            ..
+        } = restored.get("bad").unwrap().standing
+        else {
+            panic!("not quarantined")
+        };
+        let left = probe_at.saturating_duration_since(Instant::now());
+        assert!(left > QuarantineConfig::default().cooldown.get() - Duration::from_secs(5));
+        // Its canaries died with the scheduler: it is due for probing again.
+        assert!(!restored.takes_work("probing"));
+        let due = restored.due_for_probing(Instant::now());
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, "probing");
+        assert!(matches!(
+            restored.get("probing").unwrap().standing,
+            Standing::Probing {
+                strikes: 3,
+                passed: 0
+            }
+        ));
     }
 
     #[test]

@@ -25,6 +25,8 @@ mod matching;
 mod operations;
 mod queue;
 pub mod results;
+mod saved;
+mod scaling;
 mod state;
 
 use std::sync::{Arc, Weak};
@@ -47,6 +49,8 @@ pub use matching::{Offer, Policies};
 use operations::Found;
 pub use operations::Owner;
 use queue::FairQueue;
+pub use saved::{SavedStateError, StateFile};
+pub use scaling::PoolLoad;
 use state::{Job, JobKind, State, WorkerSession};
 
 /// Whether a worker may run actions of an instance.
@@ -170,7 +174,15 @@ struct Inner {
     config: SchedulerConfig,
     policies: Policies,
     bounds: Bounds,
+    /// Where the fleet's records outlive the process, and when outcomes were last
+    /// saved there.
+    saved: Option<(StateFile, Mutex<Instant>)>,
+    pool_gauges: Mutex<scaling::PoolGauges>,
 }
+
+/// How long outcomes (not changes of standing, which are saved at once) may wait to
+/// be saved: a crash loses at most this much of the health windows.
+const SAVE_OUTCOMES_EVERY: Duration = Duration::from_secs(5);
 
 /// What the scheduler holds at most.
 #[derive(Debug, Clone, Copy)]
@@ -194,27 +206,41 @@ fn store_error(e: paddock_cas::StoreError) -> Status {
 }
 
 impl Scheduler {
-    /// A scheduler over the server's CAS and ActionCache, within `bounds`. Call
+    /// A scheduler over the server's CAS and ActionCache, within `bounds`, taking
+    /// back the workers' records from `saved` and keeping them there. Call
     /// [`Scheduler::run`] to drive its timers.
     pub fn new(
         config: SchedulerConfig,
         cas: Arc<dyn BlobStore>,
         action_cache: Arc<dyn ActionCache>,
         bounds: Bounds,
-    ) -> Self {
+        saved: Option<StateFile>,
+    ) -> Result<Self, SavedStateError> {
         let policies = Policies::new(config.property_policies.clone());
-        let fleet = health::Fleet::new(config.quarantine.clone());
-        Scheduler {
+        let mut state = State::new(
+            health::Fleet::new(config.quarantine.clone()),
+            bounds.max_finished_operations,
+        );
+        if let Some(file) = &saved {
+            let saved = file.load()?;
+            let workers = saved.workers.len();
+            state.fleet.restore(saved.workers);
+            state.bindings.extend(saved.bindings);
+            tracing::info!(workers, file = %file.path().display(), "took back the workers' records");
+        }
+        Ok(Scheduler {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::new(fleet, bounds.max_finished_operations)),
+                state: Mutex::new(state),
                 closing: watch::channel(false).0,
                 cas,
                 action_cache,
                 config,
                 policies,
                 bounds,
+                saved: saved.map(|file| (file, Mutex::new(Instant::now()))),
+                pool_gauges: Default::default(),
             }),
-        }
+        })
     }
 
     /// Runs the periodic work (lost workers, orphaned executions, unsatisfiable
@@ -230,6 +256,12 @@ impl Scheduler {
                 return;
             };
             inner.sweep();
+            inner.report_pools();
+            if let Some(saved) = inner.to_save(false) {
+                let inner = inner.clone();
+                // Off the runtime's threads: the file is synced.
+                let _ = tokio::task::spawn_blocking(move || inner.save(saved)).await;
+            }
         }
     }
 
@@ -238,10 +270,15 @@ impl Scheduler {
     /// shutdown is not held up by long-lived streams.
     pub fn shutdown(&self) {
         let inner = &self.inner;
-        let mut state = inner.state.lock();
-        inner.closing.send_replace(true);
-        state.workers.clear();
-        inner.report(&state);
+        {
+            let mut state = inner.state.lock();
+            inner.closing.send_replace(true);
+            state.workers.clear();
+            inner.report(&state);
+        }
+        if let Some(saved) = inner.to_save(true) {
+            inner.save(saved);
+        }
     }
 
     /// Starts (or joins) an execution, or answers from the ActionCache.
@@ -540,16 +577,14 @@ impl Scheduler {
         tracing::info!(worker = %register.name, %identity, capacity = register.capacity, properties = %offer, "worker connected");
         state.workers.insert(
             session,
-            WorkerSession {
+            WorkerSession::new(
                 session,
-                name: register.name,
+                register.name,
                 serves,
                 offer,
-                capacity: register.capacity as usize,
-                running: Default::default(),
-                outbound: tx,
-                last_seen: Instant::now(),
-            },
+                register.capacity as usize,
+                tx,
+            ),
         );
         inner.report(&state);
         inner.dispatch(&mut state);
@@ -606,7 +641,7 @@ impl Scheduler {
                     since: record.since,
                     connected: !sessions.is_empty(),
                     capacity: sessions.iter().map(|w| w.capacity).sum(),
-                    running: sessions.iter().map(|w| w.running.len()).sum(),
+                    running: sessions.iter().map(|w| w.running().len()).sum(),
                     recent: record.recent(),
                     totals: record.totals,
                 }
@@ -614,6 +649,12 @@ impl Scheduler {
             .collect();
         reports.sort_by(|a, b| a.name.cmp(&b.name));
         reports
+    }
+
+    /// Each pool's load and the workers it should have: the autoscaling signal.
+    pub fn pools(&self) -> Vec<PoolLoad> {
+        let state = self.inner.state.lock();
+        self.inner.pools(&state, Instant::now())
     }
 
     /// An operator's order for a worker; NOT_FOUND if no such worker ever connected.
@@ -799,7 +840,7 @@ impl Inner {
     }
 
     fn report(&self, state: &State) {
-        let running: usize = state.workers.values().map(|w| w.running.len()).sum();
+        let running: usize = state.workers.values().map(|w| w.running().len()).sum();
         let capacity: usize = state.workers.values().map(|w| w.capacity).sum();
         metrics::gauge!("paddock_queue_length").set(state.queue.len() as f64);
         metrics::gauge!("paddock_actions_running").set(running as f64);
@@ -814,6 +855,45 @@ impl Inner {
         }
         for (standing, count) in standings {
             metrics::gauge!("paddock_workers", "standing" => standing).set(count as f64);
+        }
+    }
+
+    /// What to save now, if anything: changes of standing at once, outcomes every
+    /// [`SAVE_OUTCOMES_EVERY`], everything when `finally`.
+    fn to_save(&self, finally: bool) -> Option<saved::Saved> {
+        let (_, last) = self.saved.as_ref()?;
+        let mut state = self.state.lock();
+        let due = match state.fleet.unsaved() {
+            health::Unsaved::Nothing => false,
+            health::Unsaved::Outcomes => finally || last.lock().elapsed() >= SAVE_OUTCOMES_EVERY,
+            health::Unsaved::Standings => true,
+        };
+        if !due {
+            return None;
+        }
+        *last.lock() = Instant::now();
+        Some(saved::Saved {
+            workers: state.fleet.saved(),
+            bindings: state
+                .bindings
+                .iter()
+                .map(|(name, identity)| (name.clone(), identity.clone()))
+                .collect(),
+        })
+    }
+
+    /// Writes what [`Inner::to_save`] took; a failure is retried at the next tick.
+    fn save(&self, saved: saved::Saved) {
+        let Some((file, _)) = &self.saved else {
+            return;
+        };
+        if let Err(e) = file.store(saved) {
+            tracing::error!(file = %file.path().display(), error = %e, "could not save the workers' records; retrying");
+            metrics::counter!("paddock_state_save_failures_total").increment(1);
+            self.state
+                .lock()
+                .fleet
+                .mark_unsaved(health::Unsaved::Standings);
         }
     }
 

@@ -133,19 +133,72 @@ pub(crate) struct WorkerSession {
     pub offer: Offer,
     pub capacity: usize,
     /// Assignment id to execution.
-    pub running: HashMap<String, JobId>,
+    running: HashMap<String, JobId>,
+    /// Since when it has run nothing, if it runs nothing.
+    idle_since: Option<Instant>,
     pub outbound: mpsc::UnboundedSender<wire::SchedulerMessage>,
     pub last_seen: Instant,
 }
 
 impl WorkerSession {
+    pub fn new(
+        session: SessionId,
+        name: String,
+        serves: crate::Serves,
+        offer: Offer,
+        capacity: usize,
+        outbound: mpsc::UnboundedSender<wire::SchedulerMessage>,
+    ) -> WorkerSession {
+        let now = Instant::now();
+        WorkerSession {
+            session,
+            name,
+            serves,
+            offer,
+            capacity,
+            running: HashMap::new(),
+            idle_since: Some(now),
+            outbound,
+            last_seen: now,
+        }
+    }
+
     pub fn serves(&self, instance: &str) -> bool {
         (self.serves)(instance)
     }
 
+    /// Assignment id to execution, for what it runs.
+    pub fn running(&self) -> &HashMap<String, JobId> {
+        &self.running
+    }
+
+    /// What it ran when it was lost.
+    pub fn into_running(self) -> HashMap<String, JobId> {
+        self.running
+    }
+
+    pub fn assign(&mut self, assignment: String, job: JobId) {
+        self.running.insert(assignment, job);
+        self.idle_since = None;
+    }
+
+    /// Forgets an assignment (finished, lost or cancelled).
+    pub fn release(&mut self, assignment: &str) {
+        self.running.remove(assignment);
+        if self.running.is_empty() {
+            self.idle_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// How long it has run nothing (zero while it runs something).
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        self.idle_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
     /// Tells the worker to stop an assignment and forgets it.
     pub fn cancel(&mut self, assignment: &str) {
-        self.running.remove(assignment);
+        self.release(assignment);
         let _ = self.outbound.send(wire::SchedulerMessage {
             message: Some(wire::scheduler_message::Message::Cancel(wire::Cancel {
                 assignment_id: assignment.to_owned(),

@@ -9,7 +9,7 @@ use paddock_proto::admin::v1::{
 use paddock_reapi::time::unix_micros;
 use paddock_reapi::Digest;
 use paddock_scheduler::health::Counts;
-use paddock_scheduler::{Scheduler, WorkerCommand, WorkerReport};
+use paddock_scheduler::{PoolLoad, Scheduler, WorkerCommand, WorkerReport};
 use tonic::{Request, Response, Status};
 
 use paddock_config::Permission;
@@ -57,6 +57,18 @@ fn worker(report: WorkerReport) -> wire::Worker {
     }
 }
 
+fn pool(load: PoolLoad) -> wire::Pool {
+    wire::Pool {
+        name: load.pool,
+        queued: load.queued as u64,
+        workers: load.workers as u32,
+        slots: load.slots as u32,
+        running: load.running as u32,
+        idle_workers: load.idle_workers as u32,
+        desired_workers: load.desired_workers as u32,
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_workers(
@@ -65,7 +77,8 @@ impl Admin for AdminService {
     ) -> Result<Response<wire::ListWorkersResponse>, Status> {
         authorize(&request, Permission::Admin, EVERY_INSTANCE)?;
         let workers = self.scheduler.workers().into_iter().map(worker).collect();
-        Ok(Response::new(wire::ListWorkersResponse { workers }))
+        let pools = self.scheduler.pools().into_iter().map(pool).collect();
+        Ok(Response::new(wire::ListWorkersResponse { workers, pools }))
     }
 
     async fn command_worker(

@@ -11,7 +11,7 @@ use paddock_auth::{Authenticator, Principal};
 use paddock_client::LocalServer;
 use paddock_config::{Config, RunnerKind, SandboxConfig, WorkerConfig};
 use paddock_sandbox::Zygote;
-use paddock_scheduler::{Bounds, Scheduler};
+use paddock_scheduler::{Bounds, Scheduler, StateFile};
 use paddock_server::{Access, Audience, Callers, Limits, Storage};
 use paddock_tls::ServerTls;
 use paddock_worker::{SchedulerAddress, WorkerOptions};
@@ -76,7 +76,8 @@ impl Farm {
                 max_finished_operations: quotas.max_finished_operations,
                 max_worker_names: quotas.max_worker_names,
             },
-        );
+            Some(StateFile::in_directory(&data_dir)),
+        )?;
         let storage = Storage { cas, action_cache };
         let limits = Limits {
             max_batch_size: config.storage.max_batch_size.bytes(),

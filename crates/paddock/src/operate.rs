@@ -122,6 +122,26 @@ fn print_workers(workers: &[wire::Worker]) {
     }
 }
 
+/// The autoscaling signal, a line per pool.
+fn print_pools(pools: &[wire::Pool]) {
+    println!(
+        "{:<16} {:>8} {:>8} {:>6} {:>8} {:>5} {:>8}",
+        "POOL", "QUEUED", "WORKERS", "SLOTS", "RUNNING", "IDLE", "DESIRED"
+    );
+    for p in pools {
+        println!(
+            "{:<16} {:>8} {:>8} {:>6} {:>8} {:>5} {:>8}",
+            if p.name.is_empty() { "-" } else { &p.name },
+            p.queued,
+            p.workers,
+            p.slots,
+            p.running,
+            p.idle_workers,
+            p.desired_workers
+        );
+    }
+}
+
 pub async fn workers(command: WorkersCommand) -> Result<()> {
     let (order, which) = match command {
         WorkersCommand::List { server } => {
@@ -132,6 +152,8 @@ pub async fn workers(command: WorkersCommand) -> Result<()> {
                 .map_err(refused)?
                 .into_inner();
             print_workers(&listed.workers);
+            println!();
+            print_pools(&listed.pools);
             return Ok(());
         }
         WorkersCommand::Drain(order) => (order, Command::Drain),
