@@ -55,6 +55,7 @@ let
     (if cfg.server.tls == null then [ ] else [ cfg.server.tls.keyFile ])
     ++ map (t: t.tokenFile) cfg.server.tokens
     ++ (if cfg.server.jwt == null then [ ] else [ cfg.server.jwt.secretFile ])
+    ++ (if cfg.server.database == null then [ ] else [ cfg.server.database.passwordFile ])
     ++ [ cfg.worker.tokenFile ]
     ++ (if cfg.worker.tls == null then [ ] else [ cfg.worker.tls.keyFile ]));
 in
@@ -139,6 +140,29 @@ in
         description = ''
           Serve callers without credentials on an address that is not loopback: anyone
           who reaches the port may do anything. Only on a network that is itself trusted.
+        '';
+      };
+      database = mkOption {
+        type = types.nullOr (types.submodule {
+          options = {
+            url = mkOption {
+              type = types.str;
+              default = "postgresql:///paddock?host=/run/postgresql&user=paddock";
+              description = ''
+                The PostgreSQL database the servers share. The default reaches a
+                `services.postgresql` on this machine over its Unix socket, as the
+                `paddock` user (peer authentication, no password).
+              '';
+            };
+            passwordFile = secretOption "The database user's password, if it needs one.";
+          };
+        });
+        default = null;
+        example = lib.literalExpression "{ }";
+        description = ''
+          Keep the workers' records and the ActionCache in PostgreSQL, so that several
+          servers (on this machine or others) share them. Unset: in this server
+          (the records under dataDir).
         '';
       };
       metricsListen = mkOption {
@@ -232,7 +256,10 @@ in
       systemd.services.paddock-server = {
         description = "Paddock remote build execution server";
         wantedBy = [ "multi-user.target" ];
-        after = [ "network.target" ];
+        # A database on this machine is started first; one elsewhere is waited for
+        # (state.connect_timeout).
+        after = [ "network.target" ]
+          ++ lib.optional (cfg.server.database != null && config.services.postgresql.enable) "postgresql.service";
         serviceConfig = {
           ExecStart = "${cfg.server.package}/bin/paddock server --config ${serverConfig}";
           # Keys and tokens, readable by this service alone.

@@ -39,6 +39,7 @@ in
       certificates = [ ];
       jwt = null;
       allowAnonymous = false;
+      database = null;
       settings = { };
     };
     worker = {
@@ -53,7 +54,7 @@ in
   };
 
   # The files the server's unit loads as credentials.
-  serverCredentials = { tls, tokens, jwt, ... }:
+  serverCredentials = { tls, tokens, jwt, database ? null, ... }:
     builtins.filter (c: c.file != null) (
       (if tls == null then [ ] else [
         (credential serverUnit "tls-cert" tls.certFile)
@@ -64,6 +65,9 @@ in
       ++ (if jwt == null then [ ] else [
         (credential serverUnit "jwt-secret" (jwt.secretFile or null))
         (credential serverUnit "jwt-jwks" (jwt.jwksFile or null))
+      ])
+      ++ (if database == null then [ ] else [
+        (credential serverUnit "database-password" (database.passwordFile or null))
       ]));
 
   # The files the worker's unit loads as credentials.
@@ -77,12 +81,12 @@ in
       ++ [ (credential workerUnit "token" tokenFile) ]);
 
   # `paddock server --config` for services.paddock.server.
-  server = { listen, workerListen, metricsListen, dataDir, tls, tokens, certificates, jwt, allowAnonymous, settings, ... }:
+  server = { listen, workerListen, metricsListen, dataDir, tls, tokens, certificates, jwt, allowAnonymous, settings, database ? null, ... }:
     let
       path = name: file: orNull (_: "/run/credentials/${serverUnit}/${name}") file;
     in
     merge
-      {
+      ({
         server = {
           inherit listen;
           worker_listen = workerListen;
@@ -115,7 +119,13 @@ in
             })
             jwt;
         };
-      }
+      } // (if database == null then { } else {
+        state = removeNulls {
+          backend = "postgres";
+          url = database.url or "postgresql:///paddock?host=/run/postgresql&user=paddock";
+          password_file = path "database-password" (database.passwordFile or null);
+        };
+      }))
       settings;
 
   # `paddock worker --config` for services.paddock.worker.

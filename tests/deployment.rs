@@ -96,6 +96,14 @@ fn the_module_renders_valid_configurations() {
             r#"s.server (s.defaults.server // { listen = "0.0.0.0:8980"; workerListen = "0.0.0.0:8982"; tls = { certFile = "/var/lib/secrets/farm.pem"; keyFile = "/var/lib/secrets/farm.key"; clientCaFile = "/var/lib/secrets/ca.pem"; }; tokens = [ { name = "ci"; tokenFile = "/var/lib/secrets/ci.token"; permissions = [ "cas.read" "execute" ]; } { name = "dev"; sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; permissions = [ "ac.read" ]; instances = [ "team-*" ]; } ]; certificates = [ { subject = "CN=builder-1"; permissions = [ "worker" ]; } ]; jwt = { secretFile = "/var/lib/secrets/jwt"; issuer = "https://idp"; audience = "paddock"; }; })"#,
         ),
         (
+            "servers sharing a database",
+            r#"s.server (s.defaults.server // { database = { }; })"#,
+        ),
+        (
+            "servers sharing a database elsewhere",
+            r#"s.server (s.defaults.server // { database = { url = "postgresql://paddock@db:5432/paddock"; passwordFile = "/s/db"; }; })"#,
+        ),
+        (
             "worker with credentials",
             r#"s.worker (s.defaults.worker // { scheduler = "grpcs://farm:8982"; tls = { caFile = "/etc/ca.pem"; }; tokenFile = "/var/lib/secrets/worker.token"; })"#,
         ),
@@ -126,6 +134,15 @@ fn the_module_renders_valid_configurations() {
     assert!(
         credentials.contains(r#""file":"/s/ci","name":"token-ci""#),
         "{credentials}"
+    );
+    let json = render(
+        r#"s.server (s.defaults.server // { database = { url = "postgresql://paddock@db/paddock"; passwordFile = "/s/db"; }; })"#,
+    );
+    assert!(
+        json.contains(r#""backend":"postgres""#)
+            && json.contains("/run/credentials/paddock-server.service/database-password")
+            && !json.contains("/s/db"),
+        "{json}"
     );
     // Settings merge deeply into what the options set.
     let json = render(
@@ -159,6 +176,8 @@ fn the_readme_configuration_example_is_valid() {
         "[worker.oci]",
         "[worker.credentials]",
         "[auth.quotas]",
+        "[state]",
+        "[scheduler.autoscaling]",
     ] {
         assert!(example.contains(key), "the example lacks {key}");
     }

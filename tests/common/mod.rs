@@ -3,6 +3,7 @@
 
 pub mod bazel;
 pub mod pki;
+pub mod postgres;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};

@@ -31,6 +31,10 @@ pub enum StoreError {
     Full { reserved: u64, capacity: u64 },
     #[error("storage I/O error: {0}")]
     Io(#[from] io::Error),
+    /// A store elsewhere (a database) cannot be reached or answer now; the call may
+    /// be retried.
+    #[error("{0}; try again")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -43,6 +47,7 @@ impl StoreError {
             }
             StoreError::TooLarge { .. } | StoreError::Full { .. } => tonic::Code::ResourceExhausted,
             StoreError::Io(_) => tonic::Code::Internal,
+            StoreError::Unavailable(_) => tonic::Code::Unavailable,
         }
     }
 }

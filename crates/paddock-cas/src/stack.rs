@@ -31,18 +31,23 @@ pub async fn open_cas(
     Ok(Arc::new(WithEmptyBlob::new(Arc::new(verifying))))
 }
 
-/// The server's ActionCache: `CompletenessChecking(backend)` over `cas`.
+/// The server's ActionCache: `CompletenessChecking(backend)` over `cas`, where the
+/// backend is `shared` (one that several servers share) or the storage's own.
 pub fn open_action_cache(
     config: &StorageConfig,
     data_dir: &Path,
     cas: Arc<dyn BlobStore>,
+    shared: Option<Arc<dyn ActionCache>>,
 ) -> Result<Arc<dyn ActionCache>, StoreError> {
-    let backend: Arc<dyn ActionCache> = match config.backend {
-        StorageBackend::Disk => Arc::new(DiskActionCache::open(
+    let backend: Arc<dyn ActionCache> = match (shared, config.backend) {
+        (Some(shared), _) => shared,
+        (None, StorageBackend::Disk) => Arc::new(DiskActionCache::open(
             &data_dir.join("action-cache"),
             config.fsync,
         )?),
-        StorageBackend::Memory => Arc::new(MemoryActionCache::new(config.action_cache_max_entries)),
+        (None, StorageBackend::Memory) => {
+            Arc::new(MemoryActionCache::new(config.action_cache_max_entries))
+        }
     };
     Ok(Arc::new(CompletenessChecking::new(
         backend,

@@ -24,6 +24,50 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
     pub auth: AuthConfig,
+    pub state: StateConfig,
+}
+
+/// Where the scheduler's lasting state (the workers' records) and the ActionCache
+/// live: in this process (saved under the data directory), or in a PostgreSQL
+/// database that several servers share.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// The database, as a `postgresql://user@host:port/database` URL (or key=value
+    /// pairs); needed for `postgres`. Put the password in `password_file`, not here.
+    pub url: Option<String>,
+    /// A file holding the database user's password.
+    pub password_file: Option<PathBuf>,
+    /// Connections each server keeps open at most.
+    pub pool_size: usize,
+    /// How long start-up keeps trying to reach the database before it gives up.
+    pub connect_timeout: Span,
+    /// How long one statement may take before it fails (and the call with it).
+    pub statement_timeout: Span,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::Memory,
+            url: None,
+            password_file: None,
+            pool_size: 16,
+            connect_timeout: Span::secs(60),
+            statement_timeout: Span::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    /// This process, with the workers' records saved under the data directory and
+    /// the ActionCache in `[storage]`.
+    Memory,
+    /// A PostgreSQL database shared by every server.
+    Postgres,
 }
 
 /// Where the server listens and keeps its state.
@@ -912,6 +956,16 @@ impl Config {
                 });
             }
         };
+        problem(
+            self.state.backend == StateBackend::Postgres && self.state.url.is_none(),
+            "state.url",
+            "is needed with state.backend = \"postgres\"",
+        );
+        problem(
+            self.state.pool_size == 0,
+            "state.pool_size",
+            "must be at least 1",
+        );
         problem(
             self.storage.max_batch_size.bytes() == 0,
             "storage.max_batch_size",

@@ -14,7 +14,7 @@ use paddock_reapi::{status, Digest};
 use prost::Message;
 use tonic::Code;
 
-use crate::health::Outcome;
+use crate::health::{Outcome, Unsaved};
 use crate::results::Outputs;
 use crate::state::{Attempt, Job, JobKind, JobState, Known, State};
 use crate::{Inner, JobId, SessionId};
@@ -188,6 +188,8 @@ impl Inner {
         };
         tracing::warn!(worker = %worker.name, running = worker.running().len(), %reason, "worker lost");
         let name = worker.name.clone();
+        // Saved promptly: it may reconnect to another server sharing the records.
+        state.fleet.mark_changed(&name, Unsaved::Standings);
         for (assignment, job_id) in worker.into_running() {
             let canary = matches!(
                 state.jobs.get(&job_id).map(|j| &j.kind),

@@ -13,7 +13,7 @@
 //! shared service) quarantines nobody, while one bad worker among healthy ones is
 //! caught as soon as it has `min_samples` outcomes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use paddock_config::QuarantineConfig;
@@ -163,8 +163,9 @@ pub struct Transition {
 pub struct Fleet {
     config: QuarantineConfig,
     records: HashMap<String, Record>,
-    /// What has changed since the records were last saved.
+    /// How urgently the records need saving, and which changed since they last were.
     unsaved: Unsaved,
+    changed: BTreeSet<String>,
 }
 
 /// How urgently the records need saving.
@@ -184,6 +185,7 @@ impl Fleet {
             config,
             records: HashMap::new(),
             unsaved: Unsaved::Nothing,
+            changed: BTreeSet::new(),
         }
     }
 
@@ -192,11 +194,14 @@ impl Fleet {
         self.unsaved
     }
 
-    /// Every record as it is kept across restarts; what is returned counts as saved.
-    pub fn saved(&mut self) -> Vec<SavedRecord> {
+    /// Every record as it is kept across restarts, and the names of those that
+    /// changed since the last call; what is returned counts as saved.
+    pub fn saved(&mut self) -> (Vec<SavedRecord>, BTreeSet<String>) {
         self.unsaved = Unsaved::Nothing;
+        let changed = std::mem::take(&mut self.changed);
         let (now, wall) = (Instant::now(), SystemTime::now());
-        self.records
+        let records = self
+            .records
             .iter()
             .map(|(name, record)| SavedRecord {
                 name: name.clone(),
@@ -225,7 +230,8 @@ impl Fleet {
                 window: record.window.iter().copied().collect(),
                 totals: record.totals,
             })
-            .collect()
+            .collect();
+        (records, changed)
     }
 
     /// Takes back records saved by an earlier scheduler. A worker is remembered as
@@ -264,24 +270,33 @@ impl Fleet {
         }
     }
 
-    /// Marks the records as needing a save (again, after one failed).
-    pub fn mark_unsaved(&mut self, what: Unsaved) {
+    /// Marks a worker's record as changed, to be saved as urgently as `what` says.
+    pub fn mark_changed(&mut self, worker: &str, what: Unsaved) {
         self.unsaved = self.unsaved.max(what);
+        if !self.changed.contains(worker) {
+            self.changed.insert(worker.to_owned());
+        }
+    }
+
+    /// Marks records as needing a save again, after one failed.
+    pub fn mark_unsaved(&mut self, changed: BTreeSet<String>) {
+        self.unsaved = Unsaved::Standings;
+        self.changed.extend(changed);
     }
 
     /// The record of `worker`, made on first sight (in `pool`). A known worker keeps
     /// its standing and statistics when it reconnects: restarting does not lift a
     /// quarantine.
     pub fn enroll(&mut self, worker: &str, pool: String) -> &Record {
-        let unsaved = &mut self.unsaved;
-        let record = self.records.entry(worker.to_owned()).or_insert_with(|| {
-            *unsaved = Unsaved::Standings;
-            Record::new(pool.clone())
-        });
-        if record.pool != pool {
-            record.pool = pool;
-            *unsaved = Unsaved::Standings;
+        let fresh = !self.records.contains_key(worker);
+        if fresh || self.records[worker].pool != pool {
+            self.mark_changed(worker, Unsaved::Standings);
         }
+        let record = self
+            .records
+            .entry(worker.to_owned())
+            .or_insert_with(|| Record::new(pool.clone()));
+        record.pool = pool;
         record.seen = Instant::now();
         record
     }
@@ -302,7 +317,7 @@ impl Fleet {
             connected.contains(name) || now.duration_since(record.seen) < keep_for
         });
         if self.records.len() != before {
-            self.mark_unsaved(Unsaved::Standings);
+            self.unsaved = Unsaved::Standings;
         }
     }
 
@@ -323,8 +338,11 @@ impl Fleet {
     /// Records an outcome; returns the quarantine it triggers, if any.
     pub fn record(&mut self, worker: &str, outcome: Outcome) -> Option<Transition> {
         let window = self.config.window.max(1);
+        if !self.records.contains_key(worker) {
+            return None;
+        }
+        self.mark_changed(worker, Unsaved::Outcomes);
         let record = self.records.get_mut(worker)?;
-        self.unsaved = self.unsaved.max(Unsaved::Outcomes);
         record.seen = Instant::now();
         record.totals += count(outcome);
         record.window.push_back(outcome);
@@ -439,7 +457,7 @@ impl Fleet {
         record.standing = standing;
         record.reason = reason.clone();
         record.since = SystemTime::now();
-        self.mark_unsaved(Unsaved::Standings);
+        self.mark_changed(worker, Unsaved::Standings);
         changed.then(|| Transition {
             worker: worker.to_owned(),
             from,
@@ -592,7 +610,12 @@ mod tests {
         );
 
         let mut restored = self::fleet();
-        restored.restore(fleet.saved());
+        let (records, changed) = fleet.saved();
+        assert_eq!(
+            changed,
+            ["a", "b", "bad", "probing"].map(String::from).into()
+        );
+        restored.restore(records);
         assert_eq!(fleet.unsaved(), Unsaved::Nothing);
         for w in ["a", "b", "bad"] {
             let (was, is) = (fleet.get(w).unwrap(), restored.get(w).unwrap());

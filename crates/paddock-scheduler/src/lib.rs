@@ -29,6 +29,7 @@ mod saved;
 mod scaling;
 mod state;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,7 +50,9 @@ pub use matching::{Offer, Policies};
 use operations::Found;
 pub use operations::Owner;
 use queue::FairQueue;
-pub use saved::{SavedStateError, StateFile};
+pub use saved::{
+    RecordStore, Saved, SavedRecord, SavedStanding, SavedStateError, SavedWorker, StateFile,
+};
 pub use scaling::PoolLoad;
 use state::{Job, JobKind, State, WorkerSession};
 
@@ -174,15 +177,25 @@ struct Inner {
     config: SchedulerConfig,
     policies: Policies,
     bounds: Bounds,
-    /// Where the fleet's records outlive the process, and when outcomes were last
-    /// saved there.
-    saved: Option<(StateFile, Mutex<Instant>)>,
+    /// Where the fleet's records outlive the process.
+    records: Option<Keeping>,
     pool_gauges: Mutex<scaling::PoolGauges>,
+    /// Wakes the saving of the records when a standing changed.
+    save_now: Arc<tokio::sync::Notify>,
 }
 
 /// How long outcomes (not changes of standing, which are saved at once) may wait to
 /// be saved: a crash loses at most this much of the health windows.
 const SAVE_OUTCOMES_EVERY: Duration = Duration::from_secs(5);
+
+/// The records' store, and the state of saving to it.
+struct Keeping {
+    store: Arc<dyn RecordStore>,
+    /// When outcomes were last saved.
+    outcomes_saved: Mutex<Instant>,
+    /// Held while saving: one save at a time.
+    saving: tokio::sync::Mutex<()>,
+}
 
 /// What the scheduler holds at most.
 #[derive(Debug, Clone, Copy)]
@@ -207,26 +220,26 @@ fn store_error(e: paddock_cas::StoreError) -> Status {
 
 impl Scheduler {
     /// A scheduler over the server's CAS and ActionCache, within `bounds`, taking
-    /// back the workers' records from `saved` and keeping them there. Call
+    /// back the workers' records from `records` and keeping them there. Call
     /// [`Scheduler::run`] to drive its timers.
-    pub fn new(
+    pub async fn new(
         config: SchedulerConfig,
         cas: Arc<dyn BlobStore>,
         action_cache: Arc<dyn ActionCache>,
         bounds: Bounds,
-        saved: Option<StateFile>,
+        records: Option<Arc<dyn RecordStore>>,
     ) -> Result<Self, SavedStateError> {
         let policies = Policies::new(config.property_policies.clone());
         let mut state = State::new(
             health::Fleet::new(config.quarantine.clone()),
             bounds.max_finished_operations,
         );
-        if let Some(file) = &saved {
-            let saved = file.load()?;
+        if let Some(store) = &records {
+            let saved = store.load().await?;
             let workers = saved.workers.len();
             state.fleet.restore(saved.workers);
             state.bindings.extend(saved.bindings);
-            tracing::info!(workers, file = %file.path().display(), "took back the workers' records");
+            tracing::info!(workers, from = %store.describe(), "took back the workers' records");
         }
         Ok(Scheduler {
             inner: Arc::new(Inner {
@@ -237,8 +250,13 @@ impl Scheduler {
                 config,
                 policies,
                 bounds,
-                saved: saved.map(|file| (file, Mutex::new(Instant::now()))),
+                records: records.map(|store| Keeping {
+                    store,
+                    outcomes_saved: Mutex::new(Instant::now()),
+                    saving: tokio::sync::Mutex::new(()),
+                }),
                 pool_gauges: Default::default(),
+                save_now: Default::default(),
             }),
         })
     }
@@ -248,27 +266,33 @@ impl Scheduler {
     pub async fn run(self) {
         let weak = Arc::downgrade(&self.inner);
         drop(self);
+        let Some(save_now) = weak.upgrade().map(|inner| inner.save_now.clone()) else {
+            return;
+        };
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            let swept = tokio::select! {
+                _ = tick.tick() => true,
+                // A change of standing is saved at once, so that a worker moving to
+                // another server sharing the records finds it there.
+                _ = save_now.notified() => false,
+            };
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            inner.sweep();
-            inner.report_pools();
-            if let Some(saved) = inner.to_save(false) {
-                let inner = inner.clone();
-                // Off the runtime's threads: the file is synced.
-                let _ = tokio::task::spawn_blocking(move || inner.save(saved)).await;
+            if swept {
+                inner.sweep();
+                inner.report_pools();
             }
+            let _ = inner.save_due(false).await; // logged, and retried
         }
     }
 
     /// Stops for good: every worker session ends (workers reconnect elsewhere or later)
     /// and every client following an operation is told to go away, so that a graceful
     /// shutdown is not held up by long-lived streams.
-    pub fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         let inner = &self.inner;
         {
             let mut state = inner.state.lock();
@@ -276,9 +300,7 @@ impl Scheduler {
             state.workers.clear();
             inner.report(&state);
         }
-        if let Some(saved) = inner.to_save(true) {
-            inner.save(saved);
-        }
+        let _ = inner.save_due(true).await; // logged; nothing more to do on the way out
     }
 
     /// Starts (or joins) an execution, or answers from the ActionCache.
@@ -497,13 +519,14 @@ impl Scheduler {
     /// is), to run actions of the instances `serves` accepts. A worker's name belongs to the identity that first connected with it,
     /// for as long as the scheduler remembers the worker: another session from the
     /// same identity replaces the old one; one from another identity is refused.
-    pub fn connect_worker(
+    pub async fn connect_worker(
         &self,
         register: wire::Register,
         identity: &str,
         serves: Serves,
     ) -> Result<WorkerConnection, Status> {
         let inner = &self.inner;
+        inner.refresh_record(&register.name).await?;
         if register.name.trim().is_empty() {
             return Err(invalid("a worker must have a name"));
         }
@@ -658,7 +681,8 @@ impl Scheduler {
     }
 
     /// An operator's order for a worker; NOT_FOUND if no such worker ever connected.
-    pub fn command_worker(
+    /// The order is saved before it is acknowledged.
+    pub async fn command_worker(
         &self,
         name: &str,
         command: WorkerCommand,
@@ -688,6 +712,12 @@ impl Scheduler {
             let transition = state.fleet.set(name, standing, reason);
             inner.transition(transition);
             inner.dispatch(&mut state);
+        }
+        if let Err(e) = inner.save_due(false).await {
+            return Err(Status::unavailable(format!(
+                "the order holds on this server, but saving it failed (retried in the \
+                 background): {e}"
+            )));
         }
         self.workers()
             .into_iter()
@@ -858,10 +888,37 @@ impl Inner {
         }
     }
 
+    /// Takes a connecting worker's record and binding from a store that other
+    /// servers share, where it may have changed (a quarantine decided elsewhere) since
+    /// this one loaded it. A worker with a session here keeps what this server knows.
+    async fn refresh_record(&self, name: &str) -> Result<(), Status> {
+        let Some(Keeping { store, .. }) = &self.records else {
+            return Ok(());
+        };
+        let found = store.load_worker(name).await.map_err(|e| {
+            tracing::error!(worker = %name, error = %e, "could not read a worker's record");
+            Status::unavailable(format!(
+                "the scheduler cannot read this worker's record now: {e}"
+            ))
+        })?;
+        let Some((record, identity)) = found else {
+            return Ok(());
+        };
+        let mut state = self.state.lock();
+        if state.workers.values().any(|w| w.name == name) {
+            return Ok(());
+        }
+        state.fleet.restore(vec![record]);
+        if let Some(identity) = identity {
+            state.bindings.insert(name.to_owned(), identity);
+        }
+        Ok(())
+    }
+
     /// What to save now, if anything: changes of standing at once, outcomes every
     /// [`SAVE_OUTCOMES_EVERY`], everything when `finally`.
-    fn to_save(&self, finally: bool) -> Option<saved::Saved> {
-        let (_, last) = self.saved.as_ref()?;
+    fn to_save(&self, finally: bool) -> Option<(Saved, BTreeSet<String>)> {
+        let last = &self.records.as_ref()?.outcomes_saved;
         let mut state = self.state.lock();
         let due = match state.fleet.unsaved() {
             health::Unsaved::Nothing => false,
@@ -872,34 +929,42 @@ impl Inner {
             return None;
         }
         *last.lock() = Instant::now();
-        Some(saved::Saved {
-            workers: state.fleet.saved(),
+        let (workers, changed) = state.fleet.saved();
+        let saved = Saved {
+            workers,
             bindings: state
                 .bindings
                 .iter()
                 .map(|(name, identity)| (name.clone(), identity.clone()))
                 .collect(),
-        })
+        };
+        Some((saved, changed))
     }
 
-    /// Writes what [`Inner::to_save`] took; a failure is retried at the next tick.
-    fn save(&self, saved: saved::Saved) {
-        let Some((file, _)) = &self.saved else {
-            return;
+    /// Saves what is due (see [`Inner::to_save`]); a failure is retried at the next
+    /// tick. One save at a time, so that when this returns, every change made before
+    /// the call is saved (or has failed to be).
+    async fn save_due(&self, finally: bool) -> Result<(), SavedStateError> {
+        let Some(Keeping { store, saving, .. }) = &self.records else {
+            return Ok(());
         };
-        if let Err(e) = file.store(saved) {
-            tracing::error!(file = %file.path().display(), error = %e, "could not save the workers' records; retrying");
+        let _one_at_a_time = saving.lock().await;
+        let Some((saved, changed)) = self.to_save(finally) else {
+            return Ok(());
+        };
+        let stored = store.store(saved, changed.clone()).await;
+        if let Err(e) = &stored {
+            tracing::error!(error = %e, "could not save the workers' records; retrying");
             metrics::counter!("paddock_state_save_failures_total").increment(1);
-            self.state
-                .lock()
-                .fleet
-                .mark_unsaved(health::Unsaved::Standings);
+            self.state.lock().fleet.mark_unsaved(changed);
         }
+        stored
     }
 
     /// Logs and counts a change of a worker's standing.
     fn transition(&self, transition: Option<health::Transition>) {
         if let Some(t) = transition {
+            self.save_now.notify_one();
             tracing::warn!(worker = %t.worker, from = t.from, to = t.to, reason = %t.reason, "worker standing changed");
             metrics::counter!("paddock_worker_transitions_total", "to" => t.to).increment(1);
         }

@@ -3,18 +3,24 @@
 //! each worker name is bound to, so that a restart neither lifts a quarantine nor
 //! frees a name for an impostor.
 //!
-//! The records live in one JSON file under the data directory, replaced atomically
-//! (written beside it, synced, renamed), so a crash leaves the old file or the new
-//! one, never half of one. A file that cannot be read, or was written by a newer
-//! Paddock, stops the start-up with a message rather than being taken as empty:
-//! forgetting quarantines silently is what this file is for preventing.
+//! The records go to a [`RecordStore`]. In one process that is [`StateFile`]: one
+//! JSON file under the data directory, replaced atomically (written beside it,
+//! synced, renamed), so a crash leaves the old file or the new one, never half of
+//! one. Servers sharing a database keep them there (`paddock-postgres`), each
+//! writing the records it changed, and a worker connecting to a server takes its
+//! record from the database, wherever it was last seen. A store that cannot be read,
+//! or was written by a newer Paddock, stops the start-up with a message rather than
+//! being taken as empty: forgetting quarantines silently is what it is for
+//! preventing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -64,10 +70,32 @@ struct Contents {
     saved: Saved,
 }
 
-/// Why the saved state could not be taken back.
+/// Where the workers' records outlive the scheduler.
+#[async_trait]
+pub trait RecordStore: Send + Sync + 'static {
+    /// Everything saved (nothing, the first time).
+    async fn load(&self) -> Result<Saved, SavedStateError>;
+    /// One worker's record and binding as saved, when servers share the store and
+    /// another may have changed it; `None` when this process is the only writer.
+    async fn load_worker(&self, name: &str) -> Result<Option<SavedWorker>, SavedStateError>;
+    /// Saves the records: `saved` has them all, `changed` names those that changed
+    /// since the last save.
+    async fn store(&self, saved: Saved, changed: BTreeSet<String>) -> Result<(), SavedStateError>;
+    /// Where the records are, for logs.
+    fn describe(&self) -> String;
+}
+
+/// One worker's record, and the identity its name is bound to.
+pub type SavedWorker = (SavedRecord, Option<String>);
+
+/// Why the saved state could not be taken back or saved.
 #[derive(Debug)]
 pub enum SavedStateError {
     Unreadable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Unwritable {
         path: PathBuf,
         error: std::io::Error,
     },
@@ -78,6 +106,11 @@ pub enum SavedStateError {
     Newer {
         path: PathBuf,
         version: u32,
+    },
+    /// A shared store could not be reached or refused the request.
+    Unavailable {
+        store: String,
+        error: String,
     },
 }
 
@@ -91,6 +124,11 @@ impl fmt::Display for SavedStateError {
                 "the scheduler's saved state {} cannot be read: {error}; {advice}",
                 path.display()
             ),
+            SavedStateError::Unwritable { path, error } => write!(
+                f,
+                "the scheduler's saved state {} cannot be written: {error}",
+                path.display()
+            ),
             SavedStateError::Malformed { path, error } => write!(
                 f,
                 "the scheduler's saved state {} is malformed: {error}; {advice}",
@@ -102,6 +140,9 @@ impl fmt::Display for SavedStateError {
                  Paddock's {VERSION}: run the newer Paddock, or {advice}",
                 path.display()
             ),
+            SavedStateError::Unavailable { store, error } => {
+                write!(f, "the workers' records in {store}: {error}")
+            }
         }
     }
 }
@@ -109,11 +150,12 @@ impl fmt::Display for SavedStateError {
 impl std::error::Error for SavedStateError {}
 
 /// The file the scheduler's records are saved in.
+#[derive(Clone)]
 pub struct StateFile {
     path: PathBuf,
     /// One writer at a time: the periodic save and the one at shutdown share the
     /// temporary file.
-    writing: Mutex<()>,
+    writing: Arc<Mutex<()>>,
 }
 
 impl StateFile {
@@ -121,7 +163,7 @@ impl StateFile {
     pub fn in_directory(directory: &Path) -> StateFile {
         StateFile {
             path: directory.join("scheduler.json"),
-            writing: Mutex::new(()),
+            writing: Arc::new(Mutex::new(())),
         }
     }
 
@@ -157,7 +199,7 @@ impl StateFile {
     }
 
     /// Replaces the file with `saved`, durably.
-    pub fn store(&self, saved: Saved) -> std::io::Result<()> {
+    pub fn write(&self, saved: Saved) -> std::io::Result<()> {
         let _one_writer = self.writing.lock();
         let directory = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(directory)?;
@@ -176,6 +218,34 @@ impl StateFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[async_trait]
+impl RecordStore for StateFile {
+    async fn load(&self) -> Result<Saved, SavedStateError> {
+        StateFile::load(self)
+    }
+
+    async fn load_worker(&self, _: &str) -> Result<Option<SavedWorker>, SavedStateError> {
+        Ok(None)
+    }
+
+    async fn store(&self, saved: Saved, _: BTreeSet<String>) -> Result<(), SavedStateError> {
+        let file = self.clone();
+        // Off the runtime's threads: the file is synced.
+        tokio::task::spawn_blocking(move || file.write(saved))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|written| written)
+            .map_err(|error| SavedStateError::Unwritable {
+                path: self.path.clone(),
+                error,
+            })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }
 
@@ -220,9 +290,9 @@ mod tests {
             ],
             bindings: [("a".to_owned(), "ci".to_owned())].into(),
         };
-        file.store(saved.clone()).unwrap();
+        file.write(saved.clone()).unwrap();
         assert_eq!(file.load().unwrap(), saved);
-        file.store(Saved::default()).unwrap();
+        file.write(Saved::default()).unwrap();
         assert_eq!(file.load().unwrap(), Saved::default());
     }
 

@@ -95,7 +95,8 @@ impl Admin for AdminService {
         };
         let report = self
             .scheduler
-            .command_worker(&request.name, command, &request.reason)?;
+            .command_worker(&request.name, command, &request.reason)
+            .await?;
         Ok(Response::new(worker(report)))
     }
 

@@ -55,7 +55,10 @@ impl SchedulerRpc for WorkerService {
         let identity = caller.name().to_owned();
         let serves: Serves =
             Arc::new(move |instance: &str| caller.may(Permission::Worker, instance));
-        let connection = self.scheduler.connect_worker(register, &identity, serves)?;
+        let connection = self
+            .scheduler
+            .connect_worker(register, &identity, serves)
+            .await?;
         let session = connection.session;
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use paddock_auth::{Authenticator, Principal};
+use paddock_cas::ActionCache;
 use paddock_client::LocalServer;
-use paddock_config::{Config, RunnerKind, SandboxConfig, WorkerConfig};
+use paddock_config::{Config, RunnerKind, SandboxConfig, StateBackend, WorkerConfig};
+use paddock_postgres::{Database, PgActionCache, PgRecords};
 use paddock_sandbox::Zygote;
-use paddock_scheduler::{Bounds, Scheduler, StateFile};
+use paddock_scheduler::{Bounds, RecordStore, Scheduler, StateFile};
 use paddock_server::{Access, Audience, Callers, Limits, Storage};
 use paddock_tls::ServerTls;
 use paddock_worker::{SchedulerAddress, WorkerOptions};
@@ -21,6 +23,39 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+
+/// Where the lasting state is: the workers' records, and the ActionCache when
+/// servers share it.
+struct State {
+    records: Arc<dyn RecordStore>,
+    action_cache: Option<Arc<dyn ActionCache>>,
+}
+
+impl State {
+    async fn open(config: &Config, data_dir: &std::path::Path) -> Result<State> {
+        match config.state.backend {
+            StateBackend::Memory => Ok(State {
+                records: Arc::new(StateFile::in_directory(data_dir)),
+                action_cache: None,
+            }),
+            StateBackend::Postgres => {
+                let database = Database::connect(&config.state)
+                    .await
+                    .context("[state] backend = \"postgres\"")?;
+                let action_cache =
+                    PgActionCache::new(database.clone(), config.storage.action_cache_max_entries);
+                tokio::spawn(paddock_postgres::maintain(
+                    database.clone(),
+                    action_cache.clone(),
+                ));
+                Ok(State {
+                    records: Arc::new(PgRecords::new(database)),
+                    action_cache: Some(Arc::new(action_cache)),
+                })
+            }
+        }
+    }
+}
 
 /// The services, bound and ready to serve.
 struct Farm {
@@ -63,8 +98,14 @@ impl Farm {
         let cas = paddock_cas::open_cas(&config.storage, &data_dir)
             .await
             .context("opening the CAS")?;
-        let action_cache = paddock_cas::open_action_cache(&config.storage, &data_dir, cas.clone())
-            .context("opening the ActionCache")?;
+        let state = State::open(config, &data_dir).await?;
+        let action_cache = paddock_cas::open_action_cache(
+            &config.storage,
+            &data_dir,
+            cas.clone(),
+            state.action_cache.clone(),
+        )
+        .context("opening the ActionCache")?;
         let quotas = &config.quotas();
         let scheduler = Scheduler::new(
             config.scheduler.clone(),
@@ -76,8 +117,9 @@ impl Farm {
                 max_finished_operations: quotas.max_finished_operations,
                 max_worker_names: quotas.max_worker_names,
             },
-            Some(StateFile::in_directory(&data_dir)),
-        )?;
+            Some(state.records),
+        )
+        .await?;
         let storage = Storage { cas, action_cache };
         let limits = Limits {
             max_batch_size: config.storage.max_batch_size.bytes(),
@@ -163,7 +205,7 @@ impl Farm {
             // Long-lived streams (workers, clients waiting on actions) would hold up a
             // graceful shutdown: end them first, and keep local workers from reconnecting.
             local_workers.cancel();
-            scheduler.shutdown();
+            scheduler.shutdown().await;
             stopping.cancel();
         });
         let workers = tokio::spawn(paddock_server::serve(

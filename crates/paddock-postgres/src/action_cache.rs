@@ -1,0 +1,187 @@
+//! The ActionCache in the `action_cache` table, shared by every server.
+
+use async_trait::async_trait;
+use paddock_cas::{ActionCache, ActionKey, ResultFilter, StoreError};
+use paddock_reapi::proto::re::ActionResult;
+use prost::Message;
+
+use crate::database::{query, Database, DatabaseError};
+
+/// Entries read and judged at a time by an invalidation.
+const PAGE: i64 = 1_000;
+
+/// The ActionCache in PostgreSQL, holding at most `max_entries` (least recently used
+/// go first, trimmed every minute by [`crate::maintain`]).
+#[derive(Clone)]
+pub struct PgActionCache {
+    database: Database,
+    max_entries: usize,
+}
+
+impl PgActionCache {
+    pub fn new(database: Database, max_entries: usize) -> PgActionCache {
+        PgActionCache {
+            database,
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    /// Removes the least recently used entries beyond the bound; returns how many.
+    pub async fn trim(&self) -> Result<u64, DatabaseError> {
+        let client = self.database.client().await?;
+        let count: i64 = client
+            .query_one("SELECT count(*) FROM action_cache", &[])
+            .await
+            .map_err(query)?
+            .get(0);
+        let excess = count - self.max_entries as i64;
+        if excess <= 0 {
+            return Ok(0);
+        }
+        let removed = client
+            .execute(
+                "DELETE FROM action_cache a USING (
+                     SELECT instance_name, action_hash, action_size FROM action_cache
+                     ORDER BY coalesce(last_hit_at, stored_at) LIMIT $1
+                 ) old
+                 WHERE a.instance_name = old.instance_name
+                   AND a.action_hash = old.action_hash
+                   AND a.action_size = old.action_size",
+                &[&excess],
+            )
+            .await
+            .map_err(query)?;
+        metrics::counter!("paddock_action_cache_evictions_total").increment(removed);
+        Ok(removed)
+    }
+}
+
+fn unavailable(e: DatabaseError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn failed(e: tokio_postgres::Error) -> StoreError {
+    unavailable(query(e))
+}
+
+fn size(key: &ActionKey) -> i64 {
+    key.action.size() as i64
+}
+
+#[async_trait]
+impl ActionCache for PgActionCache {
+    async fn get(&self, key: &ActionKey) -> Result<Option<ActionResult>, StoreError> {
+        let client = self.database.client().await.map_err(unavailable)?;
+        let hash = key.action.hash().as_slice();
+        let found = client
+            .query_opt(
+                "SELECT result, coalesce(last_hit_at < now() - interval '1 minute', true)
+                 FROM action_cache
+                 WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
+                &[&key.instance, &hash, &size(key)],
+            )
+            .await
+            .map_err(failed)?;
+        let Some(row) = found else {
+            return Ok(None);
+        };
+        let (bytes, stale): (Vec<u8>, bool) = (row.get(0), row.get(1));
+        if stale {
+            // Marks the entry used, for eviction and for the UI; a minute's precision
+            // keeps a hot entry's hits reads.
+            client
+                .execute(
+                    "UPDATE action_cache SET last_hit_at = now()
+                     WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
+                    &[&key.instance, &hash, &size(key)],
+                )
+                .await
+                .map_err(failed)?;
+        }
+        match ActionResult::decode(bytes.as_slice()) {
+            Ok(result) => Ok(Some(result)),
+            Err(e) => {
+                tracing::error!(action = %key.action, error = %e, "an ActionCache row does not decode; treating it as missing");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn put(&self, key: &ActionKey, result: &ActionResult) -> Result<(), StoreError> {
+        let client = self.database.client().await.map_err(unavailable)?;
+        let worker = result
+            .execution_metadata
+            .as_ref()
+            .map(|m| m.worker.as_str())
+            .unwrap_or("");
+        client
+            .execute(
+                "INSERT INTO action_cache
+                     (instance_name, action_hash, action_size, result, worker, stored_at)
+                 VALUES ($1, $2, $3, $4, $5, now())
+                 ON CONFLICT (instance_name, action_hash, action_size) DO UPDATE
+                 SET result = excluded.result, worker = excluded.worker,
+                     stored_at = excluded.stored_at, last_hit_at = NULL",
+                &[
+                    &key.instance,
+                    &key.action.hash().as_slice(),
+                    &size(key),
+                    &result.encode_to_vec(),
+                    &worker,
+                ],
+            )
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &ActionKey) -> Result<bool, StoreError> {
+        let client = self.database.client().await.map_err(unavailable)?;
+        let removed = client
+            .execute(
+                "DELETE FROM action_cache
+                 WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
+                &[&key.instance, &key.action.hash().as_slice(), &size(key)],
+            )
+            .await
+            .map_err(failed)?;
+        Ok(removed > 0)
+    }
+
+    async fn remove_where(&self, doomed: &ResultFilter) -> Result<u64, StoreError> {
+        let client = self.database.client().await.map_err(unavailable)?;
+        let mut after: (String, Vec<u8>, i64) = (String::new(), Vec::new(), -1);
+        let mut removed = 0;
+        loop {
+            let rows = client
+                .query(
+                    "SELECT instance_name, action_hash, action_size, result FROM action_cache
+                     WHERE (instance_name, action_hash, action_size) > ($1, $2, $3)
+                     ORDER BY instance_name, action_hash, action_size LIMIT $4",
+                    &[&after.0, &after.1, &after.2, &PAGE],
+                )
+                .await
+                .map_err(failed)?;
+            let Some(last) = rows.last() else {
+                return Ok(removed);
+            };
+            after = (last.get(0), last.get(1), last.get(2));
+            for row in &rows {
+                let bytes: Vec<u8> = row.get(3);
+                if !ActionResult::decode(bytes.as_slice()).is_ok_and(|r| doomed(&r)) {
+                    continue;
+                }
+                let (instance, hash, size): (String, Vec<u8>, i64) =
+                    (row.get(0), row.get(1), row.get(2));
+                removed += client
+                    .execute(
+                        "DELETE FROM action_cache
+                         WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
+                        &[&instance, &hash, &size],
+                    )
+                    .await
+                    .map_err(failed)?;
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The connection pool, the schema's migrations, and the watch on the database.
+
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use paddock_config::StateConfig;
+use tokio_postgres::NoTls;
+
+use crate::PgActionCache;
+
+/// The schema's migrations, in order; the schema's version is how many have run.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_action_cache_and_workers.sql")];
+
+/// Taken while migrating, so that servers starting together migrate once.
+const MIGRATION_LOCK: i64 = 0x7061_6464_6f63_6b31; // "paddock1"
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("state.url: {0}")]
+    Url(String),
+    #[error("state.password_file {path}: {error}")]
+    Password {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("could not reach the database within state.connect_timeout ({waited:?}): {error}")]
+    Unreachable { waited: Duration, error: String },
+    #[error(
+        "the database's schema is at version {found}, newer than this Paddock's {supported}: \
+         upgrade this server to the version the others run"
+    )]
+    NewerSchema { found: i32, supported: usize },
+    #[error("the database: {0}")]
+    Query(String),
+}
+
+/// A pool of connections to the database, its schema brought up to date.
+#[derive(Clone)]
+pub struct Database {
+    pool: Pool,
+    describe: String,
+}
+
+impl Database {
+    /// Connects (retrying with back-off for `connect_timeout`) and migrates.
+    pub async fn connect(config: &StateConfig) -> Result<Database, DatabaseError> {
+        let url = config
+            .url
+            .as_deref()
+            .ok_or_else(|| DatabaseError::Url("missing".into()))?;
+        let mut pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| DatabaseError::Url(e.to_string()))?;
+        if let Some(path) = &config.password_file {
+            let password =
+                std::fs::read_to_string(path).map_err(|error| DatabaseError::Password {
+                    path: path.clone(),
+                    error,
+                })?;
+            pg.password(password.trim_end_matches(['\n', '\r']));
+        }
+        let statement_timeout = config.statement_timeout.get();
+        pg.application_name("paddock")
+            .connect_timeout(Duration::from_secs(5))
+            .options(format!(
+                "-c statement_timeout={}",
+                statement_timeout.as_millis()
+            ));
+        let describe = describe(&pg);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(statement_timeout))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| DatabaseError::Url(e.to_string()))?;
+        let database = Database { pool, describe };
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match database.migrate().await {
+                Ok(version) => {
+                    tracing::info!(database = %database.describe, version, "the database's schema is up to date");
+                    return Ok(database);
+                }
+                Err(DatabaseError::Query(error)) => {
+                    let waited = started.elapsed();
+                    if waited >= config.connect_timeout.get() {
+                        return Err(DatabaseError::Unreachable { waited, error });
+                    }
+                    tracing::warn!(database = %database.describe, %error, "waiting for the database");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    /// Applies the migrations this database lacks; returns the schema's version.
+    async fn migrate(&self) -> Result<usize, DatabaseError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(query)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(query)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS paddock_schema (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(query)?;
+        let found: i32 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM paddock_schema", &[])
+            .await
+            .map_err(query)?
+            .get(0);
+        if found as usize > MIGRATIONS.len() {
+            return Err(DatabaseError::NewerSchema {
+                found,
+                supported: MIGRATIONS.len(),
+            });
+        }
+        for (done, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            tx.batch_execute(migration).await.map_err(query)?;
+            tx.execute(
+                "INSERT INTO paddock_schema (version) VALUES ($1)",
+                &[&(done as i32 + 1)],
+            )
+            .await
+            .map_err(query)?;
+        }
+        tx.commit().await.map_err(query)?;
+        Ok(MIGRATIONS.len())
+    }
+
+    /// A connection from the pool.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, DatabaseError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| DatabaseError::Query(e.to_string()))
+    }
+
+    /// Where the database is (no password), for logs.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    async fn answers(&self) -> bool {
+        match self.client().await {
+            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+pub(crate) fn query(e: tokio_postgres::Error) -> DatabaseError {
+    DatabaseError::Query(e.to_string())
+}
+
+fn describe(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgresql://{}@{host}:{port}/{}",
+        pg.get_user().unwrap_or(""),
+        pg.get_dbname().unwrap_or("")
+    )
+}
+
+/// Watches the database (every second: `paddock_database_up`, and a log line when it
+/// goes away or comes back) and keeps the ActionCache within its bound (every
+/// minute), until the process ends.
+pub async fn maintain(database: Database, action_cache: PgActionCache) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut up = true;
+    let mut trimmed = Instant::now();
+    loop {
+        tick.tick().await;
+        let answers = database.answers().await;
+        metrics::gauge!("paddock_database_up").set(f64::from(u8::from(answers)));
+        if answers != up {
+            match answers {
+                true => tracing::warn!(database = %database.describe, "the database answers again"),
+                false => {
+                    tracing::error!(database = %database.describe, "the database does not answer: calls that need it fail with UNAVAILABLE until it does")
+                }
+            }
+            up = answers;
+        }
+        if answers && trimmed.elapsed() >= Duration::from_secs(60) {
+            trimmed = Instant::now();
+            if let Err(e) = action_cache.trim().await {
+                tracing::warn!(error = %e, "could not trim the ActionCache");
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Paddock's state in PostgreSQL, for servers that share it: the connection pool and
+//! the schema (migrations embedded in the binary, applied at start-up, and a refusal
+//! to run against a schema newer than the binary), the ActionCache
+//! ([`PgActionCache`], hash-partitioned by action digest) and the workers' health
+//! records and name bindings ([`PgRecords`]).
+//!
+//! Every statement runs within `state.statement_timeout`; a database that cannot be
+//! reached makes calls fail with UNAVAILABLE (clients retry), is reported in logs and
+//! in `paddock_database_up`, and is used again as soon as it answers.
+
+mod action_cache;
+mod database;
+mod records;
+
+pub use action_cache::PgActionCache;
+pub use database::{maintain, Database, DatabaseError};
+pub use records::PgRecords;

@@ -1,0 +1,36 @@
+-- The ActionCache: instance, action digest -> result. Hash-partitioned by the
+-- action's hash, so that partitions can be spread (and, later, moved to other
+-- machines) without touching the key.
+CREATE TABLE action_cache (
+    instance_name text NOT NULL,
+    action_hash bytea NOT NULL,
+    action_size bigint NOT NULL,
+    result bytea NOT NULL,
+    -- The worker that produced it, for invalidation by worker.
+    worker text NOT NULL,
+    stored_at timestamptz NOT NULL,
+    -- Updated at most once a minute per entry, so that hits stay reads.
+    last_hit_at timestamptz,
+    PRIMARY KEY (instance_name, action_hash, action_size)
+) PARTITION BY HASH (action_hash);
+
+DO $$
+BEGIN
+    FOR i IN 0..15 LOOP
+        EXECUTE format(
+            'CREATE TABLE action_cache_p%s PARTITION OF action_cache
+             FOR VALUES WITH (MODULUS 16, REMAINDER %s)', i, i);
+    END LOOP;
+END $$;
+
+-- Least recently used first when the cache is over its bound.
+CREATE INDEX action_cache_last_use ON action_cache ((coalesce(last_hit_at, stored_at)));
+
+-- Every worker's health record (standing, quarantine, window, totals) and the
+-- identity its name is bound to, written by the server the worker is connected to.
+CREATE TABLE worker_records (
+    name text PRIMARY KEY,
+    record jsonb NOT NULL,
+    identity text,
+    saved_at timestamptz NOT NULL
+);

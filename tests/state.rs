@@ -1,0 +1,281 @@
+//! Shared state in a real PostgreSQL (a throwaway cluster): servers sharing the
+//! ActionCache and the workers' records, the schema's version check, and a database
+//! that goes away and comes back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::postgres::Postgres;
+use common::{config_file, free_address, paddock_bin, Farm, Worker};
+use paddock_client::exec::{execute, ExecSpec};
+use paddock_client::Remote;
+use paddock_proto::admin::v1::{
+    admin_client::AdminClient, command_worker_request::Command as Order, CommandWorkerRequest,
+    ListWorkersRequest, Worker as Listed,
+};
+use paddock_reapi::proto::re::{
+    ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
+};
+use paddock_reapi::Digest;
+use tonic::Code;
+
+fn shared(postgres: &Postgres) -> String {
+    config_file(&format!(
+        "[state]\nbackend = \"postgres\"\nurl = \"{}\"\nconnect_timeout = \"5s\"\n",
+        postgres.url
+    ))
+}
+
+fn server(postgres: &Postgres) -> Farm {
+    Farm::server(&free_address(), &["--config", &shared(postgres)])
+}
+
+async fn listed(url: &str, name: &str) -> Option<Listed> {
+    let remote = Remote::connect(url, "").await.unwrap();
+    AdminClient::new(remote.channel())
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .find(|w| w.name == name)
+}
+
+async fn wait_listed(url: &str, name: &str, standing: &str) -> Listed {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(w) = listed(url, name)
+            .await
+            .filter(|w| w.standing == standing && w.connected)
+        {
+            return w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not connected and {standing}: {:?}",
+            listed(url, name).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An ActionResult whose only output is `blob`.
+fn result_with(blob: &Digest) -> ActionResult {
+    ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(blob.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn servers_share_the_action_cache_and_the_workers_records() {
+    let postgres = Postgres::start();
+    let mut a = server(&postgres);
+    let b = server(&postgres);
+    let (on_a, on_b) = (a.remote("").await, b.remote("").await);
+
+    // A result written through A is found through B (once B's CAS has its blobs:
+    // each server still checks that what it serves is complete).
+    let data = Bytes::from_static(b"shared output");
+    let blob = Digest::of(&data);
+    let action = Digest::of(b"an action digest for the shared cache");
+    on_a.upload(vec![(blob, data.clone())]).await.unwrap();
+    on_a.action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result_with(&blob)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let get = |remote: &Remote| {
+        let mut client = remote.action_cache();
+        async move {
+            client
+                .get_action_result(GetActionResultRequest {
+                    action_digest: Some(action.to_proto()),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    assert_eq!(get(&on_b).await.unwrap_err().code(), Code::NotFound);
+    on_b.upload(vec![(blob, data)]).await.unwrap();
+    let found = get(&on_b).await.unwrap().into_inner();
+    assert_eq!(found.output_files[0].digest, Some(blob.to_proto()));
+    let rows = postgres.sql("SELECT count(*), min(instance_name) FROM action_cache");
+    assert_eq!(rows, "1|");
+
+    // An action run through A is a cache hit through B.
+    let _w = Worker::start(
+        &a.worker_url,
+        "roaming",
+        &["--runner", "host", "--capacity", "1"],
+    );
+    let spec = ExecSpec {
+        arguments: vec!["sh".into(), "-c".into(), "echo shared".into()],
+        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        ..Default::default()
+    };
+    let ran = execute(&on_a, &spec).await.unwrap();
+    assert_eq!(ran.status.unwrap_or_default().code, 0);
+    assert!(!ran.cached_result);
+    let stdout = ran.result.as_ref().unwrap().stdout_digest.clone().unwrap();
+    let stdout = Digest::from_proto(Some(&stdout)).unwrap();
+    on_b.upload(vec![(stdout, Bytes::from_static(b"shared\n"))])
+        .await
+        .unwrap();
+    let response = execute(&on_b, &spec).await.unwrap();
+    assert!(response.cached_result, "{response:?}");
+
+    // A quarantine ordered on A holds when the worker moves to B, and when A restarts.
+    let mut admin = AdminClient::new(on_a.channel());
+    admin
+        .command_worker(CommandWorkerRequest {
+            name: "roaming".into(),
+            command: Order::Quarantine as i32,
+            reason: "bad memory".into(),
+        })
+        .await
+        .unwrap();
+    drop(_w);
+    let _moved = Worker::start(
+        &b.worker_url,
+        "roaming",
+        &["--runner", "host", "--capacity", "1"],
+    );
+    let on_b_listed = wait_listed(&b.url, "roaming", "quarantined").await;
+    assert!(on_b_listed.reason.contains("bad memory"), "{on_b_listed:?}");
+    a.restart();
+    let after = listed(&a.url, "roaming")
+        .await
+        .expect("A remembers the worker");
+    assert_eq!(after.standing, "quarantined");
+    let stored = postgres
+        .sql("SELECT record->'standing'->>'standing' FROM worker_records WHERE name = 'roaming'");
+    assert_eq!(stored, "quarantined");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_newer_than_the_binary_is_refused() {
+    let postgres = Postgres::start();
+    drop(server(&postgres)); // migrates
+    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "1");
+    postgres.sql("INSERT INTO paddock_schema (version) VALUES (99)");
+    let output = std::process::Command::new(paddock_bin())
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--worker-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--config",
+            &shared(&postgres),
+        ])
+        .arg("--data-dir")
+        .arg(postgres.path().join("refused"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 1"),
+        "{stderr}"
+    );
+}
+
+/// The database going away makes calls that need it UNAVAILABLE (never NOT_FOUND,
+/// which would send Bazel to rebuild), shows in the metrics, and ends by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_goes_away_and_comes_back_is_survived() {
+    let postgres = Postgres::start();
+    let farm = server(&postgres);
+    let remote = farm.remote("").await;
+    let data = Bytes::from_static(b"kept");
+    let blob = Digest::of(&data);
+    remote.upload(vec![(blob, data)]).await.unwrap();
+    let action = Digest::of(b"an action kept across an outage");
+    remote
+        .action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result_with(&blob)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let get = || {
+        let mut client = remote.action_cache();
+        async move {
+            client
+                .get_action_result(GetActionResultRequest {
+                    action_digest: Some(action.to_proto()),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let up = || {
+        common::http_get(&farm.metrics_url).lines().find_map(|l| {
+            l.strip_prefix("paddock_database_up ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    postgres.stop();
+    let refused = get().await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while up() != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "paddock_database_up is {:?}",
+            up()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    postgres.start_again();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match get().await {
+            Ok(found) => {
+                assert_eq!(found.into_inner().output_files.len(), 1);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the server did not recover: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while up() != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "paddock_database_up is {:?}",
+            up()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        farm.log().contains("the database answers again"),
+        "{}",
+        farm.log()
+    );
+}
