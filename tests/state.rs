@@ -153,6 +153,28 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
     );
     let on_b_listed = wait_listed(&b.url, "roaming", "quarantined").await;
     assert!(on_b_listed.reason.contains("bad memory"), "{on_b_listed:?}");
+
+    // An order given to A for the worker now on B reaches B (within seconds).
+    let mut admin = AdminClient::new(a.remote("").await.channel());
+    admin
+        .command_worker(CommandWorkerRequest {
+            name: "roaming".into(),
+            command: Order::Drain as i32,
+            reason: "kernel update".into(),
+        })
+        .await
+        .unwrap();
+    let drained = wait_listed(&b.url, "roaming", "draining").await;
+    assert!(drained.reason.contains("kernel update"), "{drained:?}");
+    admin
+        .command_worker(CommandWorkerRequest {
+            name: "roaming".into(),
+            command: Order::Quarantine as i32,
+            reason: "bad memory".into(),
+        })
+        .await
+        .unwrap();
+    wait_listed(&b.url, "roaming", "quarantined").await;
     a.restart();
     let after = listed(&a.url, "roaming")
         .await
@@ -169,24 +191,19 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     drop(server(&postgres)); // migrates
     assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "1");
     postgres.sql("INSERT INTO paddock_schema (version) VALUES (99)");
-    let output = std::process::Command::new(paddock_bin())
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--worker-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--config",
-            &shared(&postgres),
-        ])
-        .arg("--data-dir")
-        .arg(postgres.path().join("refused"))
-        .output()
-        .unwrap();
+    let output = common::output_within(
+        std::process::Command::new(paddock_bin())
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args([
+                "--worker-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--config", &shared(&postgres), "--data-dir"])
+            .arg(postgres.path().join("refused")),
+        Duration::from_secs(30),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(

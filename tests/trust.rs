@@ -205,10 +205,10 @@ async fn quarantines_and_health_windows_survive_a_restart_and_a_crash() {
     wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
     let after = workers(&server.url).await;
     let bad = &after["corrupter"];
+    // Outcomes after the quarantine (its other slot's action) may be lost with the
+    // crash; the quarantine itself is not.
     assert_eq!(bad.standing, "quarantined", "{bad:?}");
     assert_eq!(bad.reason, before["corrupter"].reason);
-    assert_eq!(bad.totals, before["corrupter"].totals);
-    assert_eq!(bad.recent, before["corrupter"].recent);
     let producers = run_checked(&server.remote("").await, "after-crash", 20, 4).await;
     assert!(
         !producers.iter().any(|w| w == "corrupter"),
@@ -231,18 +231,19 @@ async fn quarantines_and_health_windows_survive_a_restart_and_a_crash() {
     server.stop();
     let file = server.data_dir.join("scheduler.json");
     std::fs::write(&file, "{\"version\": 1, \"workers\": [").unwrap();
-    let output = std::process::Command::new(paddock_bin())
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--worker-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--metrics-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&server.data_dir)
-        .output()
-        .unwrap();
+    let output = common::output_within(
+        std::process::Command::new(paddock_bin())
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args([
+                "--worker-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(&server.data_dir),
+        Duration::from_secs(30),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -297,7 +298,8 @@ async fn each_pool_reports_the_workers_it_should_have() {
     // twice the workers (of 2 slots each: 12 / (2 × 2) = 3).
     let remote = server.remote("").await;
     let sleep = |i: usize| ExecSpec {
-        arguments: vec!["sh".into(), "-c".into(), format!("sleep 4; echo {i}")],
+        // Long enough that none finishes while the test looks (they are aborted).
+        arguments: vec!["sh".into(), "-c".into(), format!("sleep 300; echo {i}")],
         environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
         platform: vec![("Pool".into(), "cpp".into())],
         ..Default::default()

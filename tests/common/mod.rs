@@ -545,6 +545,30 @@ pub fn config_file(text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Runs a command that is expected to end by itself, and what it printed; one still
+/// running after `limit` is killed and fails the test instead of hanging it.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the command");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "{command:?} still ran after {limit:?}:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Fetches a URL over plain HTTP/1.1 (for the metrics endpoint).
 pub fn http_get(url: &str) -> String {
     use std::io::{Read, Write};

@@ -1,17 +1,15 @@
 //! A real PostgreSQL (Debian's `postgresql`, installed by `tests/run`) in a throwaway
-//! cluster: `initdb` into a fresh directory, `pg_ctl` on a free loopback port, as the
-//! unprivileged `postgres` user when the tests run as root (PostgreSQL refuses to run
-//! as root). Nothing of the machine's own clusters or configuration is touched.
+//! cluster: `initdb` into a fresh directory and `pg_ctl`, listening only on a Unix
+//! socket in that directory (no port to race other tests for), as the unprivileged
+//! `postgres` user when the tests run as root (PostgreSQL refuses to run as root).
+//! Nothing of the machine's own clusters or configuration is touched.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::free_address;
-
 pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
-    port: u16,
     /// The URL a server's `state.url` takes.
     pub url: String,
 }
@@ -52,11 +50,12 @@ impl Postgres {
                 .unwrap();
             assert!(status.success(), "chown of the cluster's directory failed");
         }
-        let port: u16 = free_address().rsplit(':').next().unwrap().parse().unwrap();
         let postgres = Postgres {
-            url: format!("postgresql://paddock@127.0.0.1:{port}/postgres"),
+            url: format!(
+                "postgresql://paddock@localhost/postgres?host={}",
+                dir.path().display()
+            ),
             bin: bin_dir(),
-            port,
             dir,
         };
         postgres.run_checked(
@@ -110,8 +109,7 @@ impl Postgres {
     /// Starts the cluster (again, after [`Postgres::stop`]) and waits for it.
     pub fn start_again(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            self.port,
+            "-k {} -c listen_addresses='' -c fsync=off -c max_connections=200",
             self.dir.path().display()
         );
         let log = self.dir.path().join("postgres.log").display().to_string();
@@ -130,14 +128,12 @@ impl Postgres {
 
     /// Runs SQL and returns what psql printed (unaligned, tuples only).
     pub fn sql(&self, sql: &str) -> String {
-        let port = self.port.to_string();
+        let socket = self.dir.path().display().to_string();
         let output = self.run_checked(
             "psql",
             &[
                 "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
+                &socket,
                 "-U",
                 "paddock",
                 "-d",

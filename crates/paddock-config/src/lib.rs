@@ -961,6 +961,17 @@ impl Config {
             "state.url",
             "is needed with state.backend = \"postgres\"",
         );
+        let scaling = &self.scheduler.autoscaling;
+        problem(
+            !(scaling.queued_per_slot.is_finite() && scaling.queued_per_slot > 0.0),
+            "scheduler.autoscaling.queued_per_slot",
+            "must be a number above 0",
+        );
+        problem(
+            !(0.0..=1.0).contains(&scaling.idle_fraction),
+            "scheduler.autoscaling.idle_fraction",
+            "must be between 0 and 1",
+        );
         problem(
             self.state.pool_size == 0,
             "state.pool_size",

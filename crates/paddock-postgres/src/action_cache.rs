@@ -5,10 +5,14 @@ use paddock_cas::{ActionCache, ActionKey, ResultFilter, StoreError};
 use paddock_reapi::proto::re::ActionResult;
 use prost::Message;
 
-use crate::database::{query, Database, DatabaseError};
+use crate::database::{Database, DatabaseError};
 
-/// Entries read and judged at a time by an invalidation.
+/// Entries read and judged at a time by an invalidation, or evicted at a time.
 const PAGE: i64 = 1_000;
+const EVICT_BATCH: i64 = 10_000;
+
+/// Taken by the server trimming the cache, so that one trims at a time.
+const TRIM_LOCK: i64 = 0x7061_6464_6f63_6b32; // "paddock2"
 
 /// The ActionCache in PostgreSQL, holding at most `max_entries` (least recently used
 /// go first, trimmed every minute by [`crate::maintain`]).
@@ -26,42 +30,57 @@ impl PgActionCache {
         }
     }
 
-    /// Removes the least recently used entries beyond the bound; returns how many.
+    /// Removes the least recently used entries beyond the bound, in batches, unless
+    /// another server is at it; returns how many went.
     pub async fn trim(&self) -> Result<u64, DatabaseError> {
-        let client = self.database.client().await?;
-        let count: i64 = client
-            .query_one("SELECT count(*) FROM action_cache", &[])
-            .await
-            .map_err(query)?
+        let db = &self.database;
+        let client = db.client().await?;
+        let locked: bool = db
+            .timed(client.query_one("SELECT pg_try_advisory_lock($1)", &[&TRIM_LOCK]))
+            .await?
             .get(0);
-        let excess = count - self.max_entries as i64;
-        if excess <= 0 {
+        if !locked {
             return Ok(0);
         }
-        let removed = client
-            .execute(
-                "DELETE FROM action_cache a USING (
-                     SELECT instance_name, action_hash, action_size FROM action_cache
-                     ORDER BY coalesce(last_hit_at, stored_at) LIMIT $1
-                 ) old
-                 WHERE a.instance_name = old.instance_name
-                   AND a.action_hash = old.action_hash
-                   AND a.action_size = old.action_size",
-                &[&excess],
-            )
-            .await
-            .map_err(query)?;
-        metrics::counter!("paddock_action_cache_evictions_total").increment(removed);
-        Ok(removed)
+        let trimmed = async {
+            let count: i64 = db
+                .timed(client.query_one("SELECT count(*) FROM action_cache", &[]))
+                .await?
+                .get(0);
+            let mut excess = count - self.max_entries as i64;
+            let mut removed = 0;
+            while excess > 0 {
+                let batch = excess.min(EVICT_BATCH);
+                let gone = db
+                    .timed(client.execute(
+                        "DELETE FROM action_cache a USING (
+                             SELECT instance_name, action_hash, action_size FROM action_cache
+                             ORDER BY coalesce(last_hit_at, stored_at) LIMIT $1
+                         ) old
+                         WHERE a.instance_name = old.instance_name
+                           AND a.action_hash = old.action_hash
+                           AND a.action_size = old.action_size",
+                        &[&batch],
+                    ))
+                    .await?;
+                if gone == 0 {
+                    break;
+                }
+                removed += gone;
+                excess -= gone as i64;
+            }
+            metrics::counter!("paddock_action_cache_evictions_total").increment(removed);
+            Ok(removed)
+        }
+        .await;
+        db.timed(client.execute("SELECT pg_advisory_unlock($1)", &[&TRIM_LOCK]))
+            .await?;
+        trimmed
     }
 }
 
 fn unavailable(e: DatabaseError) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-fn failed(e: tokio_postgres::Error) -> StoreError {
-    unavailable(query(e))
 }
 
 fn size(key: &ActionKey) -> i64 {
@@ -71,17 +90,18 @@ fn size(key: &ActionKey) -> i64 {
 #[async_trait]
 impl ActionCache for PgActionCache {
     async fn get(&self, key: &ActionKey) -> Result<Option<ActionResult>, StoreError> {
-        let client = self.database.client().await.map_err(unavailable)?;
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
         let hash = key.action.hash().as_slice();
-        let found = client
-            .query_opt(
+        let found = db
+            .timed(client.query_opt(
                 "SELECT result, coalesce(last_hit_at < now() - interval '1 minute', true)
                  FROM action_cache
                  WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
                 &[&key.instance, &hash, &size(key)],
-            )
+            ))
             .await
-            .map_err(failed)?;
+            .map_err(unavailable)?;
         let Some(row) = found else {
             return Ok(None);
         };
@@ -89,14 +109,13 @@ impl ActionCache for PgActionCache {
         if stale {
             // Marks the entry used, for eviction and for the UI; a minute's precision
             // keeps a hot entry's hits reads.
-            client
-                .execute(
-                    "UPDATE action_cache SET last_hit_at = now()
-                     WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
-                    &[&key.instance, &hash, &size(key)],
-                )
-                .await
-                .map_err(failed)?;
+            db.timed(client.execute(
+                "UPDATE action_cache SET last_hit_at = now()
+                 WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
+                &[&key.instance, &hash, &size(key)],
+            ))
+            .await
+            .map_err(unavailable)?;
         }
         match ActionResult::decode(bytes.as_slice()) {
             Ok(result) => Ok(Some(result)),
@@ -108,60 +127,62 @@ impl ActionCache for PgActionCache {
     }
 
     async fn put(&self, key: &ActionKey, result: &ActionResult) -> Result<(), StoreError> {
-        let client = self.database.client().await.map_err(unavailable)?;
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
         let worker = result
             .execution_metadata
             .as_ref()
             .map(|m| m.worker.as_str())
             .unwrap_or("");
-        client
-            .execute(
-                "INSERT INTO action_cache
-                     (instance_name, action_hash, action_size, result, worker, stored_at)
-                 VALUES ($1, $2, $3, $4, $5, now())
-                 ON CONFLICT (instance_name, action_hash, action_size) DO UPDATE
-                 SET result = excluded.result, worker = excluded.worker,
-                     stored_at = excluded.stored_at, last_hit_at = NULL",
-                &[
-                    &key.instance,
-                    &key.action.hash().as_slice(),
-                    &size(key),
-                    &result.encode_to_vec(),
-                    &worker,
-                ],
-            )
-            .await
-            .map_err(failed)?;
+        db.timed(client.execute(
+            "INSERT INTO action_cache
+                 (instance_name, action_hash, action_size, result, worker, stored_at)
+             VALUES ($1, $2, $3, $4, $5, now())
+             ON CONFLICT (instance_name, action_hash, action_size) DO UPDATE
+             SET result = excluded.result, worker = excluded.worker,
+                 stored_at = excluded.stored_at, last_hit_at = NULL",
+            &[
+                &key.instance,
+                &key.action.hash().as_slice(),
+                &size(key),
+                &result.encode_to_vec(),
+                &worker,
+            ],
+        ))
+        .await
+        .map_err(unavailable)?;
         Ok(())
     }
 
     async fn delete(&self, key: &ActionKey) -> Result<bool, StoreError> {
-        let client = self.database.client().await.map_err(unavailable)?;
-        let removed = client
-            .execute(
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        let removed = db
+            .timed(client.execute(
                 "DELETE FROM action_cache
                  WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
                 &[&key.instance, &key.action.hash().as_slice(), &size(key)],
-            )
+            ))
             .await
-            .map_err(failed)?;
+            .map_err(unavailable)?;
         Ok(removed > 0)
     }
 
     async fn remove_where(&self, doomed: &ResultFilter) -> Result<u64, StoreError> {
-        let client = self.database.client().await.map_err(unavailable)?;
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
         let mut after: (String, Vec<u8>, i64) = (String::new(), Vec::new(), -1);
         let mut removed = 0;
         loop {
-            let rows = client
-                .query(
+            let rows = db
+                .timed(client.query(
                     "SELECT instance_name, action_hash, action_size, result FROM action_cache
                      WHERE (instance_name, action_hash, action_size) > ($1, $2, $3)
                      ORDER BY instance_name, action_hash, action_size LIMIT $4",
                     &[&after.0, &after.1, &after.2, &PAGE],
-                )
+                ))
                 .await
-                .map_err(failed)?;
+                .map_err(unavailable)?;
             let Some(last) = rows.last() else {
                 return Ok(removed);
             };
@@ -173,14 +194,14 @@ impl ActionCache for PgActionCache {
                 }
                 let (instance, hash, size): (String, Vec<u8>, i64) =
                     (row.get(0), row.get(1), row.get(2));
-                removed += client
-                    .execute(
+                removed += db
+                    .timed(client.execute(
                         "DELETE FROM action_cache
                          WHERE instance_name = $1 AND action_hash = $2 AND action_size = $3",
                         &[&instance, &hash, &size],
-                    )
+                    ))
                     .await
-                    .map_err(failed)?;
+                    .map_err(unavailable)?;
             }
         }
     }

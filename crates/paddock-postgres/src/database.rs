@@ -40,6 +40,9 @@ pub enum DatabaseError {
 pub struct Database {
     pool: Pool,
     describe: String,
+    /// How long this side waits for any one statement: the server's
+    /// `statement_timeout` and a margin, for a database that does not answer at all.
+    deadline: Duration,
 }
 
 impl Database {
@@ -61,8 +64,12 @@ impl Database {
             pg.password(password.trim_end_matches(['\n', '\r']));
         }
         let statement_timeout = config.statement_timeout.get();
+        // A database that vanishes from the network without a word is noticed within
+        // seconds rather than TCP's quarter of an hour.
         pg.application_name("paddock")
             .connect_timeout(Duration::from_secs(5))
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(statement_timeout + Duration::from_secs(5))
             .options(format!(
                 "-c statement_timeout={}",
                 statement_timeout.as_millis()
@@ -80,9 +87,14 @@ impl Database {
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(statement_timeout))
             .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| DatabaseError::Url(e.to_string()))?;
-        let database = Database { pool, describe };
+        let database = Database {
+            pool,
+            describe,
+            deadline: statement_timeout + Duration::from_secs(2),
+        };
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
@@ -152,6 +164,20 @@ impl Database {
             .map_err(|e| DatabaseError::Query(e.to_string()))
     }
 
+    /// Waits for a statement at most the deadline.
+    pub(crate) async fn timed<T>(
+        &self,
+        statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DatabaseError> {
+        match tokio::time::timeout(self.deadline, statement).await {
+            Ok(done) => done.map_err(query),
+            Err(_) => Err(DatabaseError::Query(format!(
+                "no answer within {:?}",
+                self.deadline
+            ))),
+        }
+    }
+
     /// Where the database is (no password), for logs.
     pub fn describe(&self) -> &str {
         &self.describe
@@ -159,7 +185,7 @@ impl Database {
 
     async fn answers(&self) -> bool {
         match self.client().await {
-            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Ok(client) => self.timed(client.simple_query("SELECT 1")).await.is_ok(),
             Err(_) => false,
         }
     }

@@ -2,6 +2,7 @@
 //! and each worker's standing), speculative copies of stragglers, canaries for
 //! probed workers, retries, lost workers, cancellations and the periodic sweep.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -263,12 +264,17 @@ impl Inner {
         }
 
         self.fail_unsatisfiable(&mut state, now);
-        for transition in state.fleet.review() {
+        let connected: HashSet<String> = state.workers.values().map(|w| w.name.clone()).collect();
+        for transition in state.fleet.review(&connected) {
             self.transition(Some(transition));
         }
-        self.start_probes(&mut state, now);
-        let connected = state.workers.values().map(|w| w.name.clone()).collect();
+        self.start_probes(&mut state, now, &connected);
         state.fleet.forget_gone(&connected, now);
+        if self.due_to_touch(now) {
+            for name in &connected {
+                state.fleet.touch(name);
+            }
+        }
         let State {
             bindings, fleet, ..
         } = &mut *state;
@@ -427,8 +433,8 @@ impl Inner {
     }
 
     /// Workers whose quarantine cool-down is over get their canaries.
-    fn start_probes(&self, state: &mut State, now: Instant) {
-        for (worker, transition) in state.fleet.due_for_probing(now) {
+    fn start_probes(&self, state: &mut State, now: Instant, here: &HashSet<String>) {
+        for (worker, transition) in state.fleet.due_for_probing(now, here) {
             self.transition(Some(transition));
             let session = state.workers.values().find(|w| w.name == worker);
             let offer = session.map(|w| (w.offer.clone(), w.serves.clone()));

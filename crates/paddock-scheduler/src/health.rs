@@ -13,7 +13,7 @@
 //! shared service) quarantines nobody, while one bad worker among healthy ones is
 //! caught as soon as it has `min_samples` outcomes.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use paddock_config::QuarantineConfig;
@@ -150,6 +150,14 @@ fn count(outcome: Outcome) -> Counts {
     }
 }
 
+/// How long a worker that is away is remembered, by where it stands.
+fn remembered_for(standing: &Standing) -> Duration {
+    match standing {
+        Standing::Active => Duration::from_secs(3_600),
+        _ => Duration::from_secs(86_400),
+    }
+}
+
 /// A change of standing, to log and count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
@@ -229,6 +237,7 @@ impl Fleet {
                 since: record.since,
                 window: record.window.iter().copied().collect(),
                 totals: record.totals,
+                last_seen: wall - now.saturating_duration_since(record.seen),
             })
             .collect();
         (records, changed)
@@ -249,11 +258,20 @@ impl Fleet {
                     strikes,
                 } => Standing::Quarantined {
                     manual,
-                    probe_at: probe_at
-                        .map(|at| now + at.duration_since(wall).unwrap_or(Duration::ZERO)),
+                    // A probe time beyond what Instant can hold is probed now.
+                    probe_at: probe_at.map(|at| {
+                        now.checked_add(at.duration_since(wall).unwrap_or(Duration::ZERO))
+                            .unwrap_or(now)
+                    }),
                     strikes,
                 },
             };
+            let away = wall
+                .duration_since(record.last_seen)
+                .unwrap_or(Duration::ZERO);
+            if away >= remembered_for(&standing) {
+                continue;
+            }
             let skip = record.window.len().saturating_sub(window);
             self.records.insert(
                 record.name,
@@ -264,7 +282,7 @@ impl Fleet {
                     since: record.since,
                     window: record.window.into_iter().skip(skip).collect(),
                     totals: record.totals,
-                    seen: now,
+                    seen: now.checked_sub(away).unwrap_or(now),
                 },
             );
         }
@@ -275,6 +293,15 @@ impl Fleet {
         self.unsaved = self.unsaved.max(what);
         if !self.changed.contains(worker) {
             self.changed.insert(worker.to_owned());
+        }
+    }
+
+    /// Notes that a connected worker is still there, so that its record says so when
+    /// it is next saved.
+    pub fn touch(&mut self, worker: &str) {
+        if let Some(record) = self.records.get_mut(worker) {
+            record.seen = Instant::now();
+            self.mark_changed(worker, Unsaved::Outcomes);
         }
     }
 
@@ -303,18 +330,13 @@ impl Fleet {
 
     /// Forgets workers gone for a while, so that a fleet with ephemeral names (an
     /// autoscaled one) does not grow the scheduler's memory: active ones after an
-    /// hour, quarantined ones after a day (a worker back within the day is still
-    /// quarantined).
-    pub fn forget_gone(&mut self, connected: &std::collections::HashSet<String>, now: Instant) {
+    /// hour, drained and quarantined ones after a day (a worker back within the day
+    /// is still quarantined).
+    pub fn forget_gone(&mut self, connected: &HashSet<String>, now: Instant) {
         let before = self.records.len();
         self.records.retain(|name, record| {
-            let keep_for = match record.standing {
-                Standing::Quarantined { .. } | Standing::Probing { .. } => {
-                    Duration::from_secs(86_400)
-                }
-                _ => Duration::from_secs(3_600),
-            };
-            connected.contains(name) || now.duration_since(record.seen) < keep_for
+            connected.contains(name)
+                || now.duration_since(record.seen) < remembered_for(&record.standing)
         });
         if self.records.len() != before {
             self.unsaved = Unsaved::Standings;
@@ -371,8 +393,10 @@ impl Fleet {
     /// Judges every active worker with failures against the rest of its pool as it
     /// stands now, so that a worker whose failures all came before its pool had
     /// outcomes enough to compare with is caught once the pool has them. Each
-    /// worker's window is counted once. Returns the quarantines it decides.
-    pub fn review(&mut self) -> Vec<Transition> {
+    /// worker's window is counted once. Only workers `here` (connected to this
+    /// server) are judged: another server judges its own with fresher windows.
+    /// Returns the quarantines it decides.
+    pub fn review(&mut self, here: &HashSet<String>) -> Vec<Transition> {
         if !self.config.enabled {
             return Vec::new();
         }
@@ -384,7 +408,7 @@ impl Fleet {
             }
             let own = record.recent();
             *pools.entry(record.pool.as_str()).or_default() += own;
-            if own.infra_failures + own.nonzero_exits > 0 {
+            if own.infra_failures + own.nonzero_exits > 0 && here.contains(name) {
                 suspects.push((name.clone(), record.pool.clone(), own));
             }
         }
@@ -466,11 +490,17 @@ impl Fleet {
         })
     }
 
-    /// Quarantined workers whose cool-down is over: they start probing.
-    pub fn due_for_probing(&mut self, now: Instant) -> Vec<(String, Transition)> {
+    /// Quarantined workers `here` (connected to this server) whose cool-down is over:
+    /// they start probing. One that is away is probed when it is back.
+    pub fn due_for_probing(
+        &mut self,
+        now: Instant,
+        here: &HashSet<String>,
+    ) -> Vec<(String, Transition)> {
         let due: Vec<(String, u32)> = self
             .records
             .iter()
+            .filter(|(name, _)| here.contains(*name))
             .filter_map(|(name, r)| match r.standing {
                 Standing::Quarantined {
                     manual: false,
@@ -564,6 +594,11 @@ pub fn binomial_upper_tail(n: usize, k: usize, p: f64) -> f64 {
 mod tests {
     use super::*;
 
+    /// Every worker the fleet knows, as if connected.
+    fn all(fleet: &Fleet) -> HashSet<String> {
+        fleet.records().map(|(name, _)| name.clone()).collect()
+    }
+
     fn fleet() -> Fleet {
         Fleet::new(QuarantineConfig {
             min_samples: 8,
@@ -635,7 +670,7 @@ mod tests {
         assert!(left > QuarantineConfig::default().cooldown.get() - Duration::from_secs(5));
         // Its canaries died with the scheduler: it is due for probing again.
         assert!(!restored.takes_work("probing"));
-        let due = restored.due_for_probing(Instant::now());
+        let due = restored.due_for_probing(Instant::now(), &all(&restored));
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].0, "probing");
         assert!(matches!(
@@ -658,17 +693,17 @@ mod tests {
         for _ in 0..10 {
             assert!(fleet.record("fast-failer", Outcome::InfraFailure).is_none());
         }
-        assert!(fleet.review().is_empty());
+        assert!(fleet.review(&all(&fleet)).is_empty());
         for _ in 0..8 {
             fleet.record("a", Outcome::Success);
             fleet.record("b", Outcome::Success);
         }
-        let caught = fleet.review();
+        let caught = fleet.review(&all(&fleet));
         assert_eq!(caught.len(), 1);
         assert_eq!(caught[0].worker, "fast-failer");
         assert!(!fleet.takes_work("fast-failer"));
         assert!(fleet.takes_work("a") && fleet.takes_work("b"));
-        assert!(fleet.review().is_empty(), "judged once");
+        assert!(fleet.review(&all(&fleet)).is_empty(), "judged once");
     }
 
     #[test]
@@ -742,7 +777,7 @@ mod tests {
             },
             "test".into(),
         );
-        let due = fleet.due_for_probing(Instant::now());
+        let due = fleet.due_for_probing(Instant::now(), &all(&fleet));
         assert_eq!(due.len(), 1);
         assert!(fleet.canary("w", true, "").is_none());
         let failed = fleet.canary("w", false, "wrong output").unwrap();
@@ -751,7 +786,7 @@ mod tests {
             fleet.get("w").unwrap().standing,
             Standing::Quarantined { strikes: 1, .. }
         ));
-        fleet.due_for_probing(Instant::now() + Duration::from_secs(1));
+        fleet.due_for_probing(Instant::now() + Duration::from_secs(1), &all(&fleet));
         assert!(fleet.canary("w", true, "").is_none());
         let released = fleet.canary("w", true, "").unwrap();
         assert_eq!(released.to, "active");
@@ -783,7 +818,7 @@ mod tests {
             "operator".into(),
         );
         assert!(fleet
-            .due_for_probing(Instant::now() + Duration::from_secs(3600))
+            .due_for_probing(Instant::now() + Duration::from_secs(3600), &all(&fleet))
             .is_empty());
     }
 }

@@ -21,6 +21,7 @@ mod completion;
 mod dispatch;
 pub mod health;
 mod history;
+mod keeping;
 mod matching;
 mod operations;
 mod queue;
@@ -29,7 +30,6 @@ mod saved;
 mod scaling;
 mod state;
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -178,23 +178,10 @@ struct Inner {
     policies: Policies,
     bounds: Bounds,
     /// Where the fleet's records outlive the process.
-    records: Option<Keeping>,
+    records: Option<keeping::Keeping>,
     pool_gauges: Mutex<scaling::PoolGauges>,
     /// Wakes the saving of the records when a standing changed.
-    save_now: Arc<tokio::sync::Notify>,
-}
-
-/// How long outcomes (not changes of standing, which are saved at once) may wait to
-/// be saved: a crash loses at most this much of the health windows.
-const SAVE_OUTCOMES_EVERY: Duration = Duration::from_secs(5);
-
-/// The records' store, and the state of saving to it.
-struct Keeping {
-    store: Arc<dyn RecordStore>,
-    /// When outcomes were last saved.
-    outcomes_saved: Mutex<Instant>,
-    /// Held while saving: one save at a time.
-    saving: tokio::sync::Mutex<()>,
+    save_now: tokio::sync::Notify,
 }
 
 /// What the scheduler holds at most.
@@ -250,11 +237,7 @@ impl Scheduler {
                 config,
                 policies,
                 bounds,
-                records: records.map(|store| Keeping {
-                    store,
-                    outcomes_saved: Mutex::new(Instant::now()),
-                    saving: tokio::sync::Mutex::new(()),
-                }),
+                records: records.map(keeping::Keeping::new),
                 pool_gauges: Default::default(),
                 save_now: Default::default(),
             }),
@@ -266,26 +249,16 @@ impl Scheduler {
     pub async fn run(self) {
         let weak = Arc::downgrade(&self.inner);
         drop(self);
-        let Some(save_now) = weak.upgrade().map(|inner| inner.save_now.clone()) else {
-            return;
-        };
+        tokio::spawn(keeping::keep_records(weak.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let swept = tokio::select! {
-                _ = tick.tick() => true,
-                // A change of standing is saved at once, so that a worker moving to
-                // another server sharing the records finds it there.
-                _ = save_now.notified() => false,
-            };
+            tick.tick().await;
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            if swept {
-                inner.sweep();
-                inner.report_pools();
-            }
-            let _ = inner.save_due(false).await; // logged, and retried
+            inner.sweep();
+            inner.report_pools();
         }
     }
 
@@ -526,7 +499,6 @@ impl Scheduler {
         serves: Serves,
     ) -> Result<WorkerConnection, Status> {
         let inner = &self.inner;
-        inner.refresh_record(&register.name).await?;
         if register.name.trim().is_empty() {
             return Err(invalid("a worker must have a name"));
         }
@@ -538,6 +510,15 @@ impl Scheduler {
         if register.capacity == 0 {
             return Err(invalid("a worker's capacity must be at least 1"));
         }
+        // Its record as other servers sharing the store may have left it.
+        inner
+            .refresh(std::slice::from_ref(&register.name))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "the scheduler cannot read this worker's record now: {e}"
+                ))
+            })?;
         let offer = Offer::new(register.properties.into_iter().map(|p| (p.name, p.value)));
         let (tx, outbound) = mpsc::unbounded_channel();
         let mut state = inner.state.lock();
@@ -689,6 +670,11 @@ impl Scheduler {
         reason: &str,
     ) -> Result<WorkerReport, Status> {
         let inner = &self.inner;
+        // The order applies to the record as it stands, wherever the worker is.
+        inner
+            .refresh(&[name.to_owned()])
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read the worker's record: {e}")))?;
         {
             let mut state = inner.state.lock();
             if state.fleet.get(name).is_none() {
@@ -713,12 +699,7 @@ impl Scheduler {
             inner.transition(transition);
             inner.dispatch(&mut state);
         }
-        if let Err(e) = inner.save_due(false).await {
-            return Err(Status::unavailable(format!(
-                "the order holds on this server, but saving it failed (retried in the \
-                 background): {e}"
-            )));
-        }
+        inner.save_order(name).await?;
         self.workers()
             .into_iter()
             .find(|w| w.name == name)
@@ -886,79 +867,6 @@ impl Inner {
         for (standing, count) in standings {
             metrics::gauge!("paddock_workers", "standing" => standing).set(count as f64);
         }
-    }
-
-    /// Takes a connecting worker's record and binding from a store that other
-    /// servers share, where it may have changed (a quarantine decided elsewhere) since
-    /// this one loaded it. A worker with a session here keeps what this server knows.
-    async fn refresh_record(&self, name: &str) -> Result<(), Status> {
-        let Some(Keeping { store, .. }) = &self.records else {
-            return Ok(());
-        };
-        let found = store.load_worker(name).await.map_err(|e| {
-            tracing::error!(worker = %name, error = %e, "could not read a worker's record");
-            Status::unavailable(format!(
-                "the scheduler cannot read this worker's record now: {e}"
-            ))
-        })?;
-        let Some((record, identity)) = found else {
-            return Ok(());
-        };
-        let mut state = self.state.lock();
-        if state.workers.values().any(|w| w.name == name) {
-            return Ok(());
-        }
-        state.fleet.restore(vec![record]);
-        if let Some(identity) = identity {
-            state.bindings.insert(name.to_owned(), identity);
-        }
-        Ok(())
-    }
-
-    /// What to save now, if anything: changes of standing at once, outcomes every
-    /// [`SAVE_OUTCOMES_EVERY`], everything when `finally`.
-    fn to_save(&self, finally: bool) -> Option<(Saved, BTreeSet<String>)> {
-        let last = &self.records.as_ref()?.outcomes_saved;
-        let mut state = self.state.lock();
-        let due = match state.fleet.unsaved() {
-            health::Unsaved::Nothing => false,
-            health::Unsaved::Outcomes => finally || last.lock().elapsed() >= SAVE_OUTCOMES_EVERY,
-            health::Unsaved::Standings => true,
-        };
-        if !due {
-            return None;
-        }
-        *last.lock() = Instant::now();
-        let (workers, changed) = state.fleet.saved();
-        let saved = Saved {
-            workers,
-            bindings: state
-                .bindings
-                .iter()
-                .map(|(name, identity)| (name.clone(), identity.clone()))
-                .collect(),
-        };
-        Some((saved, changed))
-    }
-
-    /// Saves what is due (see [`Inner::to_save`]); a failure is retried at the next
-    /// tick. One save at a time, so that when this returns, every change made before
-    /// the call is saved (or has failed to be).
-    async fn save_due(&self, finally: bool) -> Result<(), SavedStateError> {
-        let Some(Keeping { store, saving, .. }) = &self.records else {
-            return Ok(());
-        };
-        let _one_at_a_time = saving.lock().await;
-        let Some((saved, changed)) = self.to_save(finally) else {
-            return Ok(());
-        };
-        let stored = store.store(saved, changed.clone()).await;
-        if let Err(e) = &stored {
-            tracing::error!(error = %e, "could not save the workers' records; retrying");
-            metrics::counter!("paddock_state_save_failures_total").increment(1);
-            self.state.lock().fleet.mark_unsaved(changed);
-        }
-        stored
     }
 
     /// Logs and counts a change of a worker's standing.

@@ -6,9 +6,11 @@
 //! The records go to a [`RecordStore`]. In one process that is [`StateFile`]: one
 //! JSON file under the data directory, replaced atomically (written beside it,
 //! synced, renamed), so a crash leaves the old file or the new one, never half of
-//! one. Servers sharing a database keep them there (`paddock-postgres`), each
-//! writing the records it changed, and a worker connecting to a server takes its
-//! record from the database, wherever it was last seen. A store that cannot be read,
+//! one. Servers sharing a database keep them there (`paddock-postgres`): each writes
+//! the records it changed unless another server wrote them first (then it takes
+//! theirs), takes a connecting worker's record from the database, and looks every
+//! few seconds for records of its own workers that others changed (an operator's
+//! order given to another server). A store that cannot be read,
 //! or was written by a newer Paddock, stops the start-up with a message rather than
 //! being taken as empty: forgetting quarantines silently is what it is for
 //! preventing.
@@ -39,6 +41,8 @@ pub struct SavedRecord {
     pub since: SystemTime,
     pub window: Vec<Outcome>,
     pub totals: Counts,
+    /// When the worker was last connected or finished something.
+    pub last_seen: SystemTime,
 }
 
 /// A standing as saved: times are wall-clock times, and a worker that was being
@@ -75,12 +79,20 @@ struct Contents {
 pub trait RecordStore: Send + Sync + 'static {
     /// Everything saved (nothing, the first time).
     async fn load(&self) -> Result<Saved, SavedStateError>;
-    /// One worker's record and binding as saved, when servers share the store and
-    /// another may have changed it; `None` when this process is the only writer.
-    async fn load_worker(&self, name: &str) -> Result<Option<SavedWorker>, SavedStateError>;
+    /// The records among `names` that another server sharing the store wrote since
+    /// this one last read or wrote them (never any, for a store with one writer).
+    async fn changed_elsewhere(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<SavedWorker>, SavedStateError>;
     /// Saves the records: `saved` has them all, `changed` names those that changed
-    /// since the last save.
-    async fn store(&self, saved: Saved, changed: BTreeSet<String>) -> Result<(), SavedStateError>;
+    /// since the last save. Returns the names it left alone because another server
+    /// wrote them first: this server's copies of those are stale.
+    async fn store(
+        &self,
+        saved: Saved,
+        changed: BTreeSet<String>,
+    ) -> Result<Vec<String>, SavedStateError>;
     /// Where the records are, for logs.
     fn describe(&self) -> String;
 }
@@ -227,11 +239,15 @@ impl RecordStore for StateFile {
         StateFile::load(self)
     }
 
-    async fn load_worker(&self, _: &str) -> Result<Option<SavedWorker>, SavedStateError> {
-        Ok(None)
+    async fn changed_elsewhere(&self, _: &[String]) -> Result<Vec<SavedWorker>, SavedStateError> {
+        Ok(Vec::new())
     }
 
-    async fn store(&self, saved: Saved, _: BTreeSet<String>) -> Result<(), SavedStateError> {
+    async fn store(
+        &self,
+        saved: Saved,
+        _: BTreeSet<String>,
+    ) -> Result<Vec<String>, SavedStateError> {
         let file = self.clone();
         // Off the runtime's threads: the file is synced.
         tokio::task::spawn_blocking(move || file.write(saved))
@@ -241,7 +257,8 @@ impl RecordStore for StateFile {
             .map_err(|error| SavedStateError::Unwritable {
                 path: self.path.clone(),
                 error,
-            })
+            })?;
+        Ok(Vec::new())
     }
 
     fn describe(&self) -> String {
@@ -268,6 +285,7 @@ mod tests {
                 nonzero_exits: 2,
                 disagreements: 0,
             },
+            last_seen: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_100),
         }
     }
 

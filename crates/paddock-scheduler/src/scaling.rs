@@ -12,8 +12,10 @@
 //!
 //! An action that names no pool is counted in pool `""`, the pool of workers without
 //! the property. Pools reported are those of the workers the scheduler knows (for an
-//! hour after they leave) and the configured `pools`, never one a client names, so a
-//! client cannot grow the metrics.
+//! hour after they leave) and the configured `pools`, never one a client names. In
+//! `/metrics` at most [`MAX_POOL_SERIES`] pools get series of their own over the
+//! server's life (the rest are summed under `pool="(other)"`), so workers cannot grow
+//! the metrics either.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -26,11 +28,15 @@ use crate::Inner;
 /// How often the gauges are brought up to date.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
-/// The pools last reported in `/metrics`, and when.
+/// Pools with series of their own in `/metrics`, at most.
+const MAX_POOL_SERIES: usize = 256;
+const OTHER_POOLS: &str = "(other)";
+
+/// The pools given series in `/metrics`, and when they were last set.
 #[derive(Default)]
 pub(crate) struct PoolGauges {
     at: Option<Instant>,
-    reported: BTreeSet<String>,
+    labelled: BTreeSet<String>,
 }
 
 /// One pool's load and the workers it should have.
@@ -64,10 +70,12 @@ struct Counted {
 /// The workers a pool should have; `slots_per_worker` sizes the workers to add (the
 /// pool's own, or the fleet's when the pool has none).
 fn desired(config: &AutoscalingConfig, c: Counted, slots_per_worker: f64) -> usize {
-    let per_slot = config.queued_per_slot.max(f64::MIN_POSITIVE);
+    // The configuration is checked (above 0); the floor only keeps arithmetic sane.
+    let per_slot = config.queued_per_slot.max(0.001);
     let active = if c.queued as f64 > c.slots as f64 * per_slot {
-        let needed = (c.queued as f64 / (slots_per_worker.max(1.0) * per_slot)).ceil() as usize;
-        needed.max(c.active)
+        let needed = (c.queued as f64 / (slots_per_worker.max(1.0) * per_slot)).ceil();
+        // `as` saturates; no pool wants more workers than actions.
+        (needed as usize).min(c.queued).max(c.active)
     } else if c.idle as f64 > config.idle_fraction * c.active as f64 {
         let busy = c.active - c.idle;
         // Something waiting or running keeps one worker.
@@ -75,7 +83,7 @@ fn desired(config: &AutoscalingConfig, c: Counted, slots_per_worker: f64) -> usi
     } else {
         c.active
     };
-    active + c.inactive
+    active.saturating_add(c.inactive)
 }
 
 impl Inner {
@@ -161,17 +169,25 @@ impl Inner {
         let now = Instant::now();
         gauges.at = Some(now);
         let loads = self.pools(&self.state.lock(), now);
-        let reported = &mut gauges.reported;
-        let current: BTreeSet<String> = loads.iter().map(|l| l.pool.clone()).collect();
-        let gone = reported
-            .difference(&current)
-            .map(|pool| PoolLoad {
-                pool: pool.clone(),
-                ..PoolLoad::default()
-            })
-            .collect::<Vec<_>>();
-        for load in loads.iter().chain(&gone) {
-            let pool = load.pool.clone();
+        let labelled = &mut gauges.labelled;
+        let mut by_label: BTreeMap<String, PoolLoad> = BTreeMap::new();
+        for load in loads {
+            let label = match labelled.contains(&load.pool) || labelled.len() < MAX_POOL_SERIES {
+                true => load.pool.clone(),
+                false => OTHER_POOLS.to_owned(),
+            };
+            labelled.insert(label.clone());
+            let sum = by_label.entry(label).or_default();
+            sum.queued += load.queued;
+            sum.workers += load.workers;
+            sum.slots += load.slots;
+            sum.running += load.running;
+            sum.idle_workers += load.idle_workers;
+            sum.desired_workers = sum.desired_workers.saturating_add(load.desired_workers);
+        }
+        // Pools no longer reported go to zero.
+        for pool in labelled.iter() {
+            let load = by_label.get(pool).cloned().unwrap_or_default();
             for (name, value) in [
                 ("paddock_pool_queued", load.queued),
                 ("paddock_pool_workers", load.workers),
@@ -183,7 +199,6 @@ impl Inner {
                 metrics::gauge!(name, "pool" => pool.clone()).set(value as f64);
             }
         }
-        *reported = current;
     }
 }
 

@@ -26,11 +26,14 @@ END $$;
 -- Least recently used first when the cache is over its bound.
 CREATE INDEX action_cache_last_use ON action_cache ((coalesce(last_hit_at, stored_at)));
 
--- Every worker's health record (standing, quarantine, window, totals) and the
--- identity its name is bound to, written by the server the worker is connected to.
+-- Every worker's health record (standing, quarantine, window, totals, last seen)
+-- and the identity its name is bound to. A server writes a record only at the
+-- version it last read or wrote, so no server overwrites another's news; the
+-- record's shape changes only with a migration.
 CREATE TABLE worker_records (
     name text PRIMARY KEY,
     record jsonb NOT NULL,
     identity text,
+    version bigint NOT NULL,
     saved_at timestamptz NOT NULL
 );
