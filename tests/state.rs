@@ -296,3 +296,55 @@ async fn a_database_that_goes_away_and_comes_back_is_survived() {
         farm.log()
     );
 }
+
+/// The shared ActionCache keeps to `storage.action_cache_max_entries`, least
+/// recently used first.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_action_cache_keeps_to_its_bound() {
+    let postgres = Postgres::start();
+    let config = config_file(&format!(
+        "[state]\nbackend = \"postgres\"\nurl = \"{}\"\n[storage]\naction_cache_max_entries = 3\n",
+        postgres.url
+    ));
+    let mut farm = Farm::server(&free_address(), &["--config", &config]);
+    let remote = farm.remote("").await;
+    let data = Bytes::from_static(b"bounded");
+    let blob = Digest::of(&data);
+    remote.upload(vec![(blob, data)]).await.unwrap();
+    let actions: Vec<Digest> = (0..5)
+        .map(|i| Digest::of(format!("bounded action {i}").as_bytes()))
+        .collect();
+    for action in &actions {
+        remote
+            .action_cache()
+            .update_action_result(UpdateActionResultRequest {
+                action_digest: Some(action.to_proto()),
+                action_result: Some(result_with(&blob)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // The first two were written first and never read: they go.
+    farm.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while postgres.sql("SELECT count(*) FROM action_cache") != "3" {
+        assert!(
+            Instant::now() < deadline,
+            "not trimmed: {}",
+            postgres.sql("SELECT count(*) FROM action_cache")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let remote = farm.remote("").await;
+    for (i, action) in actions.iter().enumerate() {
+        let found = remote
+            .action_cache()
+            .get_action_result(GetActionResultRequest {
+                action_digest: Some(action.to_proto()),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(found.is_ok(), i >= 2, "action {i}: {found:?}");
+    }
+}

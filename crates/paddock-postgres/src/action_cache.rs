@@ -31,51 +31,48 @@ impl PgActionCache {
     }
 
     /// Removes the least recently used entries beyond the bound, in batches, unless
-    /// another server is at it; returns how many went.
+    /// another server is at it; returns how many went. The lock is the transaction's,
+    /// so it ends with it whatever happens to the connection.
     pub async fn trim(&self) -> Result<u64, DatabaseError> {
         let db = &self.database;
-        let client = db.client().await?;
+        let mut client = db.client().await?;
+        let tx = db.timed(client.transaction()).await?;
         let locked: bool = db
-            .timed(client.query_one("SELECT pg_try_advisory_lock($1)", &[&TRIM_LOCK]))
+            .timed(tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&TRIM_LOCK]))
             .await?
             .get(0);
         if !locked {
             return Ok(0);
         }
-        let trimmed = async {
-            let count: i64 = db
-                .timed(client.query_one("SELECT count(*) FROM action_cache", &[]))
-                .await?
-                .get(0);
-            let mut excess = count - self.max_entries as i64;
-            let mut removed = 0;
-            while excess > 0 {
-                let batch = excess.min(EVICT_BATCH);
-                let gone = db
-                    .timed(client.execute(
-                        "DELETE FROM action_cache a USING (
-                             SELECT instance_name, action_hash, action_size FROM action_cache
-                             ORDER BY coalesce(last_hit_at, stored_at) LIMIT $1
-                         ) old
-                         WHERE a.instance_name = old.instance_name
-                           AND a.action_hash = old.action_hash
-                           AND a.action_size = old.action_size",
-                        &[&batch],
-                    ))
-                    .await?;
-                if gone == 0 {
-                    break;
-                }
-                removed += gone;
-                excess -= gone as i64;
+        let count: i64 = db
+            .timed(tx.query_one("SELECT count(*) FROM action_cache", &[]))
+            .await?
+            .get(0);
+        let mut excess = count - self.max_entries as i64;
+        let mut removed = 0;
+        while excess > 0 {
+            let batch = excess.min(EVICT_BATCH);
+            let gone = db
+                .timed(tx.execute(
+                    "DELETE FROM action_cache a USING (
+                         SELECT instance_name, action_hash, action_size FROM action_cache
+                         ORDER BY coalesce(last_hit_at, stored_at) LIMIT $1
+                     ) old
+                     WHERE a.instance_name = old.instance_name
+                       AND a.action_hash = old.action_hash
+                       AND a.action_size = old.action_size",
+                    &[&batch],
+                ))
+                .await?;
+            if gone == 0 {
+                break;
             }
-            metrics::counter!("paddock_action_cache_evictions_total").increment(removed);
-            Ok(removed)
+            removed += gone;
+            excess -= gone as i64;
         }
-        .await;
-        db.timed(client.execute("SELECT pg_advisory_unlock($1)", &[&TRIM_LOCK]))
-            .await?;
-        trimmed
+        db.timed(tx.commit()).await?;
+        metrics::counter!("paddock_action_cache_evictions_total").increment(removed);
+        Ok(removed)
     }
 }
 

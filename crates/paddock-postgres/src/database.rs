@@ -210,13 +210,13 @@ fn describe(pg: &tokio_postgres::Config) -> String {
 }
 
 /// Watches the database (every second: `paddock_database_up`, and a log line when it
-/// goes away or comes back) and keeps the ActionCache within its bound (every
-/// minute), until the process ends.
+/// goes away or comes back) and keeps the ActionCache within its bound (at start-up,
+/// then every minute), until the process ends.
 pub async fn maintain(database: Database, action_cache: PgActionCache) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut up = true;
-    let mut trimmed = Instant::now();
+    let mut trimmed: Option<Instant> = None;
     loop {
         tick.tick().await;
         let answers = database.answers().await;
@@ -230,8 +230,8 @@ pub async fn maintain(database: Database, action_cache: PgActionCache) {
             }
             up = answers;
         }
-        if answers && trimmed.elapsed() >= Duration::from_secs(60) {
-            trimmed = Instant::now();
+        if answers && trimmed.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            trimmed = Some(Instant::now());
             if let Err(e) = action_cache.trim().await {
                 tracing::warn!(error = %e, "could not trim the ActionCache");
             }

@@ -1,10 +1,13 @@
 //! The workers' health records and name bindings in the `worker_records` table.
 //!
-//! Each row has a version. A server writes a record only at the version it last read
-//! or wrote (an update conditional on it), so servers never overwrite each other's
-//! news: a write that finds another version is left undone and reported, and the
-//! scheduler takes the newer record instead. Records not written for a day are
-//! deleted (connected workers' records are written at least every ten minutes).
+//! Each row has a version (from one sequence, never reused). A server writes a
+//! record only at the version it last read or wrote, or as a new row when there is
+//! none, all of a save in one statement; a record that another server wrote in
+//! between is left alone and reported, and the scheduler takes the newer one. A row
+//! this server process wrote itself (say, a write that committed after its caller
+//! stopped waiting) is never taken as another server's news. Records not written for
+//! a day are deleted; connected workers' records are written at least every ten
+//! minutes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -19,6 +22,8 @@ const PURGE_EVERY: Duration = Duration::from_secs(3_600);
 
 pub struct PgRecords {
     database: Database,
+    /// This server process, in the rows it writes.
+    writer: String,
     /// The version of each record as this server last read or wrote it.
     versions: parking_lot::Mutex<HashMap<String, i64>>,
     purged: parking_lot::Mutex<Option<Instant>>,
@@ -28,6 +33,7 @@ impl PgRecords {
     pub fn new(database: Database) -> PgRecords {
         PgRecords {
             database,
+            writer: uuid::Uuid::new_v4().to_string(),
             versions: Default::default(),
             purged: Default::default(),
         }
@@ -51,48 +57,25 @@ impl PgRecords {
         Ok((record, identity))
     }
 
-    /// Writes one record at the version this server knows; `false` if another
-    /// server's write came first.
-    async fn write(
-        &self,
-        client: &tokio_postgres::Client,
-        record: &SavedRecord,
-        identity: Option<&String>,
-    ) -> Result<bool, SavedStateError> {
-        let json = serde_json::to_string(record).map_err(|e| self.unavailable(e))?;
-        let known = self.versions.lock().get(&record.name).copied();
-        let written = match known {
-            Some(version) => {
-                self.database
-                    .timed(client.query_opt(
-                        "UPDATE worker_records
-                         SET record = $2::text::jsonb, identity = $3, version = version + 1,
-                             saved_at = now()
-                         WHERE name = $1 AND version = $4
-                         RETURNING version",
-                        &[&record.name, &json, &identity, &version],
-                    ))
-                    .await
-            }
-            None => {
-                self.database
-                    .timed(client.query_opt(
-                        "INSERT INTO worker_records (name, record, identity, version, saved_at)
-                         VALUES ($1, $2::text::jsonb, $3, 1, now())
-                         ON CONFLICT (name) DO NOTHING
-                         RETURNING version",
-                        &[&record.name, &json, &identity],
-                    ))
-                    .await
-            }
+    /// Deletes records nobody wrote for a day, once an hour; a failure only delays it.
+    async fn purge(&self, client: &tokio_postgres::Client) {
+        let due = self
+            .purged
+            .lock()
+            .is_none_or(|at| at.elapsed() >= PURGE_EVERY);
+        if !due {
+            return;
         }
-        .map_err(|e| self.unavailable(e))?;
-        match written {
-            Some(row) => {
-                self.versions.lock().insert(record.name.clone(), row.get(0));
-                Ok(true)
-            }
-            None => Ok(false),
+        let purged = self
+            .database
+            .timed(client.execute(
+                "DELETE FROM worker_records WHERE saved_at < now() - interval '1 day'",
+                &[],
+            ))
+            .await;
+        match purged {
+            Ok(_) => *self.purged.lock() = Some(Instant::now()),
+            Err(e) => tracing::warn!(error = %e, "could not delete old workers' records"),
         }
     }
 }
@@ -143,15 +126,25 @@ impl RecordStore for PgRecords {
         let rows = self
             .database
             .timed(client.query(
-                "SELECT w.name, w.record::text, w.identity, w.version
+                "SELECT w.name, w.record::text, w.identity, w.version, w.writer = $3
                  FROM worker_records w
                  JOIN unnest($1::text[], $2::bigint[]) AS k(name, version) USING (name)
                  WHERE w.version <> k.version",
-                &[&names, &known],
+                &[&names, &known, &self.writer],
             ))
             .await
             .map_err(|e| self.unavailable(e))?;
-        rows.iter().map(|row| self.take(row)).collect()
+        let mut found = Vec::new();
+        for row in &rows {
+            let ours: bool = row.get(4);
+            if ours {
+                // Our own write, known now: what this server holds is newer still.
+                self.versions.lock().insert(row.get(0), row.get(3));
+            } else {
+                found.push(self.take(row)?);
+            }
+        }
+        Ok(found)
     }
 
     async fn store(
@@ -159,34 +152,71 @@ impl RecordStore for PgRecords {
         saved: Saved,
         changed: BTreeSet<String>,
     ) -> Result<Vec<String>, SavedStateError> {
+        let mut names = Vec::new();
+        let mut records = Vec::new();
+        let mut identities = Vec::new();
+        let mut known = Vec::new();
+        {
+            let versions = self.versions.lock();
+            for record in saved.workers.iter().filter(|r| changed.contains(&r.name)) {
+                names.push(record.name.clone());
+                records.push(serde_json::to_string(record).map_err(|e| self.unavailable(e))?);
+                identities.push(saved.bindings.get(&record.name).cloned());
+                known.push(versions.get(&record.name).copied().unwrap_or(0));
+            }
+        }
         let client = self
             .database
             .client()
             .await
             .map_err(|e| self.unavailable(e))?;
         let mut conflicts = Vec::new();
-        for record in saved.workers.iter().filter(|r| changed.contains(&r.name)) {
-            if !self
-                .write(&client, record, saved.bindings.get(&record.name))
-                .await?
-            {
-                conflicts.push(record.name.clone());
-            }
-        }
-        let due = self
-            .purged
-            .lock()
-            .is_none_or(|at| at.elapsed() >= PURGE_EVERY);
-        if due {
-            self.database
-                .timed(client.execute(
-                    "DELETE FROM worker_records WHERE saved_at < now() - interval '1 day'",
-                    &[],
+        if !names.is_empty() {
+            // One statement: rows at the version this server knows are updated, names
+            // without a row are inserted, anything else is another server's.
+            let written = self
+                .database
+                .timed(client.query(
+                    "WITH input AS (
+                         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+                             AS t(name, record, identity, known)
+                     ), updated AS (
+                         UPDATE worker_records w
+                         SET record = i.record::jsonb, identity = i.identity,
+                             version = nextval('worker_record_versions'), writer = $5,
+                             saved_at = now()
+                         FROM input i
+                         WHERE w.name = i.name AND w.version = i.known
+                         RETURNING w.name, w.version
+                     ), inserted AS (
+                         INSERT INTO worker_records
+                             (name, record, identity, version, writer, saved_at)
+                         SELECT i.name, i.record::jsonb, i.identity,
+                                nextval('worker_record_versions'), $5, now()
+                         FROM input i
+                         WHERE NOT EXISTS (SELECT 1 FROM worker_records w WHERE w.name = i.name)
+                         ON CONFLICT (name) DO NOTHING
+                         RETURNING name, version
+                     )
+                     SELECT name, version FROM updated
+                     UNION ALL SELECT name, version FROM inserted",
+                    &[&names, &records, &identities, &known, &self.writer],
                 ))
                 .await
                 .map_err(|e| self.unavailable(e))?;
-            *self.purged.lock() = Some(Instant::now());
+            let mut versions = self.versions.lock();
+            let mut done = BTreeSet::new();
+            for row in &written {
+                let name: String = row.get(0);
+                versions.insert(name.clone(), row.get(1));
+                done.insert(name);
+            }
+            conflicts = names.into_iter().filter(|n| !done.contains(n)).collect();
         }
+        // Names this server no longer holds need no version.
+        let held: BTreeSet<&String> = saved.workers.iter().map(|r| &r.name).collect();
+        self.versions.lock().retain(|name, _| held.contains(name));
+        self.purge(&client).await;
         Ok(conflicts)
     }
 

@@ -238,54 +238,89 @@ impl Fleet {
                 window: record.window.iter().copied().collect(),
                 totals: record.totals,
                 last_seen: wall - now.saturating_duration_since(record.seen),
+                saved_at: wall,
             })
             .collect();
         (records, changed)
     }
 
-    /// Takes back records saved by an earlier scheduler. A worker is remembered as
-    /// long as if it had just been seen.
+    /// Takes back records saved by an earlier scheduler. A worker is remembered for
+    /// as long as it was away when its record was saved, plus the time since: the
+    /// scheduler's own downtime does not count against it.
     pub fn restore(&mut self, saved: Vec<SavedRecord>) {
+        for saved in saved {
+            let name = saved.name.clone();
+            if let Some(record) = self.revive(saved) {
+                self.records.insert(name, record);
+            }
+        }
+    }
+
+    /// Takes a record that another server sharing the store wrote. For a worker
+    /// connected `here`, this server owns its outcomes (window, totals) and takes
+    /// only a newer decision on its standing (an operator's order, a quarantine);
+    /// otherwise the record is taken whole, or forgotten if it is too old to keep.
+    pub fn adopt(&mut self, saved: SavedRecord, here: bool) {
+        let name = saved.name.clone();
+        let Some(theirs) = self.revive(saved) else {
+            if !here {
+                self.records.remove(&name);
+            }
+            return;
+        };
+        match self.records.get_mut(&name) {
+            Some(ours) if here => {
+                if theirs.since > ours.since {
+                    ours.standing = theirs.standing;
+                    ours.reason = theirs.reason;
+                    ours.since = theirs.since;
+                }
+            }
+            _ => {
+                self.records.insert(name, theirs);
+            }
+        }
+    }
+
+    /// A saved record as this scheduler holds it; `None` if its worker has been away
+    /// too long to remember.
+    fn revive(&self, record: SavedRecord) -> Option<Record> {
         let window = self.config.window.max(1);
         let (now, wall) = (Instant::now(), SystemTime::now());
-        for record in saved {
-            let standing = match record.standing {
-                SavedStanding::Active => Standing::Active,
-                SavedStanding::Draining => Standing::Draining,
-                SavedStanding::Quarantined {
-                    manual,
-                    probe_at,
-                    strikes,
-                } => Standing::Quarantined {
-                    manual,
-                    // A probe time beyond what Instant can hold is probed now.
-                    probe_at: probe_at.map(|at| {
-                        now.checked_add(at.duration_since(wall).unwrap_or(Duration::ZERO))
-                            .unwrap_or(now)
-                    }),
-                    strikes,
-                },
-            };
-            let away = wall
-                .duration_since(record.last_seen)
-                .unwrap_or(Duration::ZERO);
-            if away >= remembered_for(&standing) {
-                continue;
-            }
-            let skip = record.window.len().saturating_sub(window);
-            self.records.insert(
-                record.name,
-                Record {
-                    pool: record.pool,
-                    standing,
-                    reason: record.reason,
-                    since: record.since,
-                    window: record.window.into_iter().skip(skip).collect(),
-                    totals: record.totals,
-                    seen: now.checked_sub(away).unwrap_or(now),
-                },
-            );
+        let standing = match record.standing {
+            SavedStanding::Active => Standing::Active,
+            SavedStanding::Draining => Standing::Draining,
+            SavedStanding::Quarantined {
+                manual,
+                probe_at,
+                strikes,
+            } => Standing::Quarantined {
+                manual,
+                // A probe time beyond what Instant can hold is probed now.
+                probe_at: probe_at.map(|at| {
+                    now.checked_add(at.duration_since(wall).unwrap_or(Duration::ZERO))
+                        .unwrap_or(now)
+                }),
+                strikes,
+            },
+        };
+        let away = record
+            .saved_at
+            .duration_since(record.last_seen)
+            .unwrap_or(Duration::ZERO);
+        if away >= remembered_for(&standing) {
+            return None;
         }
+        let skip = record.window.len().saturating_sub(window);
+        Some(Record {
+            pool: record.pool,
+            standing,
+            reason: record.reason,
+            since: record.since,
+            window: record.window.into_iter().skip(skip).collect(),
+            totals: record.totals,
+            seen: now.checked_sub(away).unwrap_or(now),
+        })
     }
 
     /// Marks a worker's record as changed, to be saved as urgently as `what` says.
@@ -680,6 +715,54 @@ mod tests {
                 passed: 0
             }
         ));
+    }
+
+    #[test]
+    fn records_from_another_server_give_their_standing_but_not_their_outcomes() {
+        let mut here = fleet();
+        here.enroll("w", "pool".into());
+        for _ in 0..5 {
+            here.record("w", Outcome::Success);
+        }
+        // Another server quarantined it later (an operator's order there).
+        let mut there = fleet();
+        there.enroll("w", "pool".into());
+        there.record("w", Outcome::InfraFailure);
+        std::thread::sleep(Duration::from_millis(5));
+        there.set(
+            "w",
+            Standing::Quarantined {
+                manual: true,
+                probe_at: None,
+                strikes: 0,
+            },
+            "an operator's order".into(),
+        );
+        let (theirs, _) = there.saved();
+        let mut connected_here = fleet();
+        connected_here.restore(here.saved().0);
+        connected_here.adopt(theirs[0].clone(), true);
+        let w = connected_here.get("w").unwrap();
+        assert_eq!(w.standing.name(), "quarantined");
+        assert_eq!(w.recent().outcomes, 5, "this server's outcomes are kept");
+        // For a worker that is elsewhere, their record is taken whole...
+        let mut elsewhere = fleet();
+        elsewhere.restore(here.saved().0);
+        elsewhere.adopt(theirs[0].clone(), false);
+        let w = elsewhere.get("w").unwrap();
+        assert_eq!((w.standing.name(), w.recent().outcomes), ("quarantined", 1));
+        // ...and an older decision does not undo a newer one here.
+        let (older, _) = here.saved(); // active since before the quarantine
+        connected_here.adopt(older[0].clone(), true);
+        assert_eq!(
+            connected_here.get("w").unwrap().standing.name(),
+            "quarantined"
+        );
+        // A record saved when its worker had long been away is forgotten.
+        let mut stale = older[0].clone();
+        stale.last_seen = stale.saved_at - Duration::from_secs(7_200);
+        elsewhere.adopt(stale, false);
+        assert!(elsewhere.get("w").is_none());
     }
 
     #[test]

@@ -123,19 +123,32 @@ impl Inner {
         let Some(keeping) = &self.records else {
             return Ok(());
         };
+        let _one_at_a_time = keeping.saving.lock().await;
+        self.refresh_locked(keeping, names).await
+    }
+
+    async fn refresh_locked(
+        &self,
+        keeping: &Keeping,
+        names: &[String],
+    ) -> Result<(), SavedStateError> {
         if names.is_empty() {
             return Ok(());
         }
-        let _one_at_a_time = keeping.saving.lock().await;
-        let found = keeping.store.changed_elsewhere(names).await.map_err(|e| {
-            tracing::error!(error = %e, "could not read the workers' records");
-            e
-        })?;
+        let found = keeping
+            .store
+            .changed_elsewhere(names)
+            .await
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "could not read the workers' records");
+            })?;
         self.adopt(found);
         Ok(())
     }
 
-    /// Takes records written by another server in place of this one's copies.
+    /// Takes records written by another server (see [`crate::health::Fleet::adopt`]).
+    /// A session here whose identity is not the one the name is bound to in the
+    /// store (two identities claimed a new name on two servers at once) is ended.
     fn adopt(&self, found: Vec<SavedWorker>) {
         if found.is_empty() {
             return;
@@ -143,14 +156,30 @@ impl Inner {
         let mut state = self.state.lock();
         for (record, identity) in found {
             let name = record.name.clone();
+            let sessions: Vec<u64> = state
+                .workers
+                .values()
+                .filter(|w| w.name == name)
+                .map(|w| w.session)
+                .collect();
             let was = state.fleet.get(&name).map(|r| r.standing.name());
-            state.fleet.restore(vec![record]);
+            state.fleet.adopt(record, !sessions.is_empty());
             let is = state.fleet.get(&name).map(|r| r.standing.name());
             if was.is_some() && was != is {
                 tracing::warn!(worker = %name, from = was.unwrap_or(""), to = is.unwrap_or("forgotten"), "worker standing changed on another server");
             }
-            if let Some(identity) = identity {
-                state.bindings.insert(name, identity);
+            let Some(identity) = identity else {
+                continue;
+            };
+            let previous = state.bindings.insert(name.clone(), identity.clone());
+            if previous.is_some_and(|p| p != identity) {
+                for session in sessions {
+                    self.drop_worker(
+                        &mut state,
+                        session,
+                        "its name is bound to another identity on another server",
+                    );
+                }
             }
         }
         self.dispatch(&mut state);
@@ -183,13 +212,21 @@ impl Inner {
     }
 
     /// Saves what is due (see [`Inner::to_save`]). Returns the names whose records
-    /// another server had written first: this server now holds theirs instead. A
+    /// another server had written first: this server has taken theirs instead. A
     /// failure is logged, and the changes are saved again later.
     pub(crate) async fn save_due(&self, finally: bool) -> Result<Vec<String>, SavedStateError> {
         let Some(keeping) = &self.records else {
             return Ok(Vec::new());
         };
         let _one_at_a_time = keeping.saving.lock().await;
+        self.save_locked(keeping, finally).await
+    }
+
+    async fn save_locked(
+        &self,
+        keeping: &Keeping,
+        finally: bool,
+    ) -> Result<Vec<String>, SavedStateError> {
         let Some((saved, changed)) = self.to_save(finally) else {
             return Ok(Vec::new());
         };
@@ -203,15 +240,35 @@ impl Inner {
             }
         };
         if !conflicts.is_empty() {
-            let found = keeping.store.changed_elsewhere(&conflicts).await?;
-            self.adopt(found);
+            if let Err(e) = self.refresh_locked(keeping, &conflicts).await {
+                // Saved again (and so read again) at the next attempt.
+                self.state
+                    .lock()
+                    .fleet
+                    .mark_unsaved(conflicts.iter().cloned().collect());
+                return Err(e);
+            }
         }
         Ok(conflicts)
     }
 
-    /// An operator's order, once applied here, saved; an error if it could not be.
-    pub(crate) async fn save_order(&self, worker: &str) -> Result<(), Status> {
-        match self.save_due(false).await {
+    /// Carries out an operator's order on the worker's record as the store has it,
+    /// and saves it before answering; nothing else saves or reads records in
+    /// between, so an order that another server's write overtook is reported.
+    pub(crate) async fn order(
+        &self,
+        worker: &str,
+        apply: impl FnOnce(&mut crate::state::State) -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        let Some(keeping) = &self.records else {
+            return apply(&mut self.state.lock());
+        };
+        let _one_at_a_time = keeping.saving.lock().await;
+        self.refresh_locked(keeping, &[worker.to_owned()])
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read the worker's record: {e}")))?;
+        apply(&mut self.state.lock())?;
+        match self.save_locked(keeping, false).await {
             Ok(conflicts) if conflicts.iter().any(|c| c == worker) => Err(Status::aborted(
                 "the worker's record changed on another server meanwhile; give the order again",
             )),

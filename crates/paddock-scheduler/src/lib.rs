@@ -670,36 +670,33 @@ impl Scheduler {
         reason: &str,
     ) -> Result<WorkerReport, Status> {
         let inner = &self.inner;
+        let reason = match reason.trim() {
+            "" => "an operator's order".to_owned(),
+            r => format!("an operator's order: {r}"),
+        };
+        let standing = match command {
+            WorkerCommand::Drain => Standing::Draining,
+            WorkerCommand::Quarantine => Standing::Quarantined {
+                manual: true,
+                probe_at: None,
+                strikes: 0,
+            },
+            WorkerCommand::Release => Standing::Active,
+        };
         // The order applies to the record as it stands, wherever the worker is.
         inner
-            .refresh(&[name.to_owned()])
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot read the worker's record: {e}")))?;
-        {
-            let mut state = inner.state.lock();
-            if state.fleet.get(name).is_none() {
-                return Err(Status::not_found(format!(
-                    "no worker named {name:?} has connected"
-                )));
-            }
-            let reason = match reason.trim() {
-                "" => "an operator's order".to_owned(),
-                r => format!("an operator's order: {r}"),
-            };
-            let standing = match command {
-                WorkerCommand::Drain => Standing::Draining,
-                WorkerCommand::Quarantine => Standing::Quarantined {
-                    manual: true,
-                    probe_at: None,
-                    strikes: 0,
-                },
-                WorkerCommand::Release => Standing::Active,
-            };
-            let transition = state.fleet.set(name, standing, reason);
-            inner.transition(transition);
-            inner.dispatch(&mut state);
-        }
-        inner.save_order(name).await?;
+            .order(name, |state| {
+                if state.fleet.get(name).is_none() {
+                    return Err(Status::not_found(format!(
+                        "no worker named {name:?} has connected"
+                    )));
+                }
+                let transition = state.fleet.set(name, standing, reason);
+                inner.transition(transition);
+                inner.dispatch(state);
+                Ok(())
+            })
+            .await?;
         self.workers()
             .into_iter()
             .find(|w| w.name == name)

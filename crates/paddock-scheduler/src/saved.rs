@@ -41,8 +41,11 @@ pub struct SavedRecord {
     pub since: SystemTime,
     pub window: Vec<Outcome>,
     pub totals: Counts,
-    /// When the worker was last connected or finished something.
+    /// When the worker was last connected or finished something...
     pub last_seen: SystemTime,
+    /// ...and when the record was saved: how long it had been away then is what
+    /// counts after a restart, not the time the scheduler was down.
+    pub saved_at: SystemTime,
 }
 
 /// A standing as saved: times are wall-clock times, and a worker that was being
@@ -286,6 +289,7 @@ mod tests {
                 disagreements: 0,
             },
             last_seen: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_100),
+            saved_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_200),
         }
     }
 

@@ -28,12 +28,16 @@ CREATE INDEX action_cache_last_use ON action_cache ((coalesce(last_hit_at, store
 
 -- Every worker's health record (standing, quarantine, window, totals, last seen)
 -- and the identity its name is bound to. A server writes a record only at the
--- version it last read or wrote, so no server overwrites another's news; the
--- record's shape changes only with a migration.
+-- version it last read or wrote, so no server overwrites another's news. Versions
+-- come from one sequence, so a deleted and re-made row never repeats one; `writer`
+-- says which server process wrote the row last. The record's shape changes only
+-- with a migration.
+CREATE SEQUENCE worker_record_versions;
 CREATE TABLE worker_records (
     name text PRIMARY KEY,
     record jsonb NOT NULL,
     identity text,
     version bigint NOT NULL,
+    writer text NOT NULL,
     saved_at timestamptz NOT NULL
 );
