@@ -216,3 +216,47 @@ fn bazel_builds_over_tls_with_a_token_with_client_certificates_and_reads_with_a_
         built.output
     );
 }
+
+/// Bytes the workers fetched from the CAS, from the farm's metrics.
+fn fetched_bytes(farm: &Farm) -> u64 {
+    common::http_get(&farm.metrics_url)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("paddock_worker_fetched_bytes_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
+/// The workspace built on four workers, with the scheduler's locality on and off:
+/// the bytes the workers fetched are printed for BENCHMARKS.md.
+#[test]
+fn bazel_on_four_workers_with_and_without_locality() {
+    let mut figures = Vec::new();
+    for locality in [true, false] {
+        let config = config_file(&format!(
+            "[server]\nlocal_workers = 4\n[scheduler]\nlocality = {locality}\n"
+        ));
+        let farm = Farm::start(&["--config", &config]);
+        let ws = Workspace::new("cc");
+        let flags = remote_flags(&farm.url);
+        let mut args: Vec<&str> = vec!["build", "//..."];
+        args.extend(flags.iter().map(String::as_str));
+        let built = ws.bazel(&args);
+        assert!(built.success, "{}\n{}", built.output, farm.log());
+        let remote = built.all_of_kind("remote");
+        assert!(remote > 50, "{}", built.output);
+        let fetched = fetched_bytes(&farm);
+        assert!(fetched > 0, "no paddock_worker_fetched_bytes_total");
+        figures.push((locality, remote, fetched));
+    }
+    for (locality, actions, fetched) in figures {
+        println!(
+            "BENCHMARK locality {}: {actions} remote actions on 4 workers, workers fetched {fetched} bytes ({:.1} MiB)",
+            if locality { "on" } else { "off" },
+            fetched as f64 / (1 << 20) as f64
+        );
+    }
+}

@@ -957,7 +957,10 @@ async fn an_assignment_its_worker_stops_reporting_is_lost_and_its_late_result_di
         let tx = tx.clone();
         async move {
             loop {
-                let beat = wire::Heartbeat { running: vec![] };
+                let beat = wire::Heartbeat {
+                    running: vec![],
+                    cache: None,
+                };
                 if tx
                     .send(wire::WorkerMessage {
                         message: Some(wire::worker_message::Message::Heartbeat(beat)),
@@ -1052,4 +1055,63 @@ async fn a_worker_whose_task_panics_fails_the_attempt_instead_of_hanging_it() {
     );
     let message = response.status.unwrap().message;
     assert!(message.contains("a bug in the worker"), "{message}");
+}
+
+/// The worker an action ran on.
+fn ran_on(response: &ExecuteResponse) -> String {
+    let result = response.result.as_ref().expect("a result");
+    result.execution_metadata.as_ref().unwrap().worker.clone()
+}
+
+/// Among free workers, an action goes to one that laid out its inputs lately, even
+/// when another has more free slots; with locality off, to the one with more slots.
+#[tokio::test(flavor = "multi_thread")]
+async fn actions_go_where_their_inputs_already_are() {
+    for locality in [true, false] {
+        let config = config_file(&format!("[scheduler]\nlocality = {locality}\n"));
+        let server = Farm::server("127.0.0.1:0", &["--config", &config]);
+        let remote = server.remote("").await;
+        let host = ["--runner", "host"];
+        let _holder = Worker::start(
+            &server.worker_url,
+            "holder",
+            &[&host[..], &["--capacity", "1"]].concat(),
+        );
+        let tree = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tree.path().join("src/lib")).unwrap();
+        std::fs::write(tree.path().join("src/lib/big.h"), vec![b'x'; 1 << 20]).unwrap();
+        let with_tree = |script: &str| ExecSpec {
+            input: Some(tree.path().to_owned()),
+            ..shell(script)
+        };
+        let first = execute(&remote, &with_tree("wc -c < src/lib/big.h"))
+            .await
+            .unwrap();
+        assert_eq!(ran_on(&first), "holder");
+        let _roomy = Worker::start(
+            &server.worker_url,
+            "roomy",
+            &[&host[..], &["--capacity", "4"]].concat(),
+        );
+        // Heartbeats (every 2 s) carry the holder's summary; there is nothing to
+        // wait on but time.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for i in 0..3 {
+            let response = execute(
+                &remote,
+                &with_tree(&format!("echo {i}; wc -c < src/lib/big.h")),
+            )
+            .await
+            .unwrap();
+            let expected = if locality { "holder" } else { "roomy" };
+            assert_eq!(
+                ran_on(&response),
+                expected,
+                "locality {locality}, action {i}"
+            );
+        }
+        // Inputs nobody holds go where most slots are free.
+        let elsewhere = execute(&remote, &shell("echo no inputs")).await.unwrap();
+        assert_eq!(ran_on(&elsewhere), "roomy");
+    }
 }

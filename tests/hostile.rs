@@ -1165,7 +1165,7 @@ async fn lying_worker(
             }
             _ = beat.tick() => {
                 let running = held.iter().map(|a| a.assignment_id.clone()).collect();
-                if tx.send(say(W::Heartbeat(wire::Heartbeat { running }))).await.is_err() {
+                if tx.send(say(W::Heartbeat(wire::Heartbeat { running, cache: None }))).await.is_err() {
                     return;
                 }
             }

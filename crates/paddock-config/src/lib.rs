@@ -433,6 +433,9 @@ pub struct SchedulerConfig {
     /// Matching policy per platform property name, over the built-in ones
     /// (`cores`, `memory`: minimum; `pids`: ignore; anything else: exact).
     pub property_policies: BTreeMap<String, MatchPolicy>,
+    /// Prefer, among the free workers that can run an action, one that has laid out
+    /// its inputs lately (workers summarize what they hold in their heartbeats).
+    pub locality: bool,
     pub quarantine: QuarantineConfig,
     pub speculation: SpeculationConfig,
     pub autoscaling: AutoscalingConfig,
@@ -551,6 +554,7 @@ impl Default for SchedulerConfig {
             orphan_grace: Span::secs(10),
             operation_retention: Span::secs(600),
             property_policies: BTreeMap::new(),
+            locality: true,
             quarantine: QuarantineConfig::default(),
             speculation: SpeculationConfig::default(),
             autoscaling: AutoscalingConfig::default(),

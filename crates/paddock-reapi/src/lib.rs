@@ -7,6 +7,7 @@
 //! re-exported as [`proto`].
 
 pub mod digest;
+pub mod filter;
 pub mod path;
 pub mod resource;
 pub mod status;

@@ -63,10 +63,15 @@ impl Inner {
                         .workers
                         .keys()
                         .any(|s| fresh(s) && self.eligible(state, job, *s));
+                // Where its inputs already are, then where most slots are free.
+                let locality = |s: &SessionId| match self.config.locality {
+                    true => state.workers[s].holds(&job.inputs),
+                    false => 0,
+                };
                 free.iter()
                     .filter(|(s, _)| self.eligible(state, job, *s))
                     .filter(|(s, _)| !wait_for_fresh || fresh(s))
-                    .max_by_key(|(_, slots)| *slots)
+                    .max_by_key(|(s, slots)| (locality(s), *slots))
                     .map(|(s, _)| (job_id, *s))
             });
             let Some((job_id, session)) = choice else {

@@ -355,6 +355,7 @@ impl Scheduler {
 
         let platform = paddock_reapi::platform(&action, &command);
         inner.policies.check(&platform).map_err(invalid)?;
+        let inputs = inner.inputs_of(input_root).await;
         let program = command.arguments.first().map(String::as_str).unwrap_or("");
         let fingerprint = history::fingerprint(&requester.mnemonic, program, &platform);
         let job = Job {
@@ -362,6 +363,7 @@ impl Scheduler {
             invocation: requester.invocation,
             cacheable: !action.do_not_cache,
             fingerprint,
+            inputs,
             ..Job::new(
                 key,
                 action_bytes,
@@ -613,7 +615,12 @@ impl Scheduler {
             }
         }
         match message.message {
-            Some(M::Heartbeat(beat)) => inner.reconcile(session, &beat.running),
+            Some(M::Heartbeat(beat)) => {
+                if let Some(cache) = beat.cache {
+                    inner.note_cache(session, cache);
+                }
+                inner.reconcile(session, &beat.running);
+            }
             Some(M::Register(_)) | None => {}
             Some(M::Started(started)) => inner.started(session, &started.assignment_id),
             Some(M::Finished(finished)) => inner.finished(session, finished).await,
@@ -863,6 +870,41 @@ impl Inner {
         }
         for (standing, count) in standings {
             metrics::gauge!("paddock_workers", "standing" => standing).set(count as f64);
+        }
+    }
+
+    /// What a worker holding an action's inputs has laid out before: the input root
+    /// and its subdirectories (a hint: nothing if the root cannot be read).
+    async fn inputs_of(&self, root: Digest) -> Vec<Digest> {
+        /// Enough subdirectories to tell trees apart, few enough to test quickly.
+        const SUBDIRECTORIES: usize = 64;
+        let mut inputs = vec![root];
+        if !self.config.locality {
+            return inputs;
+        }
+        if let Ok(Some(bytes)) = read_all(self.cas.as_ref(), &root).await {
+            if let Ok(directory) = paddock_reapi::proto::re::Directory::decode(bytes) {
+                inputs.extend(
+                    directory
+                        .directories
+                        .iter()
+                        .filter_map(|d| Digest::from_proto(d.digest.as_ref()).ok())
+                        .take(SUBDIRECTORIES),
+                );
+            }
+        }
+        inputs
+    }
+
+    /// Takes a worker's summary of the inputs it holds; a malformed one is ignored.
+    fn note_cache(&self, session: SessionId, cache: wire::CacheSummary) {
+        match paddock_reapi::filter::DigestFilter::from_parts(cache.bloom, cache.hashes) {
+            Ok(filter) => {
+                if let Some(worker) = self.state.lock().workers.get_mut(&session) {
+                    worker.note_cache(filter);
+                }
+            }
+            Err(e) => tracing::warn!(session, error = %e, "ignored a worker's cache summary"),
         }
     }
 

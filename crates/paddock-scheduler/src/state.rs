@@ -8,7 +8,9 @@ use bytes::Bytes;
 use hashlink::LinkedHashMap;
 use paddock_cas::ActionKey;
 use paddock_proto::worker::v1 as wire;
+use paddock_reapi::filter::DigestFilter;
 use paddock_reapi::proto::re::{ActionResult, ExecuteResponse};
+use paddock_reapi::Digest;
 use tokio::sync::mpsc;
 
 use crate::health::Fleet;
@@ -82,6 +84,9 @@ pub(crate) struct Job {
     pub fingerprint: Fingerprint,
     /// Whether a speculative copy has been started.
     pub speculated: bool,
+    /// Its input root's digest and those of the root's subdirectories: what a
+    /// worker that holds its inputs has laid out before.
+    pub inputs: Vec<Digest>,
 }
 
 /// Why an execution exists.
@@ -136,6 +141,8 @@ pub(crate) struct WorkerSession {
     running: HashMap<String, JobId>,
     /// Since when it has run nothing, if it runs nothing.
     idle_since: Option<Instant>,
+    /// The input directories it says it laid out lately.
+    cache: Option<DigestFilter>,
     pub outbound: mpsc::UnboundedSender<wire::SchedulerMessage>,
     pub last_seen: Instant,
 }
@@ -158,6 +165,7 @@ impl WorkerSession {
             capacity,
             running: HashMap::new(),
             idle_since: Some(now),
+            cache: None,
             outbound,
             last_seen: now,
         }
@@ -194,6 +202,25 @@ impl WorkerSession {
     pub fn idle_for(&self, now: Instant) -> Duration {
         self.idle_since
             .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
+    /// Takes the worker's latest summary of its inputs cache.
+    pub fn note_cache(&mut self, cache: DigestFilter) {
+        self.cache = Some(cache);
+    }
+
+    /// How much of a job's inputs the worker seems to hold: the whole input root
+    /// counts for more than any number of its subdirectories.
+    pub fn holds(&self, inputs: &[Digest]) -> usize {
+        let Some(cache) = &self.cache else {
+            return 0;
+        };
+        let mut held = inputs.iter().map(|d| cache.contains(d));
+        match held.next() {
+            Some(true) => 1 + inputs.len(),
+            Some(false) => held.filter(|h| *h).count(),
+            None => 0,
+        }
     }
 
     /// Tells the worker to stop an assignment and forgets it.
@@ -241,6 +268,7 @@ impl Job {
             avoid: Vec::new(),
             fingerprint: [0; 16],
             speculated: false,
+            inputs: Vec::new(),
         }
     }
 

@@ -255,6 +255,9 @@ impl FileCache {
             return Ok(());
         }
         let digests: Vec<Digest> = to_fetch.keys().copied().collect();
+        // What locality saves: bytes a worker had to fetch (asked for, found or not).
+        let asked: u64 = digests.iter().map(Digest::size).sum();
+        metrics::counter!("paddock_worker_fetched_bytes_total").increment(asked);
         let (small, large): (Vec<Digest>, Vec<Digest>) = digests
             .into_iter()
             .partition(|d| d.size() <= remote.batch_budget());

@@ -29,6 +29,7 @@ use crate::disk::{DiskGuard, Overrun};
 use crate::faults::Faults;
 use crate::identities::IdentityPool;
 use crate::inputs::{materialize, InputError};
+use crate::locality::RecentTrees;
 use crate::outputs::{self, OutputError, Staging};
 
 /// What every assignment on this worker shares.
@@ -46,6 +47,8 @@ pub struct Context {
     pub next_action: Arc<AtomicU64>,
     /// What running actions add to the disk.
     pub disk: Arc<DiskGuard>,
+    /// The input directories laid out lately, for the scheduler's locality.
+    pub recent: Arc<RecentTrees>,
 }
 
 type Outcome = wire::finished::Outcome;
@@ -187,7 +190,7 @@ async fn run_assignment(
     .await;
     deadline.abort();
     match laid_out {
-        Ok(_) => {}
+        Ok(directories) => ctx.recent.note(directories),
         Err(InputError::Missing(digests)) => {
             return Outcome::MissingInputs(wire::MissingInputs {
                 digests: digests

@@ -88,7 +88,7 @@ struct Graph {
 
 /// Lays out the tree rooted at `root` as the directory `dest` (which must not exist
 /// yet; its parent is the worker's own), owned by `identity` when one is given.
-/// Returns how many files it linked.
+/// Returns the digests of the directories it laid out.
 pub async fn materialize(
     remote: &Remote,
     cache: &Arc<FileCache>,
@@ -97,7 +97,7 @@ pub async fn materialize(
     identity: Option<Identity>,
     limits: &ActionLimits,
     stop: &CancellationToken,
-) -> Result<usize, InputError> {
+) -> Result<Vec<Digest>, InputError> {
     let started = std::time::Instant::now();
     let graph = fetch_graph(remote, cache, root, limits, stop).await?;
     let files = graph.files.clone();
@@ -111,6 +111,7 @@ pub async fn materialize(
         "inputs fetched"
     );
 
+    let directories: Vec<Digest> = graph.directories.keys().copied().collect();
     let graph = Arc::new(graph);
     let mut total = 0;
     let mut pending: Option<Vec<Relink>> = None;
@@ -131,7 +132,7 @@ pub async fn materialize(
                 total_ms = started.elapsed().as_millis() as u64,
                 "inputs laid out"
             );
-            return Ok(total);
+            return Ok(directories);
         }
         // A concurrent action's downloads evicted some entries before they were
         // linked: fetch those again and finish.

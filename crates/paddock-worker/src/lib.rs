@@ -10,6 +10,7 @@ mod execute;
 mod faults;
 mod identities;
 mod inputs;
+mod locality;
 mod outputs;
 
 use std::collections::HashMap;
@@ -139,6 +140,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
         .map(|i| Arc::new(identities::IdentityPool::new(i)));
     let next_action = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let disk = Arc::new(disk::DiskGuard::default());
+    let recent = Arc::new(locality::RecentTrees::default());
     let mut properties = detected_properties();
     properties.retain(|(k, _)| !options.properties.iter().any(|(o, _)| o == k));
     properties.extend(options.properties.iter().cloned());
@@ -158,6 +160,7 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
                 identities: identities.clone(),
                 next_action: next_action.clone(),
                 disk: disk.clone(),
+                recent: recent.clone(),
             });
             session(ctx, &options, &properties, &shutdown).await
         }
@@ -209,6 +212,8 @@ async fn session(
     let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
     let assignments = TaskTracker::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    // What this session's scheduler has of the cache summary (nothing yet).
+    let mut summary_sent = 0;
     let ended = loop {
         tokio::select! {
             message = inbound.message() => match message {
@@ -239,8 +244,9 @@ async fn session(
             },
             _ = heartbeat.tick() => {
                 let ids: Vec<String> = running.lock().keys().cloned().collect();
+                let cache = ctx.recent.summary_since(&mut summary_sent);
                 let beat = wire::WorkerMessage {
-                    message: Some(W::Heartbeat(wire::Heartbeat { running: ids })),
+                    message: Some(W::Heartbeat(wire::Heartbeat { running: ids, cache })),
                 };
                 if tx.send(beat).await.is_err() {
                     break Ok(());
