@@ -40,19 +40,17 @@ impl Inner {
 
     /// Offers queued actions to workers with free slots until no more can start.
     pub(crate) fn dispatch(&self, state: &mut State) {
-        loop {
-            if state.queue.is_empty() {
-                break;
-            }
-            let free: Vec<(SessionId, usize)> = state
-                .workers
-                .values()
-                .filter(|w| w.running().len() < w.capacity)
-                .map(|w| (w.session, w.capacity - w.running().len()))
-                .collect();
-            if free.is_empty() {
-                break;
-            }
+        if state.queue.is_empty() {
+            return;
+        }
+        // Free slots per worker, counted once and kept up to date as jobs go out.
+        let mut free: Vec<(SessionId, usize)> = state
+            .workers
+            .values()
+            .filter(|w| w.running().len() < w.capacity)
+            .map(|w| (w.session, w.capacity - w.running().len()))
+            .collect();
+        while !free.is_empty() && !state.queue.is_empty() {
             let choice = state.queue.in_order().find_map(|job_id| {
                 let job = &state.jobs[&job_id];
                 // A retry goes to a worker that has not failed it, unless no such
@@ -78,8 +76,13 @@ impl Inner {
                 break;
             };
             self.assign(state, job_id, session, false);
+            if let Some(i) = free.iter().position(|(s, _)| *s == session) {
+                free[i].1 -= 1;
+                if free[i].1 == 0 {
+                    free.swap_remove(i);
+                }
+            }
         }
-        self.report(state);
     }
 
     /// Sends a job to a worker: its first attempt (out of the queue), or a
@@ -213,7 +216,6 @@ impl Inner {
                 &format!("worker {name} was lost: {reason}"),
             );
         }
-        self.report(state);
         self.dispatch(state);
     }
 

@@ -258,6 +258,7 @@ impl Scheduler {
                 return;
             };
             inner.sweep();
+            inner.report(&inner.state.lock());
             inner.report_pools();
         }
     }

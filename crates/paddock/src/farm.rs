@@ -537,6 +537,8 @@ impl ShutdownSignal {
 /// local workers, for benchmarks.
 pub struct Embedded {
     url: String,
+    /// Where workers in this process reach its scheduler.
+    scheduler: SchedulerAddress,
     stop: Option<oneshot::Sender<()>>,
     stop_workers: CancellationToken,
     _data_dir: tempfile::TempDir,
@@ -590,6 +592,7 @@ impl Embedded {
         }
         Ok(Embedded {
             url,
+            scheduler,
             stop: Some(stop),
             stop_workers,
             _data_dir: data_dir,
@@ -598,6 +601,10 @@ impl Embedded {
 
     pub fn url(&self) -> String {
         self.url.clone()
+    }
+
+    pub fn scheduler(&self) -> SchedulerAddress {
+        self.scheduler.clone()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `paddock` command: the farm (`up`, `server`), small REAPI clients (`cas`) and
 //! the benchmarks (`bench`).
 
+mod bench_scheduler;
 mod farm;
 mod operate;
 mod stragglers;
@@ -429,6 +430,23 @@ enum BenchCommand {
         #[arg(long, default_value = "container")]
         runner: RunnerKind,
     },
+    /// Dispatch: a deep queue of no-op actions drained by many simulated workers
+    /// (in this process, over the real worker protocol); dispatches per second and
+    /// the time from a worker's result to its next assignment.
+    Scheduler {
+        /// Simulated workers.
+        #[arg(long, default_value_t = 1_000)]
+        workers: usize,
+        /// Slots per simulated worker.
+        #[arg(long, default_value_t = 1)]
+        capacity: usize,
+        /// Actions queued before the workers connect.
+        #[arg(long, default_value_t = 100_000)]
+        actions: usize,
+        /// Keep `[state]` in this PostgreSQL database instead of in memory.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
     /// A build with one slow worker, with and without speculative execution.
     Stragglers {
         /// Actions in the build, all submitted at once.
@@ -714,6 +732,20 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 report.target = format!("an embedded farm, one worker, {runner:?} runner");
                 println!("{report}");
                 Ok(())
+            }
+            BenchCommand::Scheduler {
+                workers,
+                capacity,
+                actions,
+                postgres,
+            } => {
+                bench_scheduler::run(bench_scheduler::Options {
+                    workers,
+                    capacity,
+                    actions,
+                    postgres,
+                })
+                .await
             }
             BenchCommand::Stragglers {
                 actions,

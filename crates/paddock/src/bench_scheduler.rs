@@ -1,0 +1,219 @@
+//! `paddock bench scheduler`: how fast the scheduler hands queued actions to
+//! workers. An embedded server (memory storage) gets `actions` distinct no-op
+//! actions queued first (no worker connected, no client waiting), then `workers`
+//! simulated workers connect in this process over the real worker protocol and
+//! answer each assignment at once with a valid result. Measured: the dispatch rate
+//! while the queue drains, and, for each worker, the time from sending a result to
+//! receiving its next assignment (queue to worker, with the queue deep).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use paddock_client::Remote;
+use paddock_config::{Config, Span, StateBackend, StorageBackend};
+use paddock_proto::worker::v1 as wire;
+use paddock_proto::worker::v1::scheduler_client::SchedulerClient;
+use paddock_reapi::proto::re::{Action, ActionResult, Command, ExecuteRequest};
+use paddock_reapi::Digest;
+use paddock_worker::SchedulerAddress;
+use prost::Message;
+use tokio::sync::mpsc;
+
+use crate::farm::Embedded;
+
+pub struct Options {
+    pub workers: usize,
+    pub capacity: usize,
+    pub actions: usize,
+    /// A PostgreSQL database for `[state]` (the ActionCache and workers' records).
+    pub postgres: Option<String>,
+}
+
+/// What the simulated workers saw.
+#[derive(Default)]
+struct Seen {
+    assigned: AtomicUsize,
+    latencies: parking_lot::Mutex<Vec<Duration>>,
+}
+
+pub async fn run(options: Options) -> Result<()> {
+    let mut config = Config::default();
+    config.storage.backend = StorageBackend::Memory;
+    // Nobody waits on the operations and no worker is there while they queue: the
+    // scheduler must keep them regardless.
+    config.scheduler.orphan_grace = Span::secs(86_400);
+    config.scheduler.unsatisfiable_grace = Span::secs(86_400);
+    config.auth.quotas.max_executions = options.actions * 2;
+    config.auth.quotas.max_finished_operations = options.actions * 2;
+    if let Some(url) = &options.postgres {
+        config.state.backend = StateBackend::Postgres;
+        config.state.url = Some(url.clone());
+    }
+    let farm = Embedded::start_with(config, &Default::default(), Vec::new(), None).await?;
+    let remote = Remote::connect(&farm.url(), "").await?;
+
+    // Distinct actions (a cache hit or a merge would not reach the scheduler's
+    // queue), uploaded first.
+    let empty = Digest::of(b"");
+    let mut blobs = Vec::new();
+    let mut actions = Vec::with_capacity(options.actions);
+    let nonce = rand::random::<u64>();
+    for i in 0..options.actions {
+        let command = Command {
+            arguments: vec!["true".into(), format!("{nonce}-{i}")],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let command_digest = Digest::of(&command);
+        let action = Action {
+            command_digest: Some(command_digest.to_proto()),
+            input_root_digest: Some(empty.to_proto()),
+            do_not_cache: true,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action_digest = Digest::of(&action);
+        blobs.push((command_digest, Bytes::from(command)));
+        blobs.push((action_digest, Bytes::from(action)));
+        actions.push(action_digest);
+    }
+    for chunk in blobs.chunks(20_000) {
+        remote.upload(chunk.to_vec()).await?;
+    }
+
+    let queued = Instant::now();
+    let submitted = futures::stream::iter(actions.iter().map(|digest| {
+        let mut execution = remote.execution();
+        let request = ExecuteRequest {
+            action_digest: Some(digest.to_proto()),
+            ..Default::default()
+        };
+        async move {
+            let mut stream = execution.execute(request).await?.into_inner();
+            // The first answer says it is queued; nobody needs to follow it further.
+            stream.message().await?;
+            Ok::<(), tonic::Status>(())
+        }
+    }))
+    .buffer_unordered(64)
+    .collect::<Vec<_>>()
+    .await;
+    let queueing = queued.elapsed();
+    let refused = submitted.iter().filter(|r| r.is_err()).count();
+    anyhow::ensure!(
+        refused == 0,
+        "{refused} Execute calls failed: {:?}",
+        submitted.iter().find(|r| r.is_err())
+    );
+
+    let SchedulerAddress::Local(local) = farm.scheduler() else {
+        anyhow::bail!("the embedded farm has no scheduler in this process");
+    };
+    let seen = Arc::new(Seen::default());
+    let started = Instant::now();
+    for i in 0..options.workers {
+        let channel = local.channel().await?;
+        let (seen, capacity) = (seen.clone(), options.capacity);
+        tokio::spawn(async move {
+            let _ = simulated_worker(channel, i, capacity, seen).await;
+        });
+    }
+    let waited = tokio::time::timeout(Duration::from_secs(1_800), async {
+        while seen.assigned.load(Ordering::Relaxed) < options.actions {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let draining = started.elapsed();
+    waited.context("the queue did not drain within 30 minutes")?;
+
+    let mut latencies = seen.latencies.lock().clone();
+    latencies.sort();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let store = match &options.postgres {
+        Some(_) => "PostgreSQL state",
+        None => "memory state",
+    };
+    println!(
+        "scheduler, {store}: {} actions queued in {:.2} s ({:.0}/s); {} workers x {} slots \
+         drained them in {:.2} s: {:.0} dispatches/s",
+        options.actions,
+        queueing.as_secs_f64(),
+        options.actions as f64 / queueing.as_secs_f64(),
+        options.workers,
+        options.capacity,
+        draining.as_secs_f64(),
+        options.actions as f64 / draining.as_secs_f64(),
+    );
+    println!(
+        "queue to worker (result sent to next assignment), {} samples: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        latencies.len(),
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// A worker that answers every assignment at once with an empty, successful result.
+async fn simulated_worker(
+    channel: tonic::transport::Channel,
+    index: usize,
+    capacity: usize,
+    seen: Arc<Seen>,
+) -> Result<()> {
+    use wire::scheduler_message::Message as S;
+    use wire::worker_message::Message as W;
+    let (tx, rx) = mpsc::channel::<wire::WorkerMessage>(1024);
+    tx.send(wire::WorkerMessage {
+        message: Some(W::Register(wire::Register {
+            name: format!("simulated-{index}"),
+            properties: Vec::new(),
+            capacity: capacity as u32,
+        })),
+    })
+    .await?;
+    let mut inbound = SchedulerClient::new(channel)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let result = Bytes::from(
+        ActionResult {
+            exit_code: 0,
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    // When a slot was last freed (a result sent), to time the next assignment.
+    let mut freed: Vec<Instant> = Vec::new();
+    while let Some(message) = inbound.message().await? {
+        let Some(S::Assignment(assignment)) = message.message else {
+            continue;
+        };
+        if let Some(at) = freed.pop() {
+            seen.latencies.lock().push(at.elapsed());
+        }
+        seen.assigned.fetch_add(1, Ordering::Relaxed);
+        tx.send(wire::WorkerMessage {
+            message: Some(W::Finished(wire::Finished {
+                assignment_id: assignment.assignment_id,
+                outcome: Some(wire::finished::Outcome::Completed(wire::Completed {
+                    action_result: result.to_vec(),
+                    ..Default::default()
+                })),
+            })),
+        })
+        .await?;
+        freed.push(Instant::now());
+    }
+    Ok(())
+}
