@@ -2,7 +2,7 @@
 //! and each worker's standing), speculative copies of stragglers, canaries for
 //! probed workers, retries, lost workers, cancellations and the periodic sweep.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,6 +24,9 @@ use crate::{Inner, JobId, SessionId};
 const BACKGROUND: i32 = i32::MAX;
 /// How long a canary may run.
 const CANARY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An action's platform properties, as the scheduler matches them.
+type Platform = [(String, String)];
 
 impl Inner {
     /// Whether the worker on `session` may run `job`.
@@ -300,18 +303,32 @@ impl Inner {
         let grace = self.config.unsatisfiable_grace.get();
         let queued: Vec<JobId> = state.queue.in_order().collect();
         let mut doomed = Vec::new();
-        for job_id in queued {
-            let job = &state.jobs[&job_id];
+        // Clients' actions are judged by instance and platform alone: once per
+        // distinct pair, not once per queued action.
+        let mut judged: HashMap<(&str, &Platform), bool> = HashMap::new();
+        let mut satisfiable_now = Vec::with_capacity(queued.len());
+        for job_id in &queued {
+            let job = &state.jobs[job_id];
             // A client's action waits for drained or quarantined workers that could
             // run it (an operator may be draining the whole fleet); a check that no
             // eligible worker can run is dropped.
-            let satisfiable = state.workers.values().any(|w| {
-                if job.kind.is_client() {
-                    w.serves(&job.key.instance) && self.policies.satisfies(&w.offer, &job.platform)
-                } else {
-                    self.eligible(state, job, w.session)
-                }
-            });
+            let satisfiable = match job.kind.is_client() {
+                true => *judged
+                    .entry((job.key.instance.as_str(), job.platform.as_slice()))
+                    .or_insert_with(|| {
+                        state.workers.values().any(|w| {
+                            w.serves(&job.key.instance)
+                                && self.policies.satisfies(&w.offer, &job.platform)
+                        })
+                    }),
+                false => state
+                    .workers
+                    .values()
+                    .any(|w| self.eligible(state, job, w.session)),
+            };
+            satisfiable_now.push(satisfiable);
+        }
+        for (job_id, satisfiable) in queued.into_iter().zip(satisfiable_now) {
             let job = state.jobs.get_mut(&job_id).expect("queued job exists");
             if satisfiable {
                 job.unsatisfiable_since = None;

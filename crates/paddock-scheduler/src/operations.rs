@@ -218,15 +218,29 @@ impl Operations {
         Some(entry.job)
     }
 
-    /// Forgets finished operations older than `retention`.
+    /// Forgets finished operations older than `retention`. Each identity's finished
+    /// operations are kept in the order they finished, so only the expired ones and
+    /// one more per identity are looked at.
     pub fn expire(&mut self, now: Instant, retention: Duration) {
-        self.entries.retain(|_, e| {
-            e.finished_at
-                .is_none_or(|t| now.duration_since(t) < retention)
-        });
-        let entries = &self.entries;
+        let entries = &mut self.entries;
         self.finished.retain(|_, names| {
-            names.retain(|n| entries.contains_key(n));
+            while let Some(front) = names.front() {
+                let expired = match entries.get(front) {
+                    None => true, // deleted, or forgotten beyond the bound
+                    Some(entry) => {
+                        entry.job.is_none()
+                            && entry
+                                .finished_at
+                                .is_some_and(|t| now.duration_since(t) >= retention)
+                    }
+                };
+                if !expired {
+                    break;
+                }
+                if let Some(name) = names.pop_front() {
+                    entries.remove(&name);
+                }
+            }
             !names.is_empty()
         });
     }
@@ -306,5 +320,36 @@ mod tests {
             Duration::from_secs(60),
         );
         assert!(operations.find("hit-4").is_none() && operations.find("bobs").is_none());
+    }
+
+    #[test]
+    fn only_finished_operations_past_their_retention_expire() {
+        let mut operations = Operations::new(100);
+        let response = Arc::new(ExecuteResponse::default());
+        let _early = operations.open(snapshot("early"), owner("alice"), 1);
+        let _running = operations.open(snapshot("running"), owner("alice"), 2);
+        let _deleted = operations.open(snapshot("deleted"), owner("alice"), 3);
+        operations.finish("early", response.clone());
+        operations.finish("deleted", response.clone());
+        operations.remove("deleted");
+        let retention = Duration::from_secs(60);
+        // Not yet: nothing goes.
+        operations.expire(Instant::now(), retention);
+        assert!(operations.find("early").is_some());
+        let later = Instant::now() + Duration::from_secs(61);
+        let _late = operations.open(snapshot("late"), owner("alice"), 4);
+        operations.expire(later, retention);
+        assert!(
+            operations.find("early").is_none(),
+            "finished over a minute ago"
+        );
+        assert!(operations.find("running").is_some(), "unfinished");
+        assert!(operations.find("late").is_some(), "unfinished");
+        operations.finish("late", response);
+        operations.expire(Instant::now(), retention);
+        assert!(operations.find("late").is_some(), "finished just now");
+        operations.expire(later + Duration::from_secs(61), retention);
+        assert!(operations.find("late").is_none());
+        assert!(operations.find("running").is_some());
     }
 }
