@@ -273,7 +273,9 @@ impl Inner {
             self.abort_job(&mut state, job_id, "no client is waiting for it");
         }
 
-        self.fail_unsatisfiable(&mut state, now);
+        if self.due_to_judge_unsatisfiable(now) {
+            self.fail_unsatisfiable(&mut state, now);
+        }
         let connected: HashSet<String> = state.workers.values().map(|w| w.name.clone()).collect();
         for transition in state.fleet.review(&connected) {
             self.transition(Some(transition));
@@ -299,6 +301,19 @@ impl Inner {
     /// Fails queued actions that no connected worker could run, once they have waited
     /// `unsatisfiable_grace` for one to join. Checks (verifications, canaries) that
     /// cannot run are dropped the same way.
+    /// The pass over every queued action for unsatisfiable ones runs a few times per
+    /// `unsatisfiable_grace` (at most once a second), not at every sweep: with a
+    /// deep queue it is the sweep's largest cost.
+    fn due_to_judge_unsatisfiable(&self, now: Instant) -> bool {
+        let every = (self.config.unsatisfiable_grace.get() / 4).min(Duration::from_secs(1));
+        let mut judged = self.unsatisfiable_judged.lock();
+        if judged.is_some_and(|at| now.duration_since(at) < every) {
+            return false;
+        }
+        *judged = Some(now);
+        true
+    }
+
     fn fail_unsatisfiable(&self, state: &mut State, now: Instant) {
         let grace = self.config.unsatisfiable_grace.get();
         let queued: Vec<JobId> = state.queue.in_order().collect();

@@ -113,6 +113,9 @@ pub struct Record {
     pub reason: String,
     pub since: SystemTime,
     window: VecDeque<Outcome>,
+    /// The counts of `window`, kept as it changes: judging a worker sums its whole
+    /// pool's, once per outcome.
+    recent: Counts,
     /// Every outcome since the scheduler started.
     pub totals: Counts,
     /// When the worker last connected or finished something.
@@ -127,17 +130,30 @@ impl Record {
             reason: "connected".into(),
             since: SystemTime::now(),
             window: VecDeque::new(),
+            recent: Counts::default(),
             totals: Counts::default(),
             seen: Instant::now(),
         }
     }
 
     pub fn recent(&self) -> Counts {
-        let mut counts = Counts::default();
-        for outcome in &self.window {
-            counts += count(*outcome);
+        self.recent
+    }
+
+    /// Adds an outcome to the window, dropping the oldest beyond `size`.
+    fn push(&mut self, outcome: Outcome, size: usize) {
+        self.window.push_back(outcome);
+        self.recent += count(outcome);
+        while self.window.len() > size {
+            if let Some(oldest) = self.window.pop_front() {
+                self.recent -= count(oldest);
+            }
         }
-        counts
+    }
+
+    fn clear_window(&mut self) {
+        self.window.clear();
+        self.recent = Counts::default();
     }
 }
 
@@ -312,12 +328,18 @@ impl Fleet {
             return None;
         }
         let skip = record.window.len().saturating_sub(window);
+        let kept: VecDeque<Outcome> = record.window.into_iter().skip(skip).collect();
+        let mut recent = Counts::default();
+        for outcome in &kept {
+            recent += count(*outcome);
+        }
         Some(Record {
             pool: record.pool,
             standing,
             reason: record.reason,
             since: record.since,
-            window: record.window.into_iter().skip(skip).collect(),
+            window: kept,
+            recent,
             totals: record.totals,
             seen: now.checked_sub(away).unwrap_or(now),
         })
@@ -402,11 +424,15 @@ impl Fleet {
         let record = self.records.get_mut(worker)?;
         record.seen = Instant::now();
         record.totals += count(outcome);
-        record.window.push_back(outcome);
-        while record.window.len() > window {
-            record.window.pop_front();
-        }
+        record.push(outcome, window);
         if !self.config.enabled || !record.standing.takes_work() {
+            return None;
+        }
+        // Judging sums the whole pool. A success cannot make a worker more anomalous
+        // than it was, except by giving it its first `min_samples`; whatever else a
+        // pool's successes change is judged by the periodic review.
+        let first_judgeable = record.window.len() == self.config.min_samples.max(1);
+        if outcome == Outcome::Success && !first_judgeable {
             return None;
         }
         let reason = self.anomaly(worker)?;
@@ -511,7 +537,7 @@ impl Fleet {
         let changed = from != to;
         if matches!(standing, Standing::Active) && changed {
             // A fresh start: the window that got it quarantined is history.
-            record.window.clear();
+            record.clear_window();
         }
         record.standing = standing;
         record.reason = reason.clone();
@@ -763,6 +789,28 @@ mod tests {
         stale.last_seen = stale.saved_at - Duration::from_secs(7_200);
         elsewhere.adopt(stale, false);
         assert!(elsewhere.get("w").is_none());
+    }
+
+    #[test]
+    fn a_success_that_makes_a_failing_worker_judgeable_gets_it_judged() {
+        let mut fleet = fleet();
+        for w in ["a", "b", "flaky"] {
+            fleet.enroll(w, String::new());
+        }
+        for _ in 0..20 {
+            fleet.record("a", Outcome::Success);
+            fleet.record("b", Outcome::Success);
+        }
+        for _ in 0..7 {
+            assert!(fleet.record("flaky", Outcome::InfraFailure).is_none());
+        }
+        // Its eighth outcome, a success, gives it min_samples: judged at once.
+        let caught = fleet
+            .record("flaky", Outcome::Success)
+            .expect("quarantined");
+        assert_eq!(caught.to, "quarantined");
+        // Successes of healthy workers judge nobody on the spot.
+        assert!(fleet.record("a", Outcome::Success).is_none());
     }
 
     #[test]

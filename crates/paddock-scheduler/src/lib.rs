@@ -180,6 +180,8 @@ struct Inner {
     /// Where the fleet's records outlive the process.
     records: Option<keeping::Keeping>,
     pool_gauges: Mutex<scaling::PoolGauges>,
+    /// When queued actions were last judged for workers able to run them.
+    unsatisfiable_judged: Mutex<Option<Instant>>,
     /// Wakes the saving of the records when a standing changed.
     save_now: tokio::sync::Notify,
 }
@@ -239,6 +241,7 @@ impl Scheduler {
                 bounds,
                 records: records.map(keeping::Keeping::new),
                 pool_gauges: Default::default(),
+                unsatisfiable_judged: Default::default(),
                 save_now: Default::default(),
             }),
         })

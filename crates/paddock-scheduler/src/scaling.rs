@@ -26,7 +26,7 @@ use crate::state::{JobState, State};
 use crate::Inner;
 
 /// How often the gauges are brought up to date.
-const REPORT_EVERY: Duration = Duration::from_secs(1);
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Pools with series of their own in `/metrics`, at most.
 const MAX_POOL_SERIES: usize = 256;
@@ -159,8 +159,9 @@ impl Inner {
             .collect()
     }
 
-    /// Sets the per-pool gauges, at most once a second (counting the queue costs a
-    /// pass over it); pools that are no longer reported go to zero.
+    /// Sets the per-pool gauges, every [`REPORT_EVERY`] (counting the queue costs a
+    /// pass over it; autoscalers look every 15 s or so); pools that are no longer
+    /// reported go to zero.
     pub(crate) fn report_pools(&self) {
         let mut gauges = self.pool_gauges.lock();
         if gauges.at.is_some_and(|at| at.elapsed() < REPORT_EVERY) {
