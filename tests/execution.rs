@@ -51,6 +51,15 @@ fn stage(op: &Operation) -> i32 {
     metadata.stage
 }
 
+/// The answer at the end of an operation's stream.
+async fn last_response(stream: &mut tonic::Streaming<Operation>) -> ExecuteResponse {
+    let mut last = None;
+    while let Some(op) = stream.next().await {
+        last = Some(op.unwrap());
+    }
+    response_of(&last.expect("the stream ended without an operation"))
+}
+
 fn response_of(op: &Operation) -> ExecuteResponse {
     match op.result.as_ref().unwrap() {
         operation::Result::Response(any) => {
@@ -598,11 +607,7 @@ async fn an_action_survives_its_worker_being_killed() {
     // The only worker dies mid-action; a second one joins and finishes it.
     first.kill9();
     let _second = Worker::start(&server.worker_url, "second", &["--capacity", "1"]);
-    let mut last = None;
-    while let Some(op) = stream.next().await {
-        last = Some(op.unwrap());
-    }
-    let response = response_of(&last.unwrap());
+    let response = last_response(&mut stream).await;
     assert_eq!(status_code(&response), Code::Ok, "{:?}", response.status);
     let result = response.result.unwrap();
     assert_eq!(result.execution_metadata.unwrap().worker, "second");
@@ -636,11 +641,7 @@ async fn a_silent_worker_loses_its_actions_and_its_late_result_is_ignored() {
     wait_for_process(&format!("sleep {sleep}")).await;
     frozen.freeze();
     let _healthy = Worker::start(&server.worker_url, "healthy", &["--capacity", "1"]);
-    let mut last = None;
-    while let Some(op) = stream.next().await {
-        last = Some(op.unwrap());
-    }
-    let response = response_of(&last.unwrap());
+    let response = last_response(&mut stream).await;
     assert_eq!(status_code(&response), Code::Ok, "{:?}", response.status);
     assert_eq!(
         response.result.unwrap().execution_metadata.unwrap().worker,
@@ -975,11 +976,7 @@ async fn an_assignment_its_worker_stops_reporting_is_lost_and_its_late_result_di
         }
     });
     // The scheduler gives the assignment up and the healthy worker runs it.
-    let mut last = None;
-    while let Some(op) = stream.next().await {
-        last = Some(op.unwrap());
-    }
-    let response = response_of(&last.unwrap());
+    let response = last_response(&mut stream).await;
     assert_eq!(status_code(&response), Code::Ok, "{:?}", response.status);
     assert_eq!(
         response.result.unwrap().execution_metadata.unwrap().worker,

@@ -28,11 +28,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use common::registry::{build_image, Registry};
-use common::{config_file, Farm, Worker, WorkerSetup};
+use common::{config_file, workers, Farm, Worker, WorkerSetup};
 use futures::{Stream, StreamExt};
 use paddock_client::exec::{execute, execute_digest, prepare, ExecSpec};
 use paddock_client::{Remote, Source};
-use paddock_proto::admin::v1::{admin_client::AdminClient, ListWorkersRequest, Worker as Listed};
+use paddock_proto::admin::v1::Worker as Listed;
 use paddock_proto::worker::v1 as wire;
 use paddock_reapi::proto::re::{
     command::EnvironmentVariable, Action, ActionResult, Command, Directory, DirectoryNode,
@@ -250,19 +250,6 @@ fn outputs(response: &ExecuteResponse) -> usize {
             + r.output_file_symlinks.len()
             + r.output_directory_symlinks.len()
     })
-}
-
-async fn workers(url: &str) -> HashMap<String, Listed> {
-    let remote = Remote::connect(url, "").await.unwrap();
-    AdminClient::new(remote.channel())
-        .list_workers(ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| (w.name.clone(), w))
-        .collect()
 }
 
 /// Waits until every one of `names` has a session with the scheduler.

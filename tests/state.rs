@@ -13,7 +13,7 @@ use paddock_client::exec::{execute, ExecSpec};
 use paddock_client::Remote;
 use paddock_proto::admin::v1::{
     admin_client::AdminClient, command_worker_request::Command as Order, CommandWorkerRequest,
-    ListWorkersRequest, Worker as Listed,
+    Worker as Listed,
 };
 use paddock_reapi::proto::re::{
     ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
@@ -33,15 +33,7 @@ fn server(postgres: &Postgres) -> Farm {
 }
 
 async fn listed(url: &str, name: &str) -> Option<Listed> {
-    let remote = Remote::connect(url, "").await.unwrap();
-    AdminClient::new(remote.channel())
-        .list_workers(ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-        .into_iter()
-        .find(|w| w.name == name)
+    common::workers(url).await.remove(name)
 }
 
 async fn wait_listed(url: &str, name: &str, standing: &str) -> Listed {
@@ -74,6 +66,31 @@ fn result_with(blob: &Digest) -> ActionResult {
     }
 }
 
+/// Caches, for `action`, a result whose only output is `blob`.
+async fn cache_result(remote: &Remote, action: &Digest, blob: &Digest) {
+    remote
+        .action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result_with(blob)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// The cached result of `action`, or why there is none.
+async fn cached(remote: &Remote, action: &Digest) -> Result<ActionResult, tonic::Status> {
+    remote
+        .action_cache()
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn servers_share_the_action_cache_and_the_workers_records() {
     let postgres = Postgres::start();
@@ -87,28 +104,13 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
     let blob = Digest::of(&data);
     let action = Digest::of(b"an action digest for the shared cache");
     on_a.upload(vec![(blob, data.clone())]).await.unwrap();
-    on_a.action_cache()
-        .update_action_result(UpdateActionResultRequest {
-            action_digest: Some(action.to_proto()),
-            action_result: Some(result_with(&blob)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let get = |remote: &Remote| {
-        let mut client = remote.action_cache();
-        async move {
-            client
-                .get_action_result(GetActionResultRequest {
-                    action_digest: Some(action.to_proto()),
-                    ..Default::default()
-                })
-                .await
-        }
-    };
-    assert_eq!(get(&on_b).await.unwrap_err().code(), Code::NotFound);
+    cache_result(&on_a, &action, &blob).await;
+    assert_eq!(
+        cached(&on_b, &action).await.unwrap_err().code(),
+        Code::NotFound
+    );
     on_b.upload(vec![(blob, data)]).await.unwrap();
-    let found = get(&on_b).await.unwrap().into_inner();
+    let found = cached(&on_b, &action).await.unwrap();
     assert_eq!(found.output_files[0].digest, Some(blob.to_proto()));
     let rows = postgres.sql("SELECT count(*), min(instance_name) FROM action_cache");
     assert_eq!(rows, "1|");
@@ -223,26 +225,8 @@ async fn a_database_that_goes_away_and_comes_back_is_survived() {
     let blob = Digest::of(&data);
     remote.upload(vec![(blob, data)]).await.unwrap();
     let action = Digest::of(b"an action kept across an outage");
-    remote
-        .action_cache()
-        .update_action_result(UpdateActionResultRequest {
-            action_digest: Some(action.to_proto()),
-            action_result: Some(result_with(&blob)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let get = || {
-        let mut client = remote.action_cache();
-        async move {
-            client
-                .get_action_result(GetActionResultRequest {
-                    action_digest: Some(action.to_proto()),
-                    ..Default::default()
-                })
-                .await
-        }
-    };
+    cache_result(&remote, &action, &blob).await;
+    let get = || cached(&remote, &action);
     let up = || {
         common::http_get(&farm.metrics_url).lines().find_map(|l| {
             l.strip_prefix("paddock_database_up ")?
@@ -268,7 +252,7 @@ async fn a_database_that_goes_away_and_comes_back_is_survived() {
     loop {
         match get().await {
             Ok(found) => {
-                assert_eq!(found.into_inner().output_files.len(), 1);
+                assert_eq!(found.output_files.len(), 1);
                 break;
             }
             Err(e) => {
@@ -315,15 +299,7 @@ async fn the_shared_action_cache_keeps_to_its_bound() {
         .map(|i| Digest::of(format!("bounded action {i}").as_bytes()))
         .collect();
     for action in &actions {
-        remote
-            .action_cache()
-            .update_action_result(UpdateActionResultRequest {
-                action_digest: Some(action.to_proto()),
-                action_result: Some(result_with(&blob)),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        cache_result(&remote, action, &blob).await;
     }
     // The first two were written first and never read: they go.
     farm.restart();
@@ -338,13 +314,7 @@ async fn the_shared_action_cache_keeps_to_its_bound() {
     }
     let remote = farm.remote("").await;
     for (i, action) in actions.iter().enumerate() {
-        let found = remote
-            .action_cache()
-            .get_action_result(GetActionResultRequest {
-                action_digest: Some(action.to_proto()),
-                ..Default::default()
-            })
-            .await;
+        let found = cached(&remote, action).await;
         assert_eq!(found.is_ok(), i >= 2, "action {i}: {found:?}");
     }
 }

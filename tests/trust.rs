@@ -5,16 +5,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config_file, free_address, paddock_bin, Farm, Worker};
+use common::{config_file, free_address, paddock_bin, workers, Farm, Worker};
 use futures::StreamExt;
 use paddock_client::exec::{execute, prepare, ExecSpec};
 use paddock_client::Remote;
-use paddock_proto::admin::v1::{admin_client::AdminClient, ListWorkersRequest, Worker as Listed};
+use paddock_proto::admin::v1::{admin_client::AdminClient, Worker as Listed};
 use paddock_reapi::proto::longrunning::operation;
 use paddock_reapi::proto::re::{ExecuteRequest, ExecuteResponse, GetActionResultRequest};
 use paddock_reapi::status::unpack;
@@ -44,6 +43,21 @@ fn host_worker(url: &str, name: &str, extra: &[&str]) -> Worker {
     Worker::start(url, name, &args)
 }
 
+/// Two healthy workers and one that corrupts every output, connected.
+async fn corrupting_fleet(server: &Farm) -> [Worker; 3] {
+    let fleet = [
+        host_worker(&server.worker_url, "good-1", &[]),
+        host_worker(&server.worker_url, "good-2", &[]),
+        host_worker(
+            &server.worker_url,
+            "corrupter",
+            &["--dangerous-fault-injection", "corrupt-outputs=1"],
+        ),
+    ];
+    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
+    fleet
+}
+
 async fn text(remote: &Remote, digest: Option<&paddock_reapi::proto::re::Digest>) -> String {
     let digest = Digest::from_proto(digest).expect("a digest");
     String::from_utf8(remote.read_blob(&digest).await.unwrap().to_vec()).unwrap()
@@ -58,19 +72,6 @@ async fn output(remote: &Remote, response: &ExecuteResponse) -> String {
         .find(|f| f.path == "out.txt")
         .expect("out.txt");
     text(remote, file.digest.as_ref()).await
-}
-
-async fn workers(url: &str) -> HashMap<String, Listed> {
-    let remote = Remote::connect(url, "").await.unwrap();
-    AdminClient::new(remote.channel())
-        .list_workers(ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| (w.name.clone(), w))
-        .collect()
 }
 
 async fn wait_for_standing(url: &str, worker: &str, standing: &str, within: Duration) -> Listed {
@@ -146,14 +147,7 @@ async fn check_cache(remote: &Remote, tag: &str, count: usize) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupting_worker_never_reaches_clients_or_the_cache_and_is_quarantined() {
     let server = Farm::server("127.0.0.1:0", &[]);
-    let _good1 = host_worker(&server.worker_url, "good-1", &[]);
-    let _good2 = host_worker(&server.worker_url, "good-2", &[]);
-    let _bad = host_worker(
-        &server.worker_url,
-        "corrupter",
-        &["--dangerous-fault-injection", "corrupt-outputs=1"],
-    );
-    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
+    let _fleet = corrupting_fleet(&server).await;
     let remote = server.remote("").await;
     let started = Instant::now();
     let producers = run_checked(&remote, "corrupt", 80, 8).await;
@@ -187,14 +181,7 @@ async fn a_corrupting_worker_never_reaches_clients_or_the_cache_and_is_quarantin
 #[tokio::test(flavor = "multi_thread")]
 async fn quarantines_and_health_windows_survive_a_restart_and_a_crash() {
     let mut server = Farm::server(&free_address(), &[]);
-    let _good1 = host_worker(&server.worker_url, "good-1", &[]);
-    let _good2 = host_worker(&server.worker_url, "good-2", &[]);
-    let _bad = host_worker(
-        &server.worker_url,
-        "corrupter",
-        &["--dangerous-fault-injection", "corrupt-outputs=1"],
-    );
-    wait_connected(&server.url, &["good-1", "good-2", "corrupter"]).await;
+    let _fleet = corrupting_fleet(&server).await;
     run_checked(&server.remote("").await, "saved", 40, 8).await;
     let before = workers(&server.url).await;
     assert_eq!(before["corrupter"].standing, "quarantined");

@@ -569,6 +569,23 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
     child.wait_with_output().unwrap()
 }
 
+/// Every worker the farm at `url` knows, by name (the admin API, anonymous).
+pub async fn workers(
+    url: &str,
+) -> std::collections::HashMap<String, paddock_proto::admin::v1::Worker> {
+    use paddock_proto::admin::v1::{admin_client::AdminClient, ListWorkersRequest};
+    let remote = Remote::connect(url, "").await.unwrap();
+    AdminClient::new(remote.channel())
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| (w.name.clone(), w))
+        .collect()
+}
+
 /// Fetches a URL over plain HTTP/1.1 (for the metrics endpoint).
 pub fn http_get(url: &str) -> String {
     use std::io::{Read, Write};

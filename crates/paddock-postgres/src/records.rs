@@ -57,6 +57,23 @@ impl PgRecords {
         Ok((record, identity))
     }
 
+    /// The rows a query returns, within the database's deadline.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, SavedStateError> {
+        let client = self
+            .database
+            .client()
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        self.database
+            .timed(client.query(sql, params))
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// Deletes records nobody wrote for a day, once an hour; a failure only delays it.
     async fn purge(&self, client: &tokio_postgres::Client) {
         let due = self
@@ -83,19 +100,12 @@ impl PgRecords {
 #[async_trait]
 impl RecordStore for PgRecords {
     async fn load(&self) -> Result<Saved, SavedStateError> {
-        let client = self
-            .database
-            .client()
-            .await
-            .map_err(|e| self.unavailable(e))?;
         let rows = self
-            .database
-            .timed(client.query(
+            .rows(
                 "SELECT name, record::text, identity, version FROM worker_records",
                 &[],
-            ))
-            .await
-            .map_err(|e| self.unavailable(e))?;
+            )
+            .await?;
         let mut saved = Saved::default();
         for row in &rows {
             let (record, identity) = self.take(row)?;
@@ -118,22 +128,15 @@ impl RecordStore for PgRecords {
                 .map(|n| versions.get(n).copied().unwrap_or(0))
                 .collect()
         };
-        let client = self
-            .database
-            .client()
-            .await
-            .map_err(|e| self.unavailable(e))?;
         let rows = self
-            .database
-            .timed(client.query(
+            .rows(
                 "SELECT w.name, w.record::text, w.identity, w.version, w.writer = $3
                  FROM worker_records w
                  JOIN unnest($1::text[], $2::bigint[]) AS k(name, version) USING (name)
                  WHERE w.version <> k.version",
                 &[&names, &known, &self.writer],
-            ))
-            .await
-            .map_err(|e| self.unavailable(e))?;
+            )
+            .await?;
         let mut found = Vec::new();
         for row in &rows {
             let ours: bool = row.get(4);
