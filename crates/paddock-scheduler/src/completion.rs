@@ -4,7 +4,6 @@
 //! verification compares runs, or a canary passes or fails its worker.
 
 use std::collections::HashSet;
-use std::time::Instant;
 
 use bytes::Bytes;
 use paddock_proto::worker::v1 as wire;
@@ -64,7 +63,7 @@ impl Inner {
     /// overtaken.
     pub(crate) fn reconcile(&self, session: SessionId, reported: &[String]) {
         let grace = self.config.heartbeat_interval.get() * 2;
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut state = self.state.lock();
         let Some(worker) = state.workers.get(&session) else {
             return;
@@ -92,7 +91,7 @@ impl Inner {
         let name = worker.name.clone();
         for (assignment, job) in lost {
             if let Some(worker) = state.workers.get_mut(&session) {
-                worker.release(&assignment);
+                worker.release(&assignment, now);
             }
             metrics::counter!("paddock_lost_assignments_total").increment(1);
             let transition = state.fleet.record(&name, Outcome::InfraFailure);
@@ -190,7 +189,7 @@ impl Inner {
         }
         let worker = {
             let w = state.workers.get_mut(&session).expect("checked above");
-            w.release(&assignment);
+            w.release(&assignment, self.clock.now());
             w.name.clone()
         };
         match verdict {
@@ -350,7 +349,10 @@ impl Inner {
                 let fingerprint = job.fingerprint;
                 if let Some(attempt) = &attempt {
                     if succeeded {
-                        state.history.record(fingerprint, attempt.started.elapsed());
+                        state.history.record(
+                            fingerprint,
+                            self.clock.now().duration_since(attempt.started),
+                        );
                     }
                     if attempt.speculative {
                         metrics::counter!("paddock_speculative_executions_total", "event" => "won")

@@ -104,7 +104,7 @@ impl Inner {
             session,
             assignment: assignment_id.clone(),
             worker: worker_name,
-            started: Instant::now(),
+            started: self.clock.now(),
             speculative,
         };
         match &mut job.state {
@@ -243,7 +243,7 @@ impl Inner {
     }
 
     pub(crate) fn sweep(&self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut state = self.state.lock();
         let timeout = self.config.heartbeat_timeout.get();
         let silent: Vec<SessionId> = state

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use paddock_config::QuarantineConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, SharedClock};
 use crate::saved::{SavedRecord, SavedStanding};
 
 /// What one action came to on one worker.
@@ -123,16 +124,16 @@ pub struct Record {
 }
 
 impl Record {
-    fn new(pool: String) -> Record {
+    fn new(pool: String, clock: &dyn Clock) -> Record {
         Record {
             pool,
             standing: Standing::Active,
             reason: "connected".into(),
-            since: SystemTime::now(),
+            since: clock.wall(),
             window: VecDeque::new(),
             recent: Counts::default(),
             totals: Counts::default(),
-            seen: Instant::now(),
+            seen: clock.now(),
         }
     }
 
@@ -186,6 +187,7 @@ pub struct Transition {
 /// Every worker's health.
 pub struct Fleet {
     config: QuarantineConfig,
+    clock: SharedClock,
     records: HashMap<String, Record>,
     /// How urgently the records need saving, and which changed since they last were.
     unsaved: Unsaved,
@@ -204,9 +206,10 @@ pub enum Unsaved {
 }
 
 impl Fleet {
-    pub fn new(config: QuarantineConfig) -> Fleet {
+    pub fn new(config: QuarantineConfig, clock: SharedClock) -> Fleet {
         Fleet {
             config,
+            clock,
             records: HashMap::new(),
             unsaved: Unsaved::Nothing,
             changed: BTreeSet::new(),
@@ -223,7 +226,7 @@ impl Fleet {
     pub fn saved(&mut self) -> (Vec<SavedRecord>, BTreeSet<String>) {
         self.unsaved = Unsaved::Nothing;
         let changed = std::mem::take(&mut self.changed);
-        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (now, wall) = (self.clock.now(), self.clock.wall());
         let records = self
             .records
             .iter()
@@ -302,7 +305,7 @@ impl Fleet {
     /// too long to remember.
     fn revive(&self, record: SavedRecord) -> Option<Record> {
         let window = self.config.window.max(1);
-        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (now, wall) = (self.clock.now(), self.clock.wall());
         let standing = match record.standing {
             SavedStanding::Active => Standing::Active,
             SavedStanding::Draining => Standing::Draining,
@@ -357,7 +360,7 @@ impl Fleet {
     /// it is next saved.
     pub fn touch(&mut self, worker: &str) {
         if let Some(record) = self.records.get_mut(worker) {
-            record.seen = Instant::now();
+            record.seen = self.clock.now();
             self.mark_changed(worker, Unsaved::Outcomes);
         }
     }
@@ -376,12 +379,13 @@ impl Fleet {
         if fresh || self.records[worker].pool != pool {
             self.mark_changed(worker, Unsaved::Standings);
         }
+        let clock = self.clock.as_ref();
         let record = self
             .records
             .entry(worker.to_owned())
-            .or_insert_with(|| Record::new(pool.clone()));
+            .or_insert_with(|| Record::new(pool.clone(), clock));
         record.pool = pool;
-        record.seen = Instant::now();
+        record.seen = clock.now();
         record
     }
 
@@ -422,7 +426,7 @@ impl Fleet {
         }
         self.mark_changed(worker, Unsaved::Outcomes);
         let record = self.records.get_mut(worker)?;
-        record.seen = Instant::now();
+        record.seen = self.clock.now();
         record.totals += count(outcome);
         record.push(outcome, window);
         if !self.config.enabled || !record.standing.takes_work() {
@@ -444,7 +448,7 @@ impl Fleet {
             worker,
             Standing::Quarantined {
                 manual: false,
-                probe_at: Some(Instant::now() + self.config.cooldown.get()),
+                probe_at: Some(self.clock.now() + self.config.cooldown.get()),
                 strikes: 0,
             },
             reason,
@@ -541,7 +545,7 @@ impl Fleet {
         }
         record.standing = standing;
         record.reason = reason.clone();
-        record.since = SystemTime::now();
+        record.since = self.clock.wall();
         self.mark_changed(worker, Unsaved::Standings);
         changed.then(|| Transition {
             worker: worker.to_owned(),
@@ -603,7 +607,7 @@ impl Fleet {
                 worker,
                 Standing::Quarantined {
                     manual: false,
-                    probe_at: Some(Instant::now() + wait),
+                    probe_at: Some(self.clock.now() + wait),
                     strikes,
                 },
                 format!(
@@ -654,6 +658,8 @@ pub fn binomial_upper_tail(n: usize, k: usize, p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
+    use std::sync::Arc;
 
     /// Every worker the fleet knows, as if connected.
     fn all(fleet: &Fleet) -> HashSet<String> {
@@ -661,10 +667,13 @@ mod tests {
     }
 
     fn fleet() -> Fleet {
-        Fleet::new(QuarantineConfig {
-            min_samples: 8,
-            ..QuarantineConfig::default()
-        })
+        Fleet::new(
+            QuarantineConfig {
+                min_samples: 8,
+                ..QuarantineConfig::default()
+            },
+            Arc::new(SystemClock),
+        )
     }
 
     #[test]
@@ -893,11 +902,14 @@ mod tests {
 
     #[test]
     fn probes_release_or_extend_a_quarantine() {
-        let mut fleet = Fleet::new(QuarantineConfig {
-            canaries: 2,
-            cooldown: paddock_config::Span::secs(0),
-            ..QuarantineConfig::default()
-        });
+        let mut fleet = Fleet::new(
+            QuarantineConfig {
+                canaries: 2,
+                cooldown: paddock_config::Span::secs(0),
+                ..QuarantineConfig::default()
+            },
+            Arc::new(SystemClock),
+        );
         fleet.enroll("w", String::new());
         fleet.set(
             "w",

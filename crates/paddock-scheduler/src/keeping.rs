@@ -47,11 +47,12 @@ pub(crate) struct Keeping {
 }
 
 impl Keeping {
-    pub(crate) fn new(store: Arc<dyn RecordStore>) -> Keeping {
+    /// Keeping in `store`, with the scheduler's time `now`.
+    pub(crate) fn new(store: Arc<dyn RecordStore>, now: Instant) -> Keeping {
         Keeping {
             store,
             outcomes_saved: Mutex::new(Instant::now()),
-            touched: Mutex::new(Instant::now()),
+            touched: Mutex::new(now),
             saving: tokio::sync::Mutex::new(()),
         }
     }

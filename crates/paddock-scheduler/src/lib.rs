@@ -17,7 +17,10 @@
 //! with canaries. Stragglers get speculative copies ([`history`]), and a sample of
 //! results can be re-run elsewhere and compared.
 
+mod clock;
 mod completion;
+#[cfg(test)]
+mod core_tests;
 mod dispatch;
 pub mod health;
 mod history;
@@ -33,6 +36,7 @@ mod state;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use clock::{SharedClock, SystemClock};
 use health::{Counts, Standing};
 
 use paddock_cas::{read_all, ActionCache, ActionKey, BlobStore};
@@ -110,7 +114,7 @@ impl Drop for Waiter {
             if let Some(job) = state.jobs.get_mut(&self.job) {
                 job.waiters -= 1;
                 if job.waiters == 0 {
-                    job.orphaned_since = Some(Instant::now());
+                    job.orphaned_since = Some(inner.clock.now());
                 }
             }
         }
@@ -171,6 +175,7 @@ pub struct Scheduler {
 
 struct Inner {
     state: Mutex<State>,
+    clock: SharedClock,
     closing: watch::Sender<bool>,
     cas: Arc<dyn BlobStore>,
     action_cache: Arc<dyn ActionCache>,
@@ -218,10 +223,31 @@ impl Scheduler {
         bounds: Bounds,
         records: Option<Arc<dyn RecordStore>>,
     ) -> Result<Self, SavedStateError> {
+        Self::with_clock(
+            config,
+            cas,
+            action_cache,
+            bounds,
+            records,
+            Arc::new(SystemClock),
+        )
+        .await
+    }
+
+    /// [`Scheduler::new`] on the time of `clock`.
+    async fn with_clock(
+        config: SchedulerConfig,
+        cas: Arc<dyn BlobStore>,
+        action_cache: Arc<dyn ActionCache>,
+        bounds: Bounds,
+        records: Option<Arc<dyn RecordStore>>,
+        clock: SharedClock,
+    ) -> Result<Self, SavedStateError> {
         let policies = Policies::new(config.property_policies.clone());
         let mut state = State::new(
-            health::Fleet::new(config.quarantine.clone()),
+            health::Fleet::new(config.quarantine.clone(), clock.clone()),
             bounds.max_finished_operations,
+            clock.clone(),
         );
         if let Some(store) = &records {
             let saved = store.load().await?;
@@ -239,7 +265,8 @@ impl Scheduler {
                 config,
                 policies,
                 bounds,
-                records: records.map(keeping::Keeping::new),
+                records: records.map(|store| keeping::Keeping::new(store, clock.now())),
+                clock,
                 pool_gauges: Default::default(),
                 unsatisfiable_judged: Default::default(),
                 save_now: Default::default(),
@@ -432,7 +459,7 @@ impl Scheduler {
                 Found::Live(updates, job) => {
                     if let Some(job) = job.and_then(|id| state.jobs.get_mut(&id)) {
                         if job.waiters == 0 {
-                            job.orphaned_since = Some(Instant::now());
+                            job.orphaned_since = Some(self.inner.clock.now());
                         }
                     }
                     let snapshot = updates.borrow().clone();
@@ -594,6 +621,7 @@ impl Scheduler {
                 offer,
                 register.capacity as usize,
                 tx,
+                inner.clock.now(),
             ),
         );
         inner.report(&state);
@@ -608,7 +636,7 @@ impl Scheduler {
         {
             let mut state = inner.state.lock();
             match state.workers.get_mut(&session) {
-                Some(worker) => worker.last_seen = Instant::now(),
+                Some(worker) => worker.last_seen = inner.clock.now(),
                 None => {
                     // A session already declared lost: what it says now is late.
                     if matches!(message.message, Some(M::Finished(_))) {
@@ -669,7 +697,7 @@ impl Scheduler {
     /// Each pool's load and the workers it should have: the autoscaling signal.
     pub fn pools(&self) -> Vec<PoolLoad> {
         let state = self.inner.state.lock();
-        self.inner.pools(&state, Instant::now())
+        self.inner.pools(&state, self.inner.clock.now())
     }
 
     /// An operator's order for a worker; NOT_FOUND if no such worker ever connected.

@@ -15,6 +15,7 @@ use paddock_cas::ActionKey;
 use paddock_reapi::proto::re::ExecuteResponse;
 use tokio::sync::watch;
 
+use crate::clock::SharedClock;
 use crate::{JobId, Snapshot, Stage};
 
 /// Who started an operation, and on which instance.
@@ -56,15 +57,17 @@ pub(crate) struct Operations {
     /// Finished operations, per identity, oldest first (some may be gone already).
     finished: HashMap<String, VecDeque<String>>,
     max_finished: usize,
+    clock: SharedClock,
 }
 
 impl Operations {
-    pub fn new(max_finished: usize) -> Operations {
+    pub fn new(max_finished: usize, clock: SharedClock) -> Operations {
         Operations {
             entries: HashMap::new(),
             in_flight: HashMap::new(),
             finished: HashMap::new(),
             max_finished: max_finished.max(1),
+            clock,
         }
     }
 
@@ -123,7 +126,7 @@ impl Operations {
             Entry {
                 kept,
                 job: None,
-                finished_at: Some(Instant::now()),
+                finished_at: Some(self.clock.now()),
                 owner,
             },
         );
@@ -191,7 +194,7 @@ impl Operations {
         if entry.job.take().is_none() {
             return false;
         }
-        entry.finished_at = Some(Instant::now());
+        entry.finished_at = Some(self.clock.now());
         if let Kept::Live(tx) = &entry.kept {
             tx.send_modify(|s| {
                 s.stage = Stage::Completed;
@@ -270,7 +273,7 @@ mod tests {
 
     #[test]
     fn unfinished_operations_count_against_their_owner_until_they_finish() {
-        let mut operations = Operations::new(10);
+        let mut operations = Operations::new(10, Arc::new(crate::clock::SystemClock));
         let _a = operations.open(snapshot("a"), owner("alice"), 1);
         let _b = operations.open(snapshot("b"), owner("alice"), 2);
         let _c = operations.open(snapshot("c"), owner("bob"), 2);
@@ -295,7 +298,7 @@ mod tests {
 
     #[test]
     fn finished_operations_are_bounded_per_identity_and_hits_keep_only_their_key() {
-        let mut operations = Operations::new(3);
+        let mut operations = Operations::new(3, Arc::new(crate::clock::SystemClock));
         for i in 0..5 {
             let name = format!("hit-{i}");
             let key = ActionKey {
@@ -324,7 +327,7 @@ mod tests {
 
     #[test]
     fn only_finished_operations_past_their_retention_expire() {
-        let mut operations = Operations::new(100);
+        let mut operations = Operations::new(100, Arc::new(crate::clock::SystemClock));
         let response = Arc::new(ExecuteResponse::default());
         let _early = operations.open(snapshot("early"), owner("alice"), 1);
         let _running = operations.open(snapshot("running"), owner("alice"), 2);

@@ -164,10 +164,13 @@ impl Inner {
     /// reported go to zero.
     pub(crate) fn report_pools(&self) {
         let mut gauges = self.pool_gauges.lock();
-        if gauges.at.is_some_and(|at| at.elapsed() < REPORT_EVERY) {
+        let now = self.clock.now();
+        if gauges
+            .at
+            .is_some_and(|at| now.duration_since(at) < REPORT_EVERY)
+        {
             return;
         }
-        let now = Instant::now();
         gauges.at = Some(now);
         let loads = self.pools(&self.state.lock(), now);
         let labelled = &mut gauges.labelled;

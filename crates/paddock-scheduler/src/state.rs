@@ -13,6 +13,7 @@ use paddock_reapi::proto::re::{ActionResult, ExecuteResponse};
 use paddock_reapi::Digest;
 use tokio::sync::mpsc;
 
+use crate::clock::SharedClock;
 use crate::health::Fleet;
 use crate::history::{Fingerprint, History};
 use crate::operations::Operations;
@@ -39,6 +40,7 @@ pub(crate) struct State {
     /// another worker, the timeout counts against the first.
     pub timeouts: LinkedHashMap<ActionKey, (String, Duration)>,
     next_id: u64,
+    clock: SharedClock,
 }
 
 /// A result whose action can be run again to check a worker.
@@ -155,8 +157,8 @@ impl WorkerSession {
         offer: Offer,
         capacity: usize,
         outbound: mpsc::UnboundedSender<wire::SchedulerMessage>,
+        now: Instant,
     ) -> WorkerSession {
-        let now = Instant::now();
         WorkerSession {
             session,
             name,
@@ -191,10 +193,10 @@ impl WorkerSession {
     }
 
     /// Forgets an assignment (finished, lost or cancelled).
-    pub fn release(&mut self, assignment: &str) {
+    pub fn release(&mut self, assignment: &str, now: Instant) {
         self.running.remove(assignment);
         if self.running.is_empty() {
-            self.idle_since.get_or_insert_with(Instant::now);
+            self.idle_since.get_or_insert(now);
         }
     }
 
@@ -224,8 +226,8 @@ impl WorkerSession {
     }
 
     /// Tells the worker to stop an assignment and forgets it.
-    pub fn cancel(&mut self, assignment: &str) {
-        self.release(assignment);
+    pub fn cancel(&mut self, assignment: &str, now: Instant) {
+        self.release(assignment, now);
         let _ = self.outbound.send(wire::SchedulerMessage {
             message: Some(wire::scheduler_message::Message::Cancel(wire::Cancel {
                 assignment_id: assignment.to_owned(),
@@ -255,7 +257,7 @@ impl Job {
             priority: 0,
             invocation: String::new(),
             cacheable: false,
-            queued_at: SystemTime::now(),
+            queued_at: SystemTime::UNIX_EPOCH, // set when it is queued
             failures: 0,
             state: JobState::Queued,
             operations: Vec::new(),
@@ -290,19 +292,20 @@ impl Job {
 }
 
 impl State {
-    pub fn new(fleet: Fleet, max_finished_operations: usize) -> State {
+    pub fn new(fleet: Fleet, max_finished_operations: usize, clock: SharedClock) -> State {
         State {
             jobs: HashMap::new(),
             merge: HashMap::new(),
             queue: FairQueue::default(),
             workers: HashMap::new(),
-            operations: Operations::new(max_finished_operations),
+            operations: Operations::new(max_finished_operations, clock.clone()),
             fleet,
             bindings: HashMap::new(),
             history: History::default(),
             known: VecDeque::new(),
             timeouts: LinkedHashMap::new(),
             next_id: 0,
+            clock,
         }
     }
 
@@ -315,6 +318,7 @@ impl State {
     pub fn enqueue(&mut self, mut job: Job) -> JobId {
         let id = self.next_id();
         job.id = id;
+        job.queued_at = self.clock.wall();
         if job.cacheable && job.kind.is_client() {
             self.merge.insert(job.key.clone(), id);
         }
@@ -351,7 +355,7 @@ impl State {
                 for attempt in attempts {
                     if let Some(worker) = self.workers.get_mut(&attempt.session) {
                         if worker.running.contains_key(&attempt.assignment) {
-                            worker.cancel(&attempt.assignment);
+                            worker.cancel(&attempt.assignment, self.clock.now());
                         }
                     }
                 }
