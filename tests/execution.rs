@@ -681,6 +681,53 @@ async fn a_worker_reconnects_when_the_server_comes_back() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// What clients were told is queued or running outlives a crash of the server:
+/// started again on its data directory, it queues those executions again under the
+/// same operation names, so clients that come back with WaitExecution get their
+/// answers (the one that was running runs again).
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_and_running_actions_survive_a_crash_of_the_server() {
+    let mut server = Farm::server(&free_address(), &[]);
+    let _worker = Worker::start(&server.worker_url, "steady", &["--capacity", "1"]);
+    let remote = server.remote("").await;
+    let (running, mut stream) = start(&remote, &shell("sleep 3; echo running")).await;
+    while stage(&stream.next().await.unwrap().unwrap()) != 3 {}
+    // Two more wait behind it.
+    let (first, _first) = start(&remote, &shell("echo first")).await;
+    let (second, _second) = start(&remote, &shell("echo second")).await;
+    server.kill9();
+    server.start_again();
+    let remote = server.remote("").await;
+    let mut streams = Vec::new();
+    for (name, stdout) in [
+        (running, "running\n"),
+        (first, "first\n"),
+        (second, "second\n"),
+    ] {
+        let waited = remote
+            .execution()
+            .wait_execution(WaitExecutionRequest { name: name.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("{name} was forgotten: {e}"))
+            .into_inner();
+        streams.push((name, stdout, waited));
+    }
+    for (name, stdout, mut waited) in streams {
+        let response = last_response(&mut waited).await;
+        assert_eq!(
+            status_code(&response),
+            Code::Ok,
+            "{name}: {:?}",
+            response.status
+        );
+        let result = response.result.unwrap();
+        assert_eq!(
+            blob_text(&remote, result.stdout_digest.as_ref()).await,
+            stdout
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn input_trees_with_symlinks_and_executables_are_materialised() {
     let farm = Farm::start(&[]);

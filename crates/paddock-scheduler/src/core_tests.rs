@@ -30,8 +30,18 @@ struct Farm {
 
 impl Farm {
     async fn new(config: SchedulerConfig) -> Farm {
+        let cas = Arc::new(WithEmptyBlob::new(Arc::new(MemoryStore::new())));
+        Farm::with(config, cas, crate::Lasting::default()).await
+    }
+
+    /// A farm over `cas` whose state outlives it as `lasting` says, with the
+    /// scheduler's timers (and journal writer) running.
+    async fn with(
+        config: SchedulerConfig,
+        cas: Arc<dyn BlobStore>,
+        lasting: crate::Lasting,
+    ) -> Farm {
         let clock = Arc::new(ManualClock::new());
-        let cas: Arc<dyn BlobStore> = Arc::new(WithEmptyBlob::new(Arc::new(MemoryStore::new())));
         let action_cache: Arc<dyn ActionCache> = Arc::new(MemoryActionCache::new(10_000));
         let bounds = Bounds {
             max_tree_directories: 1_000,
@@ -44,11 +54,12 @@ impl Farm {
             cas.clone(),
             action_cache.clone(),
             bounds,
-            None,
+            lasting,
             clock.clone(),
         )
         .await
-        .expect("a scheduler without saved records");
+        .expect("a scheduler with readable saved state");
+        tokio::spawn(scheduler.clone().run());
         Farm {
             scheduler,
             clock,
@@ -566,4 +577,66 @@ async fn finished_operations_are_kept_for_their_retention() {
     assert!(farm.scheduler.get(&name).await.is_some());
     farm.pass(Duration::from_secs(2), &[&w]).await;
     assert!(farm.scheduler.get(&name).await.is_none());
+}
+
+#[tokio::test]
+async fn queued_executions_and_their_operations_outlive_the_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let lasting = || crate::Lasting {
+        records: None,
+        executions: Some(crate::ExecutionJournal::in_directory(dir.path())),
+    };
+    let cas: Arc<dyn BlobStore> = Arc::new(WithEmptyBlob::new(Arc::new(MemoryStore::new())));
+    let farm = Farm::with(SchedulerConfig::default(), cas.clone(), lasting()).await;
+    let merged = farm.action("true", "merged", true).await;
+    let cancelled = farm.action("true", "cancelled", false).await;
+    let deleted = farm.action("true", "deleted", false).await;
+    let gone = farm.action("true", "gone", false).await;
+    let mut names = Vec::new();
+    for action in [merged, merged, cancelled, deleted, gone] {
+        let watch = farm.execute(action, 0, "build").await;
+        names.push(watch.updates.borrow().name.clone());
+    }
+    assert!(farm.scheduler.cancel(&names[2]));
+    assert!(farm.scheduler.delete(&names[3]));
+    let change = farm.scheduler.inner.state.lock().unjournaled.changes();
+    farm.scheduler.inner.journaled(change).await;
+    drop(farm);
+    // The action of one execution leaves the CAS while the scheduler is down.
+    cas.delete(&gone).await.unwrap();
+
+    let farm = Farm::with(SchedulerConfig::default(), cas, lasting()).await;
+    for name in &names[..2] {
+        let snapshot = farm.scheduler.get(name).await.expect("kept by name");
+        assert_eq!(snapshot.stage, Stage::Queued);
+        assert_eq!(snapshot.action_digest, merged);
+    }
+    assert!(farm.scheduler.get(&names[2]).await.is_none(), "cancelled");
+    assert!(farm.scheduler.get(&names[3]).await.is_none(), "deleted");
+    let answered = farm.scheduler.get(&names[4]).await.unwrap();
+    let status = answered.response.unwrap().status.clone().unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    // A client re-attaches; a worker runs the merged execution once, and the deleted
+    // operation's execution, which runs on for the cache.
+    let watch = farm.scheduler.watch(&names[0]).await.unwrap();
+    let mut worker = Worker::connect(&farm, "w", 4).await;
+    let assigned = worker.assignments();
+    let mut ran: Vec<Digest> = assigned.iter().map(action_of).collect();
+    ran.sort();
+    let mut expected = vec![merged, deleted];
+    expected.sort();
+    assert_eq!(ran, expected);
+    for assignment in &assigned {
+        worker.succeed(&farm, assignment).await;
+    }
+    assert_eq!(code(&watch), Some(0));
+    let other = farm.scheduler.get(&names[1]).await.unwrap();
+    assert_eq!(other.stage, Stage::Completed);
+    // Nothing is left to take back a third time.
+    let change = farm.scheduler.inner.state.lock().unjournaled.changes();
+    farm.scheduler.inner.journaled(change).await;
+    let left = crate::ExecutionJournal::in_directory(dir.path())
+        .load()
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -187,6 +187,7 @@ impl Inner {
         tracing::info!(action = %job.key.action, %reason, "requeueing an action");
         metrics::counter!("paddock_executions_requeued_total").increment(1);
         job.state = JobState::Queued;
+        state.unjournaled.changed(job);
         let (priority, invocation) = (job.priority, job.invocation.clone());
         state.queue.push(priority, &invocation, job_id, true);
         state.notify(job_id);

@@ -22,6 +22,7 @@ mod completion;
 #[cfg(test)]
 mod core_tests;
 mod dispatch;
+mod durable;
 pub mod health;
 mod history;
 mod keeping;
@@ -50,6 +51,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
+pub use durable::ExecutionJournal;
 pub use matching::{Offer, Policies};
 use operations::Found;
 pub use operations::Owner;
@@ -121,6 +123,12 @@ impl Drop for Waiter {
     }
 }
 
+/// An action made ready to queue, or the blobs it lacks.
+enum Prepared {
+    Job(Box<Job>),
+    Missing(Vec<Digest>, &'static str),
+}
+
 /// Who asked for an execution: the caller's identity (what quotas count), and from
 /// the client's RequestMetadata, its invocation and the action's mnemonic.
 #[derive(Debug, Clone, Default)]
@@ -176,6 +184,8 @@ pub struct Scheduler {
 struct Inner {
     state: Mutex<State>,
     clock: SharedClock,
+    /// Where clients' executions outlive the process.
+    journaling: Option<durable::Journaling>,
     closing: watch::Sender<bool>,
     cas: Arc<dyn BlobStore>,
     action_cache: Arc<dyn ActionCache>,
@@ -189,6 +199,15 @@ struct Inner {
     unsatisfiable_judged: Mutex<Option<Instant>>,
     /// Wakes the saving of the records when a standing changed.
     save_now: tokio::sync::Notify,
+}
+
+/// Where the scheduler's state outlives its process; by default, nowhere.
+#[derive(Default)]
+pub struct Lasting {
+    /// The workers' records: health, quarantines, name bindings.
+    pub records: Option<Arc<dyn RecordStore>>,
+    /// Clients' queued and running executions, with their operations.
+    pub executions: Option<ExecutionJournal>,
 }
 
 /// What the scheduler holds at most.
@@ -221,14 +240,14 @@ impl Scheduler {
         cas: Arc<dyn BlobStore>,
         action_cache: Arc<dyn ActionCache>,
         bounds: Bounds,
-        records: Option<Arc<dyn RecordStore>>,
+        lasting: Lasting,
     ) -> Result<Self, SavedStateError> {
         Self::with_clock(
             config,
             cas,
             action_cache,
             bounds,
-            records,
+            lasting,
             Arc::new(SystemClock),
         )
         .await
@@ -240,9 +259,13 @@ impl Scheduler {
         cas: Arc<dyn BlobStore>,
         action_cache: Arc<dyn ActionCache>,
         bounds: Bounds,
-        records: Option<Arc<dyn RecordStore>>,
+        lasting: Lasting,
         clock: SharedClock,
     ) -> Result<Self, SavedStateError> {
+        let Lasting {
+            records,
+            executions,
+        } = lasting;
         let policies = Policies::new(config.property_policies.clone());
         let mut state = State::new(
             health::Fleet::new(config.quarantine.clone(), clock.clone()),
@@ -256,7 +279,14 @@ impl Scheduler {
             state.bindings.extend(saved.bindings);
             tracing::info!(workers, from = %store.describe(), "took back the workers' records");
         }
-        Ok(Scheduler {
+        let saved_executions = match &executions {
+            Some(journal) => {
+                state.unjournaled = durable::Unjournaled::enabled();
+                journal.load()?
+            }
+            None => Vec::new(),
+        };
+        let scheduler = Scheduler {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 closing: watch::channel(false).0,
@@ -270,8 +300,11 @@ impl Scheduler {
                 pool_gauges: Default::default(),
                 unsatisfiable_judged: Default::default(),
                 save_now: Default::default(),
+                journaling: executions.map(durable::Journaling::new),
             }),
-        })
+        };
+        scheduler.inner.restore(saved_executions).await;
+        Ok(scheduler)
     }
 
     /// Runs the periodic work (lost workers, orphaned executions, unsatisfiable
@@ -280,6 +313,7 @@ impl Scheduler {
         let weak = Arc::downgrade(&self.inner);
         drop(self);
         tokio::spawn(keeping::keep_records(weak.clone()));
+        tokio::spawn(durable::keep_journal(weak.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -305,6 +339,9 @@ impl Scheduler {
             inner.report(&state);
         }
         let _ = inner.save_due(true).await; // logged; nothing more to do on the way out
+                                            // What ended lately, so that a restart does not run it again.
+        let change = inner.state.lock().unjournaled.changes();
+        inner.journaled(change).await;
     }
 
     /// Starts (or joins) an execution, or answers from the ActionCache.
@@ -339,84 +376,32 @@ impl Scheduler {
             }
         }
 
-        let Some(action_bytes) = read_all(inner.cas.as_ref(), &action_digest)
-            .await
-            .map_err(store_error)?
-        else {
-            return Ok(inner.missing(owner, action_digest, vec![action_digest], "the Action"));
-        };
-        let action = Action::decode(action_bytes.clone())
-            .map_err(|e| invalid(format!("blob {action_digest} is not an Action: {e}")))?;
-        let command_digest = Digest::from_proto(action.command_digest.as_ref())
-            .map_err(|e| invalid(format!("Action.command_digest: {e}")))?;
-        let input_root = Digest::from_proto(action.input_root_digest.as_ref())
-            .map_err(|e| invalid(format!("Action.input_root_digest: {e}")))?;
-        let command_bytes = read_all(inner.cas.as_ref(), &command_digest)
-            .await
-            .map_err(store_error)?;
-        let mut missing = inner
-            .cas
-            .find_missing(&[input_root])
-            .await
-            .map_err(store_error)?;
-        if command_bytes.is_none() {
-            missing.insert(0, command_digest);
-        }
-        let Some(command_bytes) = command_bytes.filter(|_| missing.is_empty()) else {
-            return Ok(inner.missing(owner, action_digest, missing, "the Command or input root"));
-        };
-        let command = Command::decode(command_bytes.clone())
-            .map_err(|e| invalid(format!("blob {command_digest} is not a Command: {e}")))?;
-        validate::command(&command).map_err(invalid)?;
-        let timeout = match action.timeout.as_ref() {
-            None => inner.config.default_timeout.get(),
-            Some(t) => match paddock_reapi::time::duration(t) {
-                None => return Err(invalid("Action.timeout is negative or malformed")),
-                Some(d) if d.is_zero() => inner.config.default_timeout.get(),
-                Some(d) if d > inner.config.max_timeout.get() => {
-                    return Err(invalid(format!(
-                        "Action.timeout of {}s exceeds this server's maximum of {}s",
-                        d.as_secs(),
-                        inner.config.max_timeout.get().as_secs()
-                    )))
-                }
-                Some(d) => d,
-            },
-        };
-
-        let platform = paddock_reapi::platform(&action, &command);
-        inner.policies.check(&platform).map_err(invalid)?;
-        let inputs = inner.inputs_of(input_root).await;
-        let program = command.arguments.first().map(String::as_str).unwrap_or("");
-        let fingerprint = history::fingerprint(&requester.mnemonic, program, &platform);
-        let job = Job {
-            priority,
-            invocation: requester.invocation,
-            cacheable: !action.do_not_cache,
-            fingerprint,
-            inputs,
-            ..Job::new(
-                key,
-                action_bytes,
-                command_bytes,
-                platform,
-                timeout,
-                JobKind::Client,
-            )
-        };
-        let mut state = inner.state.lock();
-        // Counted under the lock that enqueueing takes; a cache hit, above, queues
-        // nothing and counts against nothing.
-        inner.check_quota(&state, &owner.identity)?;
-        let job_id = match state.merge.get(&job.key).copied().filter(|_| job.cacheable) {
-            Some(existing) => {
-                metrics::counter!("paddock_executions_merged_total").increment(1);
-                existing
+        let mut job = match inner.prepare(key, requester.mnemonic.as_str()).await? {
+            Prepared::Job(job) => *job,
+            Prepared::Missing(missing, what) => {
+                return Ok(inner.missing(owner, action_digest, missing, what))
             }
-            None => state.enqueue(job),
         };
-        let watch = inner.attach_operation(&mut state, job_id, owner);
-        inner.dispatch(&mut state);
+        job.priority = priority;
+        job.invocation = requester.invocation;
+        let (watch, change) = {
+            let mut state = inner.state.lock();
+            // Counted under the lock that enqueueing takes; a cache hit, above, queues
+            // nothing and counts against nothing.
+            inner.check_quota(&state, &owner.identity)?;
+            let job_id = match state.merge.get(&job.key).copied().filter(|_| job.cacheable) {
+                Some(existing) => {
+                    metrics::counter!("paddock_executions_merged_total").increment(1);
+                    existing
+                }
+                None => state.enqueue(job),
+            };
+            let watch = inner.attach_operation(&mut state, job_id, owner);
+            inner.dispatch(&mut state);
+            (watch, state.unjournaled.changes())
+        };
+        // The client hears of its operation once a restart would not lose it.
+        inner.journaled(change).await;
         Ok(watch)
     }
 
@@ -475,7 +460,8 @@ impl Scheduler {
     /// operation needs it any more. Returns false if the operation is unknown.
     pub fn cancel(&self, name: &str) -> bool {
         let inner = &self.inner;
-        let mut state = inner.state.lock();
+        let mut guard = inner.state.lock();
+        let state = &mut *guard;
         let Some(job_id) = state.operations.job(name) else {
             // Unknown, or already finished.
             return state.operations.owner(name).is_some();
@@ -491,12 +477,13 @@ impl Scheduler {
         let orphan = match state.jobs.get_mut(&job_id) {
             Some(job) => {
                 job.operations.retain(|op| op != name);
+                state.unjournaled.changed(job);
                 job.operations.is_empty()
             }
             None => false,
         };
         if orphan {
-            inner.abort_job(&mut state, job_id, "every operation was cancelled");
+            inner.abort_job(state, job_id, "every operation was cancelled");
         }
         true
     }
@@ -504,7 +491,8 @@ impl Scheduler {
     /// Forgets an operation (DeleteOperation): the client is no longer interested,
     /// but the execution is not cancelled for that. False if unknown.
     pub fn delete(&self, name: &str) -> bool {
-        let mut state = self.inner.state.lock();
+        let mut guard = self.inner.state.lock();
+        let state = &mut *guard;
         let Some(owner) = state.operations.owner(name).cloned() else {
             return false;
         };
@@ -514,6 +502,7 @@ impl Scheduler {
                     job.operations.retain(|op| op != name);
                     // The execution runs on, and counts against its owner until it ends.
                     job.charged.push(owner.identity);
+                    state.unjournaled.changed(job);
                 }
                 None => state.operations.settle(&owner.identity),
             }
@@ -757,6 +746,19 @@ fn completed(name: String, action_digest: Digest, response: ExecuteResponse) -> 
     }
 }
 
+/// FAILED_PRECONDITION, naming the blobs the action needs that the CAS lacks.
+fn missing_response(missing: &[Digest], what: &str) -> ExecuteResponse {
+    let list: Vec<String> = missing.iter().map(Digest::to_string).collect();
+    let status = status::missing_blobs(
+        format!("{what} is not in the CAS: missing {}", list.join(", ")),
+        missing,
+    );
+    ExecuteResponse {
+        status: Some(status),
+        ..Default::default()
+    }
+}
+
 fn hit_response(result: ActionResult) -> ExecuteResponse {
     ExecuteResponse {
         result: Some(result),
@@ -767,6 +769,76 @@ fn hit_response(result: ActionResult) -> ExecuteResponse {
 }
 
 impl Inner {
+    /// An execution of the action `key` names, read from the CAS and checked, not yet
+    /// queued (no priority or invocation); or which of its blobs are missing.
+    async fn prepare(&self, key: ActionKey, mnemonic: &str) -> Result<Prepared, Status> {
+        let action_digest = key.action;
+        let Some(action_bytes) = read_all(self.cas.as_ref(), &action_digest)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(Prepared::Missing(vec![action_digest], "the Action"));
+        };
+        let action = Action::decode(action_bytes.clone())
+            .map_err(|e| invalid(format!("blob {action_digest} is not an Action: {e}")))?;
+        let command_digest = Digest::from_proto(action.command_digest.as_ref())
+            .map_err(|e| invalid(format!("Action.command_digest: {e}")))?;
+        let input_root = Digest::from_proto(action.input_root_digest.as_ref())
+            .map_err(|e| invalid(format!("Action.input_root_digest: {e}")))?;
+        let command_bytes = read_all(self.cas.as_ref(), &command_digest)
+            .await
+            .map_err(store_error)?;
+        let mut missing = self
+            .cas
+            .find_missing(&[input_root])
+            .await
+            .map_err(store_error)?;
+        if command_bytes.is_none() {
+            missing.insert(0, command_digest);
+        }
+        let Some(command_bytes) = command_bytes.filter(|_| missing.is_empty()) else {
+            return Ok(Prepared::Missing(missing, "the Command or input root"));
+        };
+        let command = Command::decode(command_bytes.clone())
+            .map_err(|e| invalid(format!("blob {command_digest} is not a Command: {e}")))?;
+        validate::command(&command).map_err(invalid)?;
+        let timeout = match action.timeout.as_ref() {
+            None => self.config.default_timeout.get(),
+            Some(t) => match paddock_reapi::time::duration(t) {
+                None => return Err(invalid("Action.timeout is negative or malformed")),
+                Some(d) if d.is_zero() => self.config.default_timeout.get(),
+                Some(d) if d > self.config.max_timeout.get() => {
+                    return Err(invalid(format!(
+                        "Action.timeout of {}s exceeds this server's maximum of {}s",
+                        d.as_secs(),
+                        self.config.max_timeout.get().as_secs()
+                    )))
+                }
+                Some(d) => d,
+            },
+        };
+
+        let platform = paddock_reapi::platform(&action, &command);
+        self.policies.check(&platform).map_err(invalid)?;
+        let inputs = self.inputs_of(input_root).await;
+        let program = command.arguments.first().map(String::as_str).unwrap_or("");
+        let fingerprint = history::fingerprint(mnemonic, program, &platform);
+        let job = Job {
+            cacheable: !action.do_not_cache,
+            fingerprint,
+            inputs,
+            ..Job::new(
+                key,
+                action_bytes,
+                command_bytes,
+                platform,
+                timeout,
+                JobKind::Client,
+            )
+        };
+        Ok(Prepared::Job(Box::new(job)))
+    }
+
     /// RESOURCE_EXHAUSTED if `identity` already has as many executions queued or
     /// running as it may.
     fn check_quota(&self, state: &State, identity: &str) -> Result<(), Status> {
@@ -841,19 +913,7 @@ impl Inner {
         what: &str,
     ) -> OperationWatch {
         metrics::counter!("paddock_executions_total", "outcome" => "missing_blobs").increment(1);
-        let list: Vec<String> = missing.iter().map(Digest::to_string).collect();
-        let status = status::missing_blobs(
-            format!("{what} is not in the CAS: missing {}", list.join(", ")),
-            &missing,
-        );
-        self.answered(
-            owner,
-            action_digest,
-            ExecuteResponse {
-                status: Some(status),
-                ..Default::default()
-            },
-        )
+        self.answered(owner, action_digest, missing_response(&missing, what))
     }
 
     fn add_waiter(self: &Arc<Self>, state: &mut State, job: JobId) -> Waiter {
@@ -873,17 +933,27 @@ impl Inner {
         job_id: JobId,
         owner: Owner,
     ) -> OperationWatch {
-        let name = operation_name();
-        let job = state.jobs.get_mut(&job_id).expect("job exists");
-        let snapshot = job.snapshot(&name);
-        job.operations.push(name);
-        let updates = state.operations.open(snapshot, owner, job_id);
+        let updates = Self::open_operation(state, job_id, operation_name(), owner);
         let waiter = self.add_waiter(state, job_id);
         OperationWatch {
             updates,
             closing: self.closing.subscribe(),
             _waiter: Some(waiter),
         }
+    }
+
+    /// A new operation named `name` following `job_id`.
+    fn open_operation(
+        state: &mut State,
+        job_id: JobId,
+        name: String,
+        owner: Owner,
+    ) -> watch::Receiver<Snapshot> {
+        let job = state.jobs.get_mut(&job_id).expect("job exists");
+        let snapshot = job.snapshot(&name);
+        job.operations.push(name);
+        state.unjournaled.changed(job);
+        state.operations.open(snapshot, owner, job_id)
     }
 
     fn report(&self, state: &State) {

@@ -147,6 +147,12 @@ impl Operations {
         }
     }
 
+    /// Counts an execution against `identity` that none of its operations follows
+    /// (all deleted), until [`Operations::settle`] says it ended.
+    pub fn charge(&mut self, identity: &str) {
+        *self.in_flight.entry(identity.to_owned()).or_default() += 1;
+    }
+
     /// One of `identity`'s executions ended.
     pub fn settle(&mut self, identity: &str) {
         if let Some(count) = self.in_flight.get_mut(identity) {

@@ -122,6 +122,11 @@ pub enum SavedStateError {
         path: PathBuf,
         version: u32,
     },
+    /// The executions journal cannot be read or rewritten.
+    Journal {
+        path: PathBuf,
+        error: String,
+    },
     /// A shared store could not be reached or refused the request.
     Unavailable {
         store: String,
@@ -153,6 +158,13 @@ impl fmt::Display for SavedStateError {
                 f,
                 "the scheduler's saved state {} has format {version}, newer than this \
                  Paddock's {VERSION}: run the newer Paddock, or {advice}",
+                path.display()
+            ),
+            SavedStateError::Journal { path, error } => write!(
+                f,
+                "the executions journal {}: {error}; move it aside to start without it \
+                 (the executions queued in it would be forgotten, and their clients \
+                 would have to call Execute again)",
                 path.display()
             ),
             SavedStateError::Unavailable { store, error } => {

@@ -14,6 +14,7 @@ use paddock_reapi::Digest;
 use tokio::sync::mpsc;
 
 use crate::clock::SharedClock;
+use crate::durable::Unjournaled;
 use crate::health::Fleet;
 use crate::history::{Fingerprint, History};
 use crate::operations::Operations;
@@ -39,6 +40,8 @@ pub(crate) struct State {
     /// Actions that recently timed out, and where: if one then finishes in time on
     /// another worker, the timeout counts against the first.
     pub timeouts: LinkedHashMap<ActionKey, (String, Duration)>,
+    /// Clients' executions changed since the journal was last written.
+    pub unjournaled: Unjournaled,
     next_id: u64,
     clock: SharedClock,
 }
@@ -58,6 +61,8 @@ pub(crate) struct Known {
 /// One execution of an action, shared by every operation that asked for it.
 pub(crate) struct Job {
     pub id: JobId,
+    /// Names it across restarts, in the executions journal.
+    pub token: String,
     pub key: ActionKey,
     pub action: Bytes,
     pub command: Bytes,
@@ -249,6 +254,7 @@ impl Job {
     ) -> Job {
         Job {
             id: 0,
+            token: uuid::Uuid::new_v4().simple().to_string(),
             key,
             action,
             command,
@@ -304,6 +310,7 @@ impl State {
             history: History::default(),
             known: VecDeque::new(),
             timeouts: LinkedHashMap::new(),
+            unjournaled: Unjournaled::default(),
             next_id: 0,
             clock,
         }
@@ -323,6 +330,7 @@ impl State {
             self.merge.insert(job.key.clone(), id);
         }
         self.queue.push(job.priority, &job.invocation, id, false);
+        self.unjournaled.changed(&job);
         self.jobs.insert(id, job);
         id
     }
@@ -342,6 +350,7 @@ impl State {
         let Some(job) = self.jobs.remove(&job_id) else {
             return;
         };
+        self.unjournaled.ended(&job);
         if self.merge.get(&job.key) == Some(&job_id) {
             self.merge.remove(&job.key);
         }

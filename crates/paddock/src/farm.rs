@@ -13,7 +13,7 @@ use paddock_client::LocalServer;
 use paddock_config::{Config, RunnerKind, SandboxConfig, StateBackend, WorkerConfig};
 use paddock_postgres::{Database, PgActionCache, PgRecords};
 use paddock_sandbox::Zygote;
-use paddock_scheduler::{Bounds, RecordStore, Scheduler, StateFile};
+use paddock_scheduler::{Bounds, ExecutionJournal, Lasting, RecordStore, Scheduler, StateFile};
 use paddock_server::{Access, Audience, Callers, Limits, Storage};
 use paddock_tls::ServerTls;
 use paddock_worker::{SchedulerAddress, WorkerOptions};
@@ -117,7 +117,10 @@ impl Farm {
                 max_finished_operations: quotas.max_finished_operations,
                 max_worker_names: quotas.max_worker_names,
             },
-            Some(state.records),
+            Lasting {
+                records: Some(state.records),
+                executions: Some(ExecutionJournal::in_directory(&data_dir)),
+            },
         )
         .await?;
         let storage = Storage { cas, action_cache };
