@@ -117,6 +117,7 @@ impl Inner {
 
     pub(crate) async fn finished(&self, session: SessionId, finished: wire::Finished) {
         use wire::finished::Outcome as W;
+        let arrived = self.clock.now();
         let assignment = finished.assignment_id;
         let job = {
             let state = self.state.lock();
@@ -228,7 +229,16 @@ impl Inner {
             }
             Verdict::Ran(valid) => self.ran(&mut state, job_id, &assignment, &worker, valid),
         }
+        let running = |state: &State| state.workers.get(&session).map(|w| w.running().len());
+        let before = running(&state);
         self.dispatch(&mut state);
+        if running(&state) > before {
+            // The slot the result freed went straight to queued work: how long that
+            // took, from the result's arrival (checking it, waiting for the lock,
+            // choosing the job).
+            let took = self.clock.now().duration_since(arrived);
+            metrics::histogram!("paddock_slot_refill_seconds").record(took.as_secs_f64());
+        }
     }
 
     /// Checks a worker's claim that inputs are missing against the CAS: the client

@@ -70,6 +70,26 @@ impl Farm {
 
     /// Uploads a distinct action running `program` and returns its digest.
     async fn action(&self, program: &str, tag: &str, cacheable: bool) -> Digest {
+        self.action_on(program, tag, cacheable, &[]).await
+    }
+
+    /// [`Farm::action`], needing `platform`.
+    async fn action_on(
+        &self,
+        program: &str,
+        tag: &str,
+        cacheable: bool,
+        platform: &[(&str, &str)],
+    ) -> Digest {
+        let properties = platform
+            .iter()
+            .map(
+                |(name, value)| paddock_reapi::proto::re::platform::Property {
+                    name: (*name).into(),
+                    value: (*value).into(),
+                },
+            )
+            .collect();
         let command = Command {
             arguments: vec![program.into(), tag.into()],
             ..Default::default()
@@ -80,6 +100,7 @@ impl Farm {
             command_digest: Some(command_digest.to_proto()),
             input_root_digest: Some(Digest::of(b"").to_proto()),
             do_not_cache: !cacheable,
+            platform: Some(paddock_reapi::proto::re::Platform { properties }),
             ..Default::default()
         }
         .encode_to_vec();
@@ -141,12 +162,27 @@ struct Worker {
 
 impl Worker {
     async fn connect(farm: &Farm, name: &str, capacity: u32) -> Worker {
+        Worker::offering(farm, name, capacity, &[]).await
+    }
+
+    /// A worker in pool `linux` that also offers `properties`.
+    async fn offering(
+        farm: &Farm,
+        name: &str,
+        capacity: u32,
+        properties: &[(&str, &str)],
+    ) -> Worker {
+        let mut offered = vec![wire::Property {
+            name: "Pool".into(),
+            value: "linux".into(),
+        }];
+        offered.extend(properties.iter().map(|(name, value)| wire::Property {
+            name: (*name).into(),
+            value: (*value).into(),
+        }));
         let register = wire::Register {
             name: name.into(),
-            properties: vec![wire::Property {
-                name: "Pool".into(),
-                value: "linux".into(),
-            }],
+            properties: offered,
             capacity,
         };
         let connection = farm
@@ -639,4 +675,51 @@ async fn queued_executions_and_their_operations_outlive_the_scheduler() {
         .load()
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
+async fn a_free_worker_takes_work_it_can_run_however_deep_the_rest_is() {
+    let farm = Farm::new(SchedulerConfig::default()).await;
+    let gpu = [("gpu", "a100")];
+    let mut names = std::collections::HashMap::new();
+    let mut watches = Vec::new();
+    // Plenty of work only GPU workers can run, queued first and more urgent...
+    for i in 0..50 {
+        let action = farm
+            .action_on("train", &format!("gpu-{i}"), false, &gpu)
+            .await;
+        watches.push(farm.execute(action, -1, "ml").await);
+    }
+    // ...then work any worker can run.
+    for (tag, priority) in [("late-urgent", -1), ("plain-1", 0), ("plain-2", 0)] {
+        let action = farm.action("true", tag, false).await;
+        names.insert(action, tag);
+        watches.push(farm.execute(action, priority, "build").await);
+    }
+    let mut cpu = Worker::connect(&farm, "cpu", 1).await;
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let assignment = cpu.assignment();
+        order.push(names[&action_of(&assignment)]);
+        cpu.succeed(&farm, &assignment).await;
+    }
+    assert_eq!(order, ["late-urgent", "plain-1", "plain-2"]);
+    assert!(cpu.assignments().is_empty(), "nothing it cannot run");
+    // A GPU worker can run both kinds: the more urgent first, then the first queued.
+    farm.scheduler.worker_gone(cpu.session);
+    let plain = farm.action("true", "plain-3", false).await;
+    names.insert(plain, "plain-3");
+    watches.push(farm.execute(plain, -1, "build").await);
+    let mut trainer = Worker::offering(&farm, "trainer", 1, &gpu).await;
+    let first = trainer.assignment();
+    assert_ne!(action_of(&first), plain, "the GPU work was queued first");
+    trainer.succeed(&farm, &first).await;
+    for _ in 0..49 {
+        let assignment = trainer.assignment();
+        trainer.succeed(&farm, &assignment).await;
+    }
+    let last = trainer.assignment();
+    assert_eq!(action_of(&last), plain);
+    trainer.succeed(&farm, &last).await;
+    assert!(watches.iter().all(|w| code(w) == Some(0)));
 }

@@ -16,6 +16,7 @@ use prost::Message;
 use tonic::Code;
 
 use crate::health::{Outcome, Unsaved};
+use crate::queue::Class;
 use crate::results::Outputs;
 use crate::state::{Attempt, Job, JobKind, JobState, Known, State};
 use crate::{Inner, JobId, SessionId};
@@ -54,28 +55,7 @@ impl Inner {
             .map(|w| (w.session, w.capacity - w.running().len()))
             .collect();
         while !free.is_empty() && !state.queue.is_empty() {
-            let choice = state.queue.in_order().find_map(|job_id| {
-                let job = &state.jobs[&job_id];
-                // A retry goes to a worker that has not failed it, unless no such
-                // worker is connected at all.
-                let fresh = |s: &SessionId| !job.avoid.contains(&state.workers[s].name);
-                let wait_for_fresh = !job.avoid.is_empty()
-                    && state
-                        .workers
-                        .keys()
-                        .any(|s| fresh(s) && self.eligible(state, job, *s));
-                // Where its inputs already are, then where most slots are free.
-                let locality = |s: &SessionId| match self.config.locality {
-                    true => state.workers[s].holds(&job.inputs),
-                    false => 0,
-                };
-                free.iter()
-                    .filter(|(s, _)| self.eligible(state, job, *s))
-                    .filter(|(s, _)| !wait_for_fresh || fresh(s))
-                    .max_by_key(|(s, slots)| (locality(s), *slots))
-                    .map(|(s, _)| (job_id, *s))
-            });
-            let Some((job_id, session)) = choice else {
+            let Some((job_id, session)) = self.next_assignment(state, &free) else {
                 break;
             };
             self.assign(state, job_id, session, false);
@@ -88,6 +68,82 @@ impl Inner {
         }
     }
 
+    /// The queued job to start next, and the free worker to start it on. Only the
+    /// classes some free worker can run are looked at; among them the lowest
+    /// priority goes first, then the job queued first; within a class, its fair
+    /// order, past jobs no free worker may take (a retry waiting for a worker that
+    /// has not failed it, a check that must run somewhere new).
+    fn next_assignment(
+        &self,
+        state: &State,
+        free: &[(SessionId, usize)],
+    ) -> Option<(JobId, SessionId)> {
+        let mut best: Option<(i32, JobId, SessionId)> = None;
+        for (class, queue) in state.queue.classes() {
+            let able: Vec<(SessionId, usize)> = free
+                .iter()
+                .filter(|(s, _)| self.runs_class(state, class, *s))
+                .copied()
+                .collect();
+            if able.is_empty() {
+                continue;
+            }
+            for job_id in queue.in_order() {
+                let job = &state.jobs[&job_id];
+                if best.is_some_and(|(priority, _, _)| job.priority > priority) {
+                    break; // nothing later in this class can come first
+                }
+                let Some(session) = self.best_worker(state, job, &able) else {
+                    continue;
+                };
+                if best.is_none_or(|(p, id, _)| (job.priority, job_id) < (p, id)) {
+                    best = Some((job.priority, job_id, session));
+                }
+                break;
+            }
+        }
+        best.map(|(_, job_id, session)| (job_id, session))
+    }
+
+    /// Whether the worker on `session` may run the jobs of `class`, as far as the
+    /// class says (a job may add constraints of its own).
+    fn runs_class(&self, state: &State, class: &Class, session: SessionId) -> bool {
+        let worker = &state.workers[&session];
+        let allowed = match &class.only_on {
+            Some(only) => worker.name == *only,
+            None => state.fleet.takes_work(&worker.name),
+        };
+        allowed
+            && worker.serves(&class.instance)
+            && self.policies.satisfies(&worker.offer, &class.platform)
+    }
+
+    /// Among the free workers `able` to run its class, the one to run `job` on:
+    /// where its inputs already are, then where most slots are free. A retry goes
+    /// to a worker that has not failed it, unless no such worker is connected.
+    fn best_worker(
+        &self,
+        state: &State,
+        job: &Job,
+        able: &[(SessionId, usize)],
+    ) -> Option<SessionId> {
+        let fresh = |s: &SessionId| !job.avoid.contains(&state.workers[s].name);
+        let wait_for_fresh = !job.avoid.is_empty()
+            && state
+                .workers
+                .keys()
+                .any(|s| fresh(s) && self.eligible(state, job, *s));
+        let locality = |s: &SessionId| match self.config.locality {
+            true => state.workers[s].holds(&job.inputs),
+            false => 0,
+        };
+        able.iter()
+            .filter(|(s, _)| !job.exclude.contains(&state.workers[s].name))
+            .filter(|(s, _)| !wait_for_fresh || fresh(s))
+            .max_by_key(|(s, slots)| (locality(s), *slots))
+            .map(|(s, _)| *s)
+    }
+
     /// Sends a job to a worker: its first attempt (out of the queue), or a
     /// speculative copy beside the running one.
     fn assign(&self, state: &mut State, job_id: JobId, session: SessionId, speculative: bool) {
@@ -97,7 +153,7 @@ impl Inner {
         if !speculative {
             state
                 .queue
-                .remove(job.priority, &job.invocation, job_id, true);
+                .remove(job.class, job.priority, &job.invocation, job_id, true);
         }
         job.unsatisfiable_since = None;
         let attempt = Attempt {
@@ -188,8 +244,13 @@ impl Inner {
         metrics::counter!("paddock_executions_requeued_total").increment(1);
         job.state = JobState::Queued;
         state.unjournaled.changed(job);
-        let (priority, invocation) = (job.priority, job.invocation.clone());
-        state.queue.push(priority, &invocation, job_id, true);
+        job.class = state.queue.push(
+            job.queue_class(),
+            job.priority,
+            &job.invocation,
+            job_id,
+            true,
+        );
         state.notify(job_id);
     }
 
@@ -317,7 +378,7 @@ impl Inner {
 
     fn fail_unsatisfiable(&self, state: &mut State, now: Instant) {
         let grace = self.config.unsatisfiable_grace.get();
-        let queued: Vec<JobId> = state.queue.in_order().collect();
+        let queued: Vec<JobId> = state.queue.jobs().collect();
         let mut doomed = Vec::new();
         // Clients' actions are judged by instance and platform alone: once per
         // distinct pair, not once per queued action.

@@ -55,7 +55,6 @@ pub use durable::ExecutionJournal;
 pub use matching::{Offer, Policies};
 use operations::Found;
 pub use operations::Owner;
-use queue::FairQueue;
 pub use saved::{
     RecordStore, Saved, SavedRecord, SavedStanding, SavedStateError, SavedWorker, StateFile,
 };

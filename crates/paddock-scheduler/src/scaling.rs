@@ -99,7 +99,7 @@ impl Inner {
             .collect();
         let mut pools: BTreeMap<&str, Counted> =
             known.iter().map(|p| (*p, Counted::default())).collect();
-        for job_id in state.queue.in_order() {
+        for job_id in state.queue.jobs() {
             let job = &state.jobs[&job_id];
             if !job.kind.is_client() || !matches!(job.state, JobState::Queued) {
                 continue;

@@ -18,14 +18,15 @@ use crate::durable::Unjournaled;
 use crate::health::Fleet;
 use crate::history::{Fingerprint, History};
 use crate::operations::Operations;
+use crate::queue::{Class, ClassId, Queues};
 use crate::results::Outputs;
-use crate::{FairQueue, JobId, Offer, SessionId, Snapshot, Stage};
+use crate::{JobId, Offer, SessionId, Snapshot, Stage};
 
 pub(crate) struct State {
     pub jobs: HashMap<JobId, Job>,
     /// The in-flight execution of each cacheable action, for merging.
     pub merge: HashMap<ActionKey, JobId>,
-    pub queue: FairQueue,
+    pub queue: Queues,
     pub workers: HashMap<SessionId, WorkerSession>,
     pub operations: Operations,
     /// Every worker's health, by name.
@@ -94,6 +95,8 @@ pub(crate) struct Job {
     /// Its input root's digest and those of the root's subdirectories: what a
     /// worker that holds its inputs has laid out before.
     pub inputs: Vec<Digest>,
+    /// Its queue, while it is queued.
+    pub class: ClassId,
 }
 
 /// Why an execution exists.
@@ -277,6 +280,16 @@ impl Job {
             fingerprint: [0; 16],
             speculated: false,
             inputs: Vec::new(),
+            class: 0,
+        }
+    }
+
+    /// What it needs of a worker, which decides the queue it waits in.
+    pub fn queue_class(&self) -> Class {
+        Class {
+            instance: self.key.instance.clone(),
+            platform: self.platform.clone(),
+            only_on: self.kind.only_on().map(str::to_owned),
         }
     }
 
@@ -302,7 +315,7 @@ impl State {
         State {
             jobs: HashMap::new(),
             merge: HashMap::new(),
-            queue: FairQueue::default(),
+            queue: Queues::default(),
             workers: HashMap::new(),
             operations: Operations::new(max_finished_operations, clock.clone()),
             fleet,
@@ -329,7 +342,9 @@ impl State {
         if job.cacheable && job.kind.is_client() {
             self.merge.insert(job.key.clone(), id);
         }
-        self.queue.push(job.priority, &job.invocation, id, false);
+        job.class = self
+            .queue
+            .push(job.queue_class(), job.priority, &job.invocation, id, false);
         self.unjournaled.changed(&job);
         self.jobs.insert(id, job);
         id
@@ -357,7 +372,7 @@ impl State {
         match &job.state {
             JobState::Queued => {
                 self.queue
-                    .remove(job.priority, &job.invocation, job_id, false);
+                    .remove(job.class, job.priority, &job.invocation, job_id, false);
             }
             JobState::Running(attempts) => {
                 // Whatever still runs (a speculative copy) is not needed any more.

@@ -2,9 +2,13 @@
 //! workers. An embedded server (memory storage) gets `actions` distinct no-op
 //! actions queued first (no worker connected, no client waiting), then `workers`
 //! simulated workers connect in this process over the real worker protocol and
-//! answer each assignment at once with a valid result. Measured: the dispatch rate
-//! while the queue drains, and, for each worker, the time from sending a result to
-//! receiving its next assignment (queue to worker, with the queue deep).
+//! answer each assignment at once with a valid result. Measured while the queue
+//! drains: the dispatch rate; in the scheduler, the time from a result's arrival to
+//! the freed slot's next assignment (queue to worker); and, for each simulated
+//! worker, the round trip from sending a result to receiving its next assignment
+//! (which adds the transport and the simulation itself, all on the same cores).
+//! Then, with the whole fleet idle, actions are executed a few at a time and each
+//! is timed from the Execute call to its assignment reaching a worker.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,8 +41,16 @@ pub struct Options {
 #[derive(Default)]
 struct Seen {
     assigned: AtomicUsize,
+    /// Round trips while the queue drains.
     latencies: parking_lot::Mutex<Vec<Duration>>,
+    /// Once the queue has drained: when each action's assignment arrived.
+    arrivals: parking_lot::Mutex<std::collections::HashMap<String, Instant>>,
+    drained: std::sync::atomic::AtomicBool,
 }
+
+/// Actions executed one by one (a few at a time) on the idle fleet.
+const PROBES: usize = 2_000;
+const PROBE_CONCURRENCY: usize = 4;
 
 pub async fn run(options: Options) -> Result<()> {
     let mut config = Config::default();
@@ -56,34 +68,7 @@ pub async fn run(options: Options) -> Result<()> {
     let farm = Embedded::start_with(config, &Default::default(), Vec::new(), None).await?;
     let remote = Remote::connect(&farm.url(), "").await?;
 
-    // Distinct actions (a cache hit or a merge would not reach the scheduler's
-    // queue), uploaded first.
-    let empty = Digest::of(b"");
-    let mut blobs = Vec::new();
-    let mut actions = Vec::with_capacity(options.actions);
-    let nonce = rand::random::<u64>();
-    for i in 0..options.actions {
-        let command = Command {
-            arguments: vec!["true".into(), format!("{nonce}-{i}")],
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let command_digest = Digest::of(&command);
-        let action = Action {
-            command_digest: Some(command_digest.to_proto()),
-            input_root_digest: Some(empty.to_proto()),
-            do_not_cache: true,
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let action_digest = Digest::of(&action);
-        blobs.push((command_digest, Bytes::from(command)));
-        blobs.push((action_digest, Bytes::from(action)));
-        actions.push(action_digest);
-    }
-    for chunk in blobs.chunks(20_000) {
-        remote.upload(chunk.to_vec()).await?;
-    }
+    let actions = upload_actions(&remote, options.actions).await?;
 
     let queued = Instant::now();
     let submitted = futures::stream::iter(actions.iter().map(|digest| {
@@ -130,6 +115,8 @@ pub async fn run(options: Options) -> Result<()> {
     .await;
     let draining = started.elapsed();
     waited.context("the queue did not drain within 30 minutes")?;
+    seen.drained.store(true, Ordering::Relaxed);
+    let refill = Histogram::read("paddock_slot_refill_seconds");
 
     let mut latencies = seen.latencies.lock().clone();
     latencies.sort();
@@ -155,13 +142,144 @@ pub async fn run(options: Options) -> Result<()> {
         options.actions as f64 / draining.as_secs_f64(),
     );
     println!(
-        "queue to worker (result sent to next assignment), {} samples: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "queue to worker in the scheduler (result arrived to the freed slot's next assignment sent), \
+         {} samples: p50 {:.3} ms, p99 {:.3} ms (interpolated within histogram buckets)",
+        refill.count,
+        refill.quantile(0.5) * 1e3,
+        refill.quantile(0.99) * 1e3,
+    );
+    println!(
+        "round trip at a simulated worker (result sent to next assignment received), {} samples: \
+         p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         latencies.len(),
         at(0.5).as_secs_f64() * 1e3,
         at(0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
+
+    // The fleet is idle: Execute to assignment, a few at a time.
+    let probes = upload_actions(&remote, PROBES).await?;
+    let sent = futures::stream::iter(probes.iter().map(|digest| {
+        let mut execution = remote.execution();
+        let request = ExecuteRequest {
+            action_digest: Some(digest.to_proto()),
+            ..Default::default()
+        };
+        async move {
+            let at = Instant::now();
+            let mut stream = execution.execute(request).await?.into_inner();
+            stream.message().await?;
+            Ok::<_, tonic::Status>((digest.hash_hex(), at))
+        }
+    }))
+    .buffer_unordered(PROBE_CONCURRENCY)
+    .collect::<Vec<_>>()
+    .await;
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while seen.arrivals.lock().len() < PROBES {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .context("not every probe reached a worker")?;
+    let arrivals = seen.arrivals.lock().clone();
+    let mut waits = Vec::with_capacity(PROBES);
+    for probe in sent {
+        let (hash, at) = probe?;
+        waits.push(arrivals[&hash].saturating_duration_since(at));
+    }
+    waits.sort();
+    let quantile = |q: f64| waits[((waits.len() as f64 * q) as usize).min(waits.len() - 1)];
+    println!(
+        "Execute to assignment with {} idle workers, {PROBES} actions {PROBE_CONCURRENCY} at a time \
+         (each journaled before Execute answers): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        options.workers,
+        quantile(0.5).as_secs_f64() * 1e3,
+        quantile(0.99).as_secs_f64() * 1e3,
+        waits.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
     Ok(())
+}
+
+/// Uploads `count` distinct no-op actions (a cache hit or a merge would not reach
+/// the scheduler's queue) and returns their digests.
+async fn upload_actions(remote: &Remote, count: usize) -> Result<Vec<Digest>> {
+    let empty = Digest::of(b"");
+    let mut blobs = Vec::new();
+    let mut actions = Vec::with_capacity(count);
+    let nonce = rand::random::<u64>();
+    for i in 0..count {
+        let command = Command {
+            arguments: vec!["true".into(), format!("{nonce}-{i}")],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let command_digest = Digest::of(&command);
+        let action = Action {
+            command_digest: Some(command_digest.to_proto()),
+            input_root_digest: Some(empty.to_proto()),
+            do_not_cache: true,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action_digest = Digest::of(&action);
+        blobs.push((command_digest, Bytes::from(command)));
+        blobs.push((action_digest, Bytes::from(action)));
+        actions.push(action_digest);
+    }
+    for chunk in blobs.chunks(20_000) {
+        remote.upload(chunk.to_vec()).await?;
+    }
+    Ok(actions)
+}
+
+/// A histogram as this process's metrics recorder renders it.
+struct Histogram {
+    /// (upper bound, cumulative count), ascending.
+    buckets: Vec<(f64, u64)>,
+    count: u64,
+}
+
+impl Histogram {
+    fn read(name: &str) -> Histogram {
+        let text = paddock_telemetry::metrics().render();
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets = Vec::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((bound, count)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let bound = match bound {
+                "+Inf" => f64::INFINITY,
+                b => b.parse().unwrap_or(f64::INFINITY),
+            };
+            buckets.push((bound, count.trim().parse().unwrap_or(0)));
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let count = buckets.last().map_or(0, |b| b.1);
+        Histogram { buckets, count }
+    }
+
+    /// The `q` quantile, interpolated linearly within its bucket (as Prometheus's
+    /// `histogram_quantile` does).
+    fn quantile(&self, q: f64) -> f64 {
+        let rank = q * self.count as f64;
+        let mut lower = (0.0, 0u64);
+        for &(bound, cumulative) in &self.buckets {
+            if cumulative as f64 >= rank {
+                if bound.is_infinite() {
+                    return lower.0;
+                }
+                let within = (cumulative - lower.1).max(1) as f64;
+                return lower.0 + (bound - lower.0) * (rank - lower.1 as f64) / within;
+            }
+            lower = (bound, cumulative);
+        }
+        lower.0
+    }
 }
 
 /// A worker that answers every assignment at once with an empty, successful result.
@@ -199,7 +317,12 @@ async fn simulated_worker(
         let Some(S::Assignment(assignment)) = message.message else {
             continue;
         };
-        if let Some(at) = freed.pop() {
+        if seen.drained.load(Ordering::Relaxed) {
+            let hash = assignment.action_digest.as_ref().map(|d| d.hash.clone());
+            seen.arrivals
+                .lock()
+                .insert(hash.unwrap_or_default(), Instant::now());
+        } else if let Some(at) = freed.pop() {
             seen.latencies.lock().push(at.elapsed());
         }
         seen.assigned.fetch_add(1, Ordering::Relaxed);
