@@ -187,6 +187,53 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
     assert_eq!(stored, "quarantined");
 }
 
+/// A worker given both servers' addresses moves to the other when its server dies,
+/// and back when that one dies in turn; its standing follows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_moves_to_another_server_when_its_own_dies() {
+    let postgres = Postgres::start();
+    let mut a = server(&postgres);
+    let mut b = server(&postgres);
+    let both = format!("{},{}", a.worker_url, b.worker_url);
+    let worker = Worker::start(&both, "mover", &["--runner", "host", "--capacity", "1"]);
+    let spec = |text: &str| ExecSpec {
+        arguments: vec!["sh".into(), "-c".into(), format!("echo {text}")],
+        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        ..Default::default()
+    };
+    wait_listed(&a.url, "mover", "active").await;
+    let ran = execute(&a.remote("").await, &spec("on-a")).await.unwrap();
+    assert_eq!(ran.status.unwrap_or_default().code, 0, "{}", worker.log());
+
+    // A dies: the worker goes to B at once (no back-off before trying B).
+    a.kill9();
+    let moved = Instant::now();
+    wait_listed(&b.url, "mover", "active").await;
+    let on_b = b.remote("").await;
+    let ran = execute(&on_b, &spec("on-b")).await.unwrap();
+    assert_eq!(ran.status.unwrap_or_default().code, 0, "{}", worker.log());
+    assert!(
+        moved.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        moved.elapsed()
+    );
+
+    // A comes back and B dies: back to A, still drained as ordered through B.
+    a.start_again();
+    let mut admin = AdminClient::new(on_b.channel());
+    admin
+        .command_worker(CommandWorkerRequest {
+            name: "mover".into(),
+            command: Order::Drain as i32,
+            reason: "moving racks".into(),
+        })
+        .await
+        .unwrap();
+    b.kill9();
+    let back = wait_listed(&a.url, "mover", "draining").await;
+    assert!(back.reason.contains("moving racks"), "{back:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_schema_newer_than_the_binary_is_refused() {
     let postgres = Postgres::start();

@@ -748,7 +748,9 @@ pub struct RegistryCredentials {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// The scheduler (and CAS) a `paddock worker` connects to.
+    /// The scheduler (and CAS) a `paddock worker` connects to; several, separated by
+    /// commas, for servers sharing a database: a worker whose server is gone
+    /// connects to the next.
     pub scheduler: String,
     /// The worker's name in the fleet; defaults to the host name.
     pub name: Option<String>,
@@ -1194,7 +1196,22 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
 
 /// Workers accept `grpc://HOST:PORT` (or `grpcs://` for TLS, `http://`, `https://`)
 /// or a bare `HOST:PORT`.
-fn check_scheduler_address(address: &str) -> Result<(), String> {
+fn check_scheduler_address(addresses: &str) -> Result<(), String> {
+    scheduler_addresses(addresses)
+        .iter()
+        .try_for_each(|address| check_one_scheduler_address(address))
+}
+
+/// The addresses in `worker.scheduler` (one, or several separated by commas).
+pub fn scheduler_addresses(addresses: &str) -> Vec<String> {
+    addresses
+        .split(',')
+        .map(str::trim)
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_one_scheduler_address(address: &str) -> Result<(), String> {
     let rest = ["grpc://", "grpcs://", "http://", "https://"]
         .iter()
         .find_map(|scheme| address.strip_prefix(scheme))

@@ -38,9 +38,11 @@ pub use faults::Faults;
 #[derive(Clone, Debug)]
 pub enum SchedulerAddress {
     /// `grpc://HOST:PORT`, or `grpcs://HOST:PORT` for TLS, with what the worker
-    /// checks the scheduler's certificate against and proves itself with.
-    Url {
-        url: String,
+    /// checks the scheduler's certificate against and proves itself with. Several
+    /// for servers that share their state: the worker connects to one, and to the
+    /// next when it is gone.
+    Urls {
+        urls: Vec<String>,
         credentials: Credentials,
     },
     /// The scheduler in this process (`paddock up`'s own workers).
@@ -50,21 +52,35 @@ pub enum SchedulerAddress {
 impl std::fmt::Display for SchedulerAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SchedulerAddress::Url { url, .. } => f.write_str(url),
+            SchedulerAddress::Urls { urls, .. } => f.write_str(&urls.join(", ")),
             SchedulerAddress::Local(_) => f.write_str("the scheduler in this process"),
         }
     }
 }
 
 impl SchedulerAddress {
-    async fn connect(&self) -> Result<Remote, paddock_client::ClientError> {
+    /// How many servers it names.
+    fn servers(&self) -> usize {
         match self {
-            SchedulerAddress::Url { url, credentials } => {
-                Remote::connect_with(url, "", credentials).await
+            SchedulerAddress::Urls { urls, .. } => urls.len().max(1),
+            SchedulerAddress::Local(_) => 1,
+        }
+    }
+
+    /// Connects to its `turn`-th server (counting round).
+    async fn connect(&self, turn: usize) -> Result<(Remote, String), paddock_client::ClientError> {
+        match self {
+            SchedulerAddress::Urls { urls, credentials } => {
+                let url = &urls[turn % urls.len()];
+                Ok((
+                    Remote::connect_with(url, "", credentials).await?,
+                    url.clone(),
+                ))
             }
-            SchedulerAddress::Local(server) => {
-                Remote::over(server.channel().await?, "", None).await
-            }
+            SchedulerAddress::Local(server) => Ok((
+                Remote::over(server.channel().await?, "", None).await?,
+                self.to_string(),
+            )),
         }
     }
 }
@@ -146,9 +162,14 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
     properties.extend(options.properties.iter().cloned());
 
     let mut backoff = Duration::from_millis(100);
+    // Which server to try, and how many failed in a row: a worker whose server is
+    // gone tries the next at once, and backs off only once it has tried them all.
+    let (mut turn, mut failed) = (0usize, 0usize);
     while !shutdown.is_cancelled() {
+        let mut server = options.scheduler.to_string();
         let outcome = async {
-            let remote = options.scheduler.connect().await?;
+            let (remote, url) = options.scheduler.connect(turn).await?;
+            server = url;
             let ctx = Arc::new(execute::Context {
                 name: options.name.clone(),
                 remote,
@@ -166,10 +187,19 @@ pub async fn run(options: WorkerOptions, shutdown: CancellationToken) -> anyhow:
         }
         .await;
         match outcome {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(worker = %options.name, scheduler = %options.scheduler, error = format!("{e:#}"), "scheduler connection failed")
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                failed = 0;
             }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(worker = %options.name, scheduler = %server, error = format!("{e:#}"), "scheduler connection failed")
+            }
+        }
+        // The next server, unless the session ended on purpose (a shutdown).
+        turn += 1;
+        if failed % options.scheduler.servers() != 0 {
+            continue;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

@@ -107,7 +107,9 @@ struct WorkerArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// The scheduler to take work from: its worker address (`grpc://HOST:PORT`, or
-    /// `grpcs://HOST:PORT` with TLS), which the server prints at start-up.
+    /// `grpcs://HOST:PORT` with TLS), which the server prints at start-up; several,
+    /// separated by commas, for servers that share a database (the worker moves to
+    /// the next when its server is gone).
     #[arg(long)]
     scheduler: Option<String>,
     #[command(flatten)]
@@ -569,8 +571,8 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 .name
                 .or_else(|| config.name.clone())
                 .unwrap_or_else(paddock_worker::host_name);
-            let scheduler = paddock_worker::SchedulerAddress::Url {
-                url: config.scheduler.clone(),
+            let scheduler = paddock_worker::SchedulerAddress::Urls {
+                urls: paddock_config::scheduler_addresses(&config.scheduler),
                 credentials: Credentials::from_files(
                     config.credentials.tls_ca_file.clone(),
                     config.credentials.tls_cert_file.clone(),
