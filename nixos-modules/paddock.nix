@@ -155,6 +155,16 @@ in
               '';
             };
             passwordFile = secretOption "The database user's password, if it needs one.";
+            tlsCaFile = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              description = ''
+                The CA that signed the database's certificate: the connection then
+                uses TLS and checks the certificate and host name against it. Unset:
+                TLS as the URL's `sslmode` says (`require`: checked against the
+                system's roots).
+              '';
+            };
           };
         });
         default = null;

@@ -68,6 +68,7 @@ in
       ])
       ++ (if database == null then [ ] else [
         (credential serverUnit "database-password" (database.passwordFile or null))
+        (credential serverUnit "database-ca" (database.tlsCaFile or null))
       ]));
 
   # The files the worker's unit loads as credentials.
@@ -124,6 +125,7 @@ in
           backend = "postgres";
           url = database.url or "postgresql:///paddock?host=/run/postgresql&user=paddock";
           password_file = path "database-password" (database.passwordFile or null);
+          tls_ca_file = path "database-ca" (database.tlsCaFile or null);
         };
       }))
       settings;

@@ -101,7 +101,7 @@ fn the_module_renders_valid_configurations() {
         ),
         (
             "servers sharing a database elsewhere",
-            r#"s.server (s.defaults.server // { database = { url = "postgresql://paddock@db:5432/paddock"; passwordFile = "/s/db"; }; })"#,
+            r#"s.server (s.defaults.server // { database = { url = "postgresql://paddock@db:5432/paddock"; passwordFile = "/s/db"; tlsCaFile = "/etc/db-ca.pem"; }; })"#,
         ),
         (
             "worker with credentials",
@@ -136,11 +136,12 @@ fn the_module_renders_valid_configurations() {
         "{credentials}"
     );
     let json = render(
-        r#"s.server (s.defaults.server // { database = { url = "postgresql://paddock@db/paddock"; passwordFile = "/s/db"; }; })"#,
+        r#"s.server (s.defaults.server // { database = { url = "postgresql://paddock@db/paddock"; passwordFile = "/s/db"; tlsCaFile = "/s/db-ca.pem"; }; })"#,
     );
     assert!(
         json.contains(r#""backend":"postgres""#)
             && json.contains("/run/credentials/paddock-server.service/database-password")
+            && json.contains("/run/credentials/paddock-server.service/database-ca")
             && !json.contains("/s/db"),
         "{json}"
     );

@@ -234,6 +234,64 @@ async fn a_worker_moves_to_another_server_when_its_own_dies() {
     assert!(back.reason.contains("moving racks"), "{back:?}");
 }
 
+/// What `paddock server` printed when it refused to start with `config`.
+fn refused_start(config: &str) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let output = common::output_within(
+        std::process::Command::new(paddock_bin())
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(["--worker-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--config", config])
+            .arg("--data-dir")
+            .arg(data.path()),
+        Duration::from_secs(60),
+    );
+    assert!(!output.status.success(), "it started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The database over TLS: a server checks the database's certificate against
+/// `state.tls_ca_file` and works through it; one that would talk in the clear is
+/// refused by the database (which takes only TLS on its port), and one that
+/// trusts another CA refuses the database's certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_is_reached_over_tls_with_its_certificate_checked() {
+    let pki = common::pki::Pki::new();
+    let postgres = Postgres::start_tls(&pki.path("server.pem"), &pki.path("server.key"));
+    let section = |extra: &str| {
+        config_file(&format!(
+            "[state]\nbackend = \"postgres\"\nurl = \"{}\"\nconnect_timeout = \"3s\"\n{extra}",
+            postgres.tls_url()
+        ))
+    };
+    let trusting = |ca: &std::path::Path| section(&format!("tls_ca_file = \"{}\"\n", ca.display()));
+    let server = Farm::server(
+        &free_address(),
+        &["--config", &trusting(&pki.path("ca.pem"))],
+    );
+    let remote = server.remote("").await;
+    let data = Bytes::from_static(b"over tls");
+    let blob = Digest::of(&data);
+    let action = Digest::of(b"an action cached over tls");
+    remote.upload(vec![(blob, data)]).await.unwrap();
+    cache_result(&remote, &action, &blob).await;
+    assert!(cached(&remote, &action).await.is_ok());
+    assert_eq!(postgres.sql("SELECT count(*) FROM action_cache"), "1");
+    let connections = postgres.sql(
+        "SELECT count(*) > 0 AND bool_and(ssl) FROM pg_stat_ssl \
+         JOIN pg_stat_activity USING (pid) WHERE application_name = 'paddock'",
+    );
+    assert_eq!(connections, "t", "every connection of the server is TLS");
+
+    let clear = refused_start(&section(""));
+    assert!(clear.contains("no encryption"), "{clear}");
+    let other = common::pki::Authority::new("Another CA");
+    let other_ca = pki.path("other-ca.pem");
+    std::fs::write(&other_ca, &other.pem).unwrap();
+    let untrusted = refused_start(&trusting(&other_ca));
+    assert!(untrusted.contains("certificate"), "{untrusted}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_schema_newer_than_the_binary_is_refused() {
     let postgres = Postgres::start();

@@ -12,6 +12,8 @@ pub struct Postgres {
     bin: PathBuf,
     /// The URL a server's `state.url` takes.
     pub url: String,
+    /// With TLS: the loopback address it also listens on, taking only TLS there.
+    tcp: Option<String>,
 }
 
 /// The newest installed PostgreSQL's programs; the tests fail, not skip, without one.
@@ -31,13 +33,49 @@ fn bin_dir() -> PathBuf {
         .expect("no PostgreSQL under /usr/lib/postgresql")
 }
 
+/// The cluster's port (its Unix socket is named after it too).
+fn port(tcp: &Option<String>) -> &str {
+    tcp.as_deref()
+        .and_then(|a| a.rsplit_once(':'))
+        .map_or("5432", |(_, port)| port)
+}
+
 fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The uid (and gid) the cluster's files belong to: `postgres` when the tests run
+/// as root.
+fn owner() -> Option<u32> {
+    if !root() {
+        return None;
+    }
+    let output = Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok()
 }
 
 impl Postgres {
     /// Starts a fresh cluster and waits until it takes connections.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A cluster that also listens on a loopback port, where it takes only TLS
+    /// connections, with the certificate `cert` and its key `key` (PEM files).
+    pub fn start_tls(cert: &Path, key: &Path) -> Postgres {
+        Postgres::start_with(Some((cert, key)))
+    }
+
+    /// `postgresql://` URL of its TLS port (see [`Postgres::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        let address = self.tcp.as_deref().expect("started with TLS");
+        format!("postgresql://paddock@{address}/postgres")
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("paddock-postgres")
             .tempdir_in("/tmp")
@@ -50,13 +88,16 @@ impl Postgres {
                 .unwrap();
             assert!(status.success(), "chown of the cluster's directory failed");
         }
+        let tcp = tls.map(|_| super::free_address());
         let postgres = Postgres {
             url: format!(
-                "postgresql://paddock@localhost/postgres?host={}",
-                dir.path().display()
+                "postgresql://paddock@localhost/postgres?host={}&port={}",
+                dir.path().display(),
+                port(&tcp)
             ),
             bin: bin_dir(),
             dir,
+            tcp,
         };
         postgres.run_checked(
             "initdb",
@@ -69,6 +110,21 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        if let Some((cert, key)) = tls {
+            // The key must be the server's own and private to it.
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = postgres.data().join(to);
+                std::fs::copy(from, &to).unwrap();
+                std::os::unix::fs::chown(&to, owner(), owner()).unwrap();
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .unwrap();
+            }
+            std::fs::write(
+                postgres.data().join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+        }
         postgres.start_again();
         postgres
     }
@@ -108,10 +164,20 @@ impl Postgres {
 
     /// Starts the cluster (again, after [`Postgres::stop`]) and waits for it.
     pub fn start_again(&self) {
-        let options = format!(
-            "-k {} -c listen_addresses='' -c fsync=off -c max_connections=200",
+        let mut options = format!(
+            "-k {} -c fsync=off -c max_connections=200",
             self.dir.path().display()
         );
+        match &self.tcp {
+            Some(address) => {
+                let (host, port) = address.rsplit_once(':').unwrap();
+                options.push_str(&format!(
+                    " -c listen_addresses={host} -p {port} -c ssl=on \
+                     -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+                ));
+            }
+            None => options.push_str(" -c listen_addresses=''"),
+        }
         let log = self.dir.path().join("postgres.log").display().to_string();
         let data = self.data().display().to_string();
         self.run_checked(
@@ -134,6 +200,8 @@ impl Postgres {
             &[
                 "-h",
                 &socket,
+                "-p",
+                port(&self.tcp),
                 "-U",
                 "paddock",
                 "-d",

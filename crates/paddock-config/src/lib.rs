@@ -39,6 +39,11 @@ pub struct StateConfig {
     pub url: Option<String>,
     /// A file holding the database user's password.
     pub password_file: Option<PathBuf>,
+    /// The CA certificates (PEM) that signed the database's certificate. With it the
+    /// connection must use TLS, and the certificate and host name are checked
+    /// against it; without it TLS follows the URL's `sslmode` (`require`: checked
+    /// against the system's trusted roots; the default, `prefer`: none).
+    pub tls_ca_file: Option<PathBuf>,
     /// Connections each server keeps open at most.
     pub pool_size: usize,
     /// How long start-up keeps trying to reach the database before it gives up.
@@ -53,6 +58,7 @@ impl Default for StateConfig {
             backend: StateBackend::Memory,
             url: None,
             password_file: None,
+            tls_ca_file: None,
             pool_size: 16,
             connect_timeout: Span::secs(60),
             statement_timeout: Span::secs(10),

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use paddock_config::StateConfig;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::NoTls;
 
 use crate::PgActionCache;
@@ -24,6 +25,8 @@ pub enum DatabaseError {
         path: std::path::PathBuf,
         error: std::io::Error,
     },
+    #[error("state.tls_ca_file: {0}")]
+    Tls(String),
     #[error("could not reach the database within state.connect_timeout ({waited:?}): {error}")]
     Unreachable { waited: Duration, error: String },
     #[error(
@@ -75,13 +78,27 @@ impl Database {
                 statement_timeout.as_millis()
             ));
         let describe = describe(&pg);
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let recycling = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls = match (&config.tls_ca_file, pg.get_ssl_mode()) {
+            (Some(ca), _) => Some(Some(ca.as_path())),
+            (None, SslMode::Require) => Some(None),
+            (None, _) => None,
+        };
+        let manager = match tls {
+            Some(ca) => {
+                pg.ssl_mode(SslMode::Require);
+                let roots = paddock_tls::client_config(ca).map_err(DatabaseError::Tls)?;
+                Manager::from_config(pg, crate::tls::Rustls::new(roots), recycling())
+            }
+            None => {
+                if !local(&pg) {
+                    tracing::warn!(database = %describe, "the database's traffic crosses the network unencrypted: set state.tls_ca_file, or sslmode=require in state.url");
+                }
+                Manager::from_config(pg, NoTls, recycling())
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
             .runtime(Runtime::Tokio1)
@@ -161,7 +178,7 @@ impl Database {
         self.pool
             .get()
             .await
-            .map_err(|e| DatabaseError::Query(e.to_string()))
+            .map_err(|e| DatabaseError::Query(with_causes(&e)))
     }
 
     /// Waits for a statement at most the deadline.
@@ -192,7 +209,37 @@ impl Database {
 }
 
 pub(crate) fn query(e: tokio_postgres::Error) -> DatabaseError {
-    DatabaseError::Query(e.to_string())
+    DatabaseError::Query(with_causes(&e))
+}
+
+/// An error and what caused it: tokio-postgres says only "db error" and keeps the
+/// database's own message (or the TLS failure) as the cause.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// Whether every host the configuration names is this machine (a Unix socket or
+/// loopback), where traffic in the clear stays on the machine.
+fn local(pg: &tokio_postgres::Config) -> bool {
+    pg.get_hosts().iter().all(|host| match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    })
 }
 
 fn describe(pg: &tokio_postgres::Config) -> String {

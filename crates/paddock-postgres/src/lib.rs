@@ -4,13 +4,15 @@
 //! ([`PgActionCache`], hash-partitioned by action digest) and the workers' health
 //! records and name bindings ([`PgRecords`]).
 //!
-//! Every statement runs within `state.statement_timeout`; a database that cannot be
+//! TLS to the database is rustls, checked against `state.tls_ca_file` or the
+//! system's roots. Every statement runs within `state.statement_timeout`; a database that cannot be
 //! reached makes calls fail with UNAVAILABLE (clients retry), is reported in logs and
 //! in `paddock_database_up`, and is used again as soon as it answers.
 
 mod action_cache;
 mod database;
 mod records;
+mod tls;
 
 pub use action_cache::PgActionCache;
 pub use database::{maintain, Database, DatabaseError};

@@ -33,6 +33,44 @@ pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// What a client of another service (a database) checks that service's
+/// certificate against: the CA certificates in `ca_file` (PEM), or the system's
+/// trusted roots.
+pub fn client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(ca) => {
+            for cert in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("reading the CA {}: {e}", ca.display()))?
+            {
+                let cert = cert.map_err(|e| format!("reading the CA {}: {e}", ca.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("the CA {}: {e}", ca.display()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            if found.certs.is_empty() {
+                return Err(format!(
+                    "the system has no trusted root certificates ({:?}); name a CA file",
+                    found.errors
+                ));
+            }
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// What protocol a listener speaks over TLS (ALPN).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
