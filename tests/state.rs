@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::postgres::Postgres;
 use common::{config_file, free_address, paddock_bin, Farm, Worker};
-use paddock_client::exec::{execute, ExecSpec};
+use paddock_client::exec::{execute, prepare, ExecSpec};
 use paddock_client::Remote;
 use paddock_proto::admin::v1::{
     admin_client::AdminClient, command_worker_request::Command as Order, CommandWorkerRequest,
     Worker as Listed,
 };
+use paddock_reapi::proto::longrunning::{operation, Operation};
 use paddock_reapi::proto::re::{
-    ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
+    ActionResult, ExecuteRequest, ExecuteResponse, GetActionResultRequest, OutputFile,
+    UpdateActionResultRequest, WaitExecutionRequest,
 };
 use paddock_reapi::Digest;
 use tonic::Code;
@@ -292,11 +294,217 @@ async fn the_database_is_reached_over_tls_with_its_certificate_checked() {
     assert!(untrusted.contains("certificate"), "{untrusted}");
 }
 
+/// The final answer in an operation, if it has one.
+fn answer(op: &Operation) -> Option<ExecuteResponse> {
+    match op.result.as_ref()? {
+        operation::Result::Response(any) => Some(
+            paddock_reapi::status::unpack("build.bazel.remote.execution.v2.ExecuteResponse", any)
+                .unwrap(),
+        ),
+        operation::Result::Error(e) => panic!("an operation's error field is set: {e:?}"),
+    }
+}
+
+/// Follows an operation's stream to its answer; `Err` with what was seen if the
+/// stream broke first. More than one final answer fails the test.
+async fn follow(
+    mut stream: tonic::Streaming<Operation>,
+    name: &mut Option<String>,
+) -> Option<ExecuteResponse> {
+    let mut answered = None;
+    while let Ok(Some(op)) = stream.message().await {
+        *name = Some(op.name.clone());
+        if op.done {
+            assert!(answered.is_none(), "{} answered twice", op.name);
+            answered = answer(&op);
+        }
+    }
+    answered
+}
+
+/// Runs `spec` as a client of two servers that survives either going away: Execute
+/// on one and, if the stream breaks, WaitExecution by name on either until the
+/// answer comes. Blobs go to both servers (each has its own CAS); an action whose
+/// blobs a server lacks (it was down during the upload) is uploaded and executed again.
+async fn execute_surviving(
+    remotes: &[Remote; 2],
+    first: usize,
+    spec: &ExecSpec,
+) -> ExecuteResponse {
+    let prepared = prepare(spec).await.unwrap();
+    let mut turn = first;
+    loop {
+        for remote in remotes {
+            let _ = remote.upload_missing(prepared.blobs.clone()).await;
+        }
+        let request = ExecuteRequest {
+            action_digest: Some(prepared.digest.to_proto()),
+            ..Default::default()
+        };
+        turn += 1;
+        let mut name = None;
+        let mut answered = match remotes[turn % 2].execution().execute(request).await {
+            Ok(stream) => follow(stream.into_inner(), &mut name).await,
+            Err(_) => None,
+        };
+        while answered.is_none() {
+            let Some(n) = name.clone() else { break };
+            turn += 1;
+            let waited = remotes[turn % 2]
+                .execution()
+                .wait_execution(WaitExecutionRequest { name: n })
+                .await;
+            match waited {
+                Ok(stream) => answered = follow(stream.into_inner(), &mut name).await,
+                Err(status) if status.code() == Code::NotFound => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        match answered {
+            Some(r)
+                if r.status
+                    .as_ref()
+                    .is_some_and(|s| s.code == Code::FailedPrecondition as i32) => {}
+            Some(r) => return r,
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Two servers share the queue, each with a worker and clients: every action is
+/// answered correctly while one server is killed and started again, and while the
+/// database restarts; nothing is left queued or running in the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_restart() {
+    let postgres = Postgres::start();
+    let config = config_file(&format!(
+        "[state]\nbackend = \"postgres\"\nurl = \"{}\"\nconnect_timeout = \"5s\"\nlease = \"3s\"\n\
+         [scheduler]\nmax_attempts = 20\n",
+        postgres.url
+    ));
+    let mut a = Farm::server(&free_address(), &["--config", &config]);
+    let b = Farm::server(&free_address(), &["--config", &config]);
+    let _workers = [
+        Worker::start(
+            &format!("{},{}", a.worker_url, b.worker_url),
+            "on-a",
+            &["--runner", "host", "--capacity", "4"],
+        ),
+        Worker::start(
+            &format!("{},{}", b.worker_url, a.worker_url),
+            "on-b",
+            &["--runner", "host", "--capacity", "4"],
+        ),
+    ];
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let clients = 50;
+    let per_client = 100;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (a_url, b_url, answered) = (a_url.clone(), b_url.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            let remotes = [
+                Remote::connect(&a_url, "").await.unwrap(),
+                Remote::connect(&b_url, "").await.unwrap(),
+            ];
+            let mut wrong = Vec::new();
+            for i in 0..per_client {
+                let value = format!("{c}-{i}");
+                let spec = ExecSpec {
+                    arguments: vec!["echo".into(), value.clone()],
+                    environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                    invocation: format!("client-{c}"),
+                    ..Default::default()
+                };
+                let response = execute_surviving(&remotes, c + i, &spec).await;
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let code = response.status.as_ref().map_or(0, |s| s.code);
+                let stdout = match &response.result {
+                    Some(result) if code == 0 => {
+                        let digest = Digest::from_proto(result.stdout_digest.as_ref()).unwrap();
+                        // From whichever server's CAS has it (its worker's), once
+                        // that server is up.
+                        let mut text = None;
+                        for _ in 0..100 {
+                            for remote in &remotes {
+                                if let Ok(bytes) = remote.read_blob(&digest).await {
+                                    text = Some(String::from_utf8_lossy(&bytes).into_owned());
+                                }
+                            }
+                            if text.is_some() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        text.unwrap_or_default()
+                    }
+                    _ => String::new(),
+                };
+                if stdout != format!("{value}\n") {
+                    wrong.push(format!("{value}: {:?}, {stdout:?}", response.status));
+                }
+            }
+            wrong
+        }));
+    }
+    let total = clients * per_client;
+    let wait_for = |count: usize| {
+        let answered = answered.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while answered.load(std::sync::atomic::Ordering::Relaxed) < count {
+                assert!(
+                    Instant::now() < deadline,
+                    "fewer than {count} answered in 2 minutes"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(total / 3).await;
+    a.kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.start_again();
+    wait_for(2 * total / 3).await;
+    postgres.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    postgres.start_again();
+    let mut wrong = Vec::new();
+    let finished = tokio::time::timeout(Duration::from_secs(240), async {
+        for task in tasks {
+            wrong.extend(task.await.unwrap());
+        }
+    })
+    .await;
+    assert!(
+        finished.is_ok(),
+        "{} of {total} answered in 4 minutes; A:\n{}\nB:\n{}",
+        answered.load(std::sync::atomic::Ordering::Relaxed),
+        a.log(),
+        b.log()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert_eq!(
+        postgres.sql("SELECT count(*) FROM executions WHERE state <> 'done'"),
+        "0",
+        "{}",
+        postgres.sql("SELECT state, count(*) FROM executions GROUP BY state")
+    );
+    let ran = postgres.sql("SELECT count(DISTINCT worker) FROM executions");
+    assert_eq!(ran, "2", "both servers' workers ran actions");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_schema_newer_than_the_binary_is_refused() {
     let postgres = Postgres::start();
     drop(server(&postgres)); // migrates
-    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "1");
+    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "2");
     postgres.sql("INSERT INTO paddock_schema (version) VALUES (99)");
     let output = common::output_within(
         std::process::Command::new(paddock_bin())
@@ -314,7 +522,7 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 1"),
+        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 2"),
         "{stderr}"
     );
 }

@@ -50,6 +50,10 @@ pub struct StateConfig {
     pub connect_timeout: Span,
     /// How long one statement may take before it fails (and the call with it).
     pub statement_timeout: Span,
+    /// How long a server's claim on an execution holds without being renewed (it
+    /// renews every 2 s): when a server dies, what it ran goes back to the queue
+    /// this long after.
+    pub lease: Span,
 }
 
 impl Default for StateConfig {
@@ -62,6 +66,7 @@ impl Default for StateConfig {
             pool_size: 16,
             connect_timeout: Span::secs(60),
             statement_timeout: Span::secs(10),
+            lease: Span::secs(15),
         }
     }
 }

@@ -10,7 +10,10 @@ use tokio_postgres::NoTls;
 use crate::PgActionCache;
 
 /// The schema's migrations, in order; the schema's version is how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_action_cache_and_workers.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_action_cache_and_workers.sql"),
+    include_str!("migrations/0002_shared_queue.sql"),
+];
 
 /// Taken while migrating, so that servers starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x7061_6464_6f63_6b31; // "paddock1"
@@ -42,6 +45,9 @@ pub enum DatabaseError {
 #[derive(Clone)]
 pub struct Database {
     pool: Pool,
+    /// For connections of their own (listening for notifications).
+    pg: tokio_postgres::Config,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
     describe: String,
     /// How long this side waits for any one statement: the server's
     /// `statement_timeout` and a margin, for a database that does not answer at all.
@@ -86,18 +92,25 @@ impl Database {
             (None, SslMode::Require) => Some(None),
             (None, _) => None,
         };
-        let manager = match tls {
+        let tls = match tls {
             Some(ca) => {
                 pg.ssl_mode(SslMode::Require);
-                let roots = paddock_tls::client_config(ca).map_err(DatabaseError::Tls)?;
-                Manager::from_config(pg, crate::tls::Rustls::new(roots), recycling())
+                Some(paddock_tls::client_config(ca).map_err(DatabaseError::Tls)?)
             }
             None => {
                 if !local(&pg) {
                     tracing::warn!(database = %describe, "the database's traffic crosses the network unencrypted: set state.tls_ca_file, or sslmode=require in state.url");
                 }
-                Manager::from_config(pg, NoTls, recycling())
+                None
             }
+        };
+        let manager = match &tls {
+            Some(roots) => Manager::from_config(
+                pg.clone(),
+                crate::tls::Rustls::new(roots.clone()),
+                recycling(),
+            ),
+            None => Manager::from_config(pg.clone(), NoTls, recycling()),
         };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size)
@@ -109,6 +122,8 @@ impl Database {
             .map_err(|e| DatabaseError::Url(e.to_string()))?;
         let database = Database {
             pool,
+            pg,
+            tls,
             describe,
             deadline: statement_timeout + Duration::from_secs(2),
         };
@@ -195,6 +210,42 @@ impl Database {
         }
     }
 
+    /// Listens on `channels` over a connection of its own, made again (after a
+    /// pause) whenever it breaks, until `sink` is closed. Each notification goes to
+    /// `sink` as its channel and payload; `None` after each new connection, since
+    /// notifications sent while none was listening are lost.
+    pub(crate) async fn listen(
+        &self,
+        channels: &[&str],
+        sink: tokio::sync::mpsc::UnboundedSender<Option<(String, String)>>,
+    ) {
+        let mut pause = Duration::from_millis(100);
+        while !sink.is_closed() {
+            let ended = match &self.tls {
+                Some(roots) => match self
+                    .pg
+                    .connect(crate::tls::Rustls::new(roots.clone()))
+                    .await
+                {
+                    Ok((client, connection)) => forward(client, connection, channels, &sink).await,
+                    Err(e) => Err(e),
+                },
+                None => match self.pg.connect(NoTls).await {
+                    Ok((client, connection)) => forward(client, connection, channels, &sink).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match ended {
+                Ok(()) => pause = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(database = %self.describe, error = %with_causes(&e), "listening for the database's notifications failed; listening again shortly");
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     /// Where the database is (no password), for logs.
     pub fn describe(&self) -> &str {
         &self.describe
@@ -206,6 +257,49 @@ impl Database {
             Err(_) => false,
         }
     }
+}
+
+/// Passes one connection's notifications on until it ends.
+async fn forward<S, T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, T>,
+    channels: &[&str],
+    sink: &tokio::sync::mpsc::UnboundedSender<Option<(String, String)>>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (messages, mut received) = tokio::sync::mpsc::unbounded_channel();
+    // The connection does its work (the LISTEN statements too) only while polled.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if messages
+                        .send((n.channel().to_owned(), n.payload().to_owned()))
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    });
+    for channel in channels {
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+    }
+    let _ = sink.send(None);
+    while let Some(notification) = received.recv().await {
+        if sink.send(Some(notification)).is_err() {
+            break;
+        }
+    }
+    drop(client);
+    driver.await.unwrap_or(Ok(()))
 }
 
 pub(crate) fn query(e: tokio_postgres::Error) -> DatabaseError {

@@ -2,7 +2,8 @@
 //! the schema (migrations embedded in the binary, applied at start-up, and a refusal
 //! to run against a schema newer than the binary), the ActionCache
 //! ([`PgActionCache`], hash-partitioned by action digest) and the workers' health
-//! records and name bindings ([`PgRecords`]).
+//! records and name bindings ([`PgRecords`]), and the queue servers share
+//! ([`PgQueue`]: executions, operations, invocations).
 //!
 //! TLS to the database is rustls, checked against `state.tls_ca_file` or the
 //! system's roots. Every statement runs within `state.statement_timeout`; a database that cannot be
@@ -11,9 +12,11 @@
 
 mod action_cache;
 mod database;
+mod queue;
 mod records;
 mod tls;
 
 pub use action_cache::PgActionCache;
 pub use database::{maintain, Database, DatabaseError};
+pub use queue::{PgQueue, QueueSettings};
 pub use records::PgRecords;

@@ -619,8 +619,8 @@ async fn finished_operations_are_kept_for_their_retention() {
 async fn queued_executions_and_their_operations_outlive_the_scheduler() {
     let dir = tempfile::tempdir().unwrap();
     let lasting = || crate::Lasting {
-        records: None,
         executions: Some(crate::ExecutionJournal::in_directory(dir.path())),
+        ..Default::default()
     };
     let cas: Arc<dyn BlobStore> = Arc::new(WithEmptyBlob::new(Arc::new(MemoryStore::new())));
     let farm = Farm::with(SchedulerConfig::default(), cas.clone(), lasting()).await;
@@ -633,8 +633,8 @@ async fn queued_executions_and_their_operations_outlive_the_scheduler() {
         let watch = farm.execute(action, 0, "build").await;
         names.push(watch.updates.borrow().name.clone());
     }
-    assert!(farm.scheduler.cancel(&names[2]));
-    assert!(farm.scheduler.delete(&names[3]));
+    assert!(farm.scheduler.cancel(&names[2]).await.unwrap());
+    assert!(farm.scheduler.delete(&names[3]).await.unwrap());
     let change = farm.scheduler.inner.state.lock().unjournaled.changes();
     farm.scheduler.inner.journaled(change).await;
     drop(farm);

@@ -107,7 +107,7 @@ impl Inner {
 
     /// Whether the worker on `session` may run the jobs of `class`, as far as the
     /// class says (a job may add constraints of its own).
-    fn runs_class(&self, state: &State, class: &Class, session: SessionId) -> bool {
+    pub(crate) fn runs_class(&self, state: &State, class: &Class, session: SessionId) -> bool {
         let worker = &state.workers[&session];
         let allowed = match &class.only_on {
             Some(only) => worker.name == *only,
@@ -151,6 +151,7 @@ impl Inner {
         let worker_name = state.workers[&session].name.clone();
         let job = state.jobs.get_mut(&job_id).expect("the job exists");
         if !speculative {
+            state.replica.started(job, &worker_name);
             state
                 .queue
                 .remove(job.class, job.priority, &job.invocation, job_id, true);
@@ -238,6 +239,15 @@ impl Inner {
                     ..Default::default()
                 },
             );
+            return;
+        }
+        if job.shared.is_some() {
+            // Back to the shared queue, where any replica may take it.
+            let worker = job.avoid.last().cloned().unwrap_or_default();
+            tracing::info!(action = %job.key.action, %reason, "releasing an action to the shared queue");
+            metrics::counter!("paddock_executions_requeued_total").increment(1);
+            state.replica.released(job, &worker);
+            state.drop_job(job_id);
             return;
         }
         tracing::info!(action = %job.key.action, %reason, "requeueing an action");

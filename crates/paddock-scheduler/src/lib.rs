@@ -32,6 +32,7 @@ mod queue;
 pub mod results;
 mod saved;
 mod scaling;
+mod shared;
 mod state;
 
 use std::sync::{Arc, Weak};
@@ -55,10 +56,15 @@ pub use durable::ExecutionJournal;
 pub use matching::{Offer, Policies};
 use operations::Found;
 pub use operations::Owner;
+pub use queue::Class;
 pub use saved::{
     RecordStore, Saved, SavedRecord, SavedStanding, SavedStateError, SavedWorker, StateFile,
 };
 pub use scaling::PoolLoad;
+pub use shared::{
+    Claimed, ExecutionId, ExecutionStanding, Notice, Progress, SharedError, SharedOperation,
+    SharedQueue, SharedStage, Submission,
+};
 use state::{Job, JobKind, State, WorkerSession};
 
 /// Whether a worker may run actions of an instance.
@@ -185,6 +191,8 @@ struct Inner {
     clock: SharedClock,
     /// Where clients' executions outlive the process.
     journaling: Option<durable::Journaling>,
+    /// The queue shared with other servers, if there is one.
+    sharing: Option<shared::Sharing>,
     closing: watch::Sender<bool>,
     cas: Arc<dyn BlobStore>,
     action_cache: Arc<dyn ActionCache>,
@@ -207,6 +215,9 @@ pub struct Lasting {
     pub records: Option<Arc<dyn RecordStore>>,
     /// Clients' queued and running executions, with their operations.
     pub executions: Option<ExecutionJournal>,
+    /// The queue this server shares with others: executions and operations live
+    /// there instead of in this process.
+    pub shared: Option<Arc<dyn SharedQueue>>,
 }
 
 /// What the scheduler holds at most.
@@ -264,6 +275,7 @@ impl Scheduler {
         let Lasting {
             records,
             executions,
+            shared,
         } = lasting;
         let policies = Policies::new(config.property_policies.clone());
         let mut state = State::new(
@@ -300,6 +312,10 @@ impl Scheduler {
                 unsatisfiable_judged: Default::default(),
                 save_now: Default::default(),
                 journaling: executions.map(durable::Journaling::new),
+                sharing: shared.map(|queue| shared::Sharing {
+                    queue,
+                    wake: Default::default(),
+                }),
             }),
         };
         scheduler.inner.restore(saved_executions).await;
@@ -313,6 +329,7 @@ impl Scheduler {
         drop(self);
         tokio::spawn(keeping::keep_records(weak.clone()));
         tokio::spawn(durable::keep_journal(weak.clone()));
+        tokio::spawn(shared::replicate(weak.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -375,7 +392,10 @@ impl Scheduler {
             }
         }
 
-        let mut job = match inner.prepare(key, requester.mnemonic.as_str()).await? {
+        let mut job = match inner
+            .prepare(key.clone(), requester.mnemonic.as_str())
+            .await?
+        {
             Prepared::Job(job) => *job,
             Prepared::Missing(missing, what) => {
                 return Ok(inner.missing(owner, action_digest, missing, what))
@@ -383,6 +403,19 @@ impl Scheduler {
         };
         job.priority = priority;
         job.invocation = requester.invocation;
+        if let Some(sharing) = &inner.sharing {
+            let submission = shared::Submission {
+                operation: operation_name(),
+                identity: owner.identity.clone(),
+                class: job.queue_class(),
+                key,
+                priority,
+                invocation: job.invocation.clone(),
+                cacheable: job.cacheable,
+                fingerprint: job.fingerprint,
+            };
+            return inner.submit_shared(sharing, submission, owner).await;
+        }
         let (watch, change) = {
             let mut state = inner.state.lock();
             // Counted under the lock that enqueueing takes; a cache hit, above, queues
@@ -405,13 +438,20 @@ impl Scheduler {
     }
 
     /// Who started an operation, and on which instance; `None` if unknown or expired.
-    pub fn owner(&self, name: &str) -> Option<Owner> {
-        self.inner.state.lock().operations.owner(name).cloned()
+    /// With a shared queue, an operation another server started is found there (and
+    /// followed here from then on).
+    pub async fn owner(&self, name: &str) -> Option<Owner> {
+        let local = self.inner.state.lock().operations.owner(name).cloned();
+        match local {
+            Some(owner) => Some(owner),
+            None => self.inner.find_shared(name).await,
+        }
     }
 
     /// Follows an existing operation (WaitExecution); `None` if unknown or expired.
     pub async fn watch(&self, name: &str) -> Option<OperationWatch> {
         let inner = &self.inner;
+        self.owner(name).await?;
         let key = {
             let mut state = inner.state.lock();
             match state.operations.find(name)? {
@@ -437,6 +477,7 @@ impl Scheduler {
     /// The current state of an operation (GetOperation). A client polling this way
     /// counts as waiting: the execution is not cancelled as orphaned while it polls.
     pub async fn get(&self, name: &str) -> Option<Snapshot> {
+        self.owner(name).await?;
         let key = {
             let mut state = self.inner.state.lock();
             match state.operations.find(name)? {
@@ -457,7 +498,26 @@ impl Scheduler {
 
     /// Cancels one operation (CancelOperation). The execution itself stops when no
     /// operation needs it any more. Returns false if the operation is unknown.
-    pub fn cancel(&self, name: &str) -> bool {
+    pub async fn cancel(&self, name: &str) -> Result<bool, Status> {
+        let inner = &self.inner;
+        if let Some(sharing) = &inner.sharing {
+            let following = inner.state.lock().operations.following(name);
+            if let Some(execution) = following {
+                if !sharing.queue.cancel(name).await? {
+                    return Ok(false);
+                }
+                let mut state = inner.state.lock();
+                state.operations.finish(name, shared::cancelled_response());
+                state.replica.unfollow(execution, name);
+                sharing.wake.notify_one();
+                return Ok(true);
+            }
+        }
+        Ok(self.cancel_here(name))
+    }
+
+    /// [`Scheduler::cancel`] for an operation of this scheduler's own.
+    fn cancel_here(&self, name: &str) -> bool {
         let inner = &self.inner;
         let mut guard = inner.state.lock();
         let state = &mut *guard;
@@ -489,7 +549,23 @@ impl Scheduler {
 
     /// Forgets an operation (DeleteOperation): the client is no longer interested,
     /// but the execution is not cancelled for that. False if unknown.
-    pub fn delete(&self, name: &str) -> bool {
+    pub async fn delete(&self, name: &str) -> Result<bool, Status> {
+        let inner = &self.inner;
+        if let Some(sharing) = &inner.sharing {
+            let following = inner.state.lock().operations.following(name);
+            if let Some(execution) = following {
+                let found = sharing.queue.delete(name).await?;
+                let mut state = inner.state.lock();
+                state.operations.remove(name);
+                state.replica.unfollow(execution, name);
+                return Ok(found);
+            }
+        }
+        Ok(self.delete_here(name))
+    }
+
+    /// [`Scheduler::delete`] for an operation of this scheduler's own.
+    fn delete_here(&self, name: &str) -> bool {
         let mut guard = self.inner.state.lock();
         let state = &mut *guard;
         let Some(owner) = state.operations.owner(name).cloned() else {
@@ -841,10 +917,12 @@ impl Inner {
     /// RESOURCE_EXHAUSTED if `identity` already has as many executions queued or
     /// running as it may.
     fn check_quota(&self, state: &State, identity: &str) -> Result<(), Status> {
-        let (held, max) = (
-            state.operations.in_flight(identity),
-            self.bounds.max_executions,
-        );
+        self.check_held(identity, state.operations.in_flight(identity))
+    }
+
+    /// RESOURCE_EXHAUSTED if `held` executions are as many as `identity` may have.
+    fn check_held(&self, identity: &str, held: usize) -> Result<(), Status> {
+        let max = self.bounds.max_executions;
         if held < max {
             return Ok(());
         }

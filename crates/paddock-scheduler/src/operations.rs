@@ -16,6 +16,7 @@ use paddock_reapi::proto::re::ExecuteResponse;
 use tokio::sync::watch;
 
 use crate::clock::SharedClock;
+use crate::shared::ExecutionId;
 use crate::{JobId, Snapshot, Stage};
 
 /// Who started an operation, and on which instance.
@@ -25,11 +26,29 @@ pub struct Owner {
     pub instance: String,
 }
 
+/// What an unfinished operation follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behind {
+    /// An execution in this scheduler.
+    Job(JobId),
+    /// An execution in the queue servers share, which any of them may run.
+    Shared(ExecutionId),
+}
+
+impl Behind {
+    fn job(self) -> Option<JobId> {
+        match self {
+            Behind::Job(job) => Some(job),
+            Behind::Shared(_) => None,
+        }
+    }
+}
+
 /// One operation.
 struct Entry {
     kept: Kept,
     /// The execution behind the operation, until it finishes.
-    job: Option<JobId>,
+    job: Option<Behind>,
     finished_at: Option<Instant>,
     owner: Owner,
 }
@@ -90,12 +109,42 @@ impl Operations {
             name,
             Entry {
                 kept: Kept::Live(tx),
-                job: Some(job),
+                job: Some(Behind::Job(job)),
                 finished_at: None,
                 owner,
             },
         );
         rx
+    }
+
+    /// A new operation following `execution` in the shared queue, as `snapshot` says
+    /// it stands; the shared queue counts it against its owner.
+    pub fn follow(
+        &mut self,
+        snapshot: Snapshot,
+        owner: Owner,
+        execution: ExecutionId,
+    ) -> watch::Receiver<Snapshot> {
+        let name = snapshot.name.clone();
+        let (tx, rx) = watch::channel(snapshot);
+        self.entries.insert(
+            name,
+            Entry {
+                kept: Kept::Live(tx),
+                job: Some(Behind::Shared(execution)),
+                finished_at: None,
+                owner,
+            },
+        );
+        rx
+    }
+
+    /// The shared execution an unfinished operation follows, if it follows one.
+    pub fn following(&self, name: &str) -> Option<ExecutionId> {
+        match self.entries.get(name)?.job? {
+            Behind::Shared(execution) => Some(execution),
+            Behind::Job(_) => None,
+        }
     }
 
     /// An operation that is finished the moment it exists (missing inputs, say).
@@ -166,7 +215,7 @@ impl Operations {
     pub fn find(&self, name: &str) -> Option<Found> {
         let entry = self.entries.get(name)?;
         Some(match &entry.kept {
-            Kept::Live(tx) => Found::Live(tx.subscribe(), entry.job),
+            Kept::Live(tx) => Found::Live(tx.subscribe(), entry.job.and_then(Behind::job)),
             Kept::Hit(key) => Found::Hit(key.clone()),
         })
     }
@@ -174,6 +223,14 @@ impl Operations {
     /// Who started an operation, and where.
     pub fn owner(&self, name: &str) -> Option<&Owner> {
         self.entries.get(name).map(|e| &e.owner)
+    }
+
+    /// Where a live operation stands.
+    pub fn current(&self, name: &str) -> Option<Snapshot> {
+        match &self.entries.get(name)?.kept {
+            Kept::Live(tx) => Some(tx.borrow().clone()),
+            Kept::Hit(_) => None,
+        }
     }
 
     /// Tells a live operation where it stands now, if that changed.
@@ -197,9 +254,9 @@ impl Operations {
         let Some(entry) = self.entries.get_mut(name) else {
             return false;
         };
-        if entry.job.take().is_none() {
+        let Some(behind) = entry.job.take() else {
             return false;
-        }
+        };
         entry.finished_at = Some(self.clock.now());
         if let Kept::Live(tx) = &entry.kept {
             tx.send_modify(|s| {
@@ -209,14 +266,16 @@ impl Operations {
             });
         }
         let identity = entry.owner.identity.clone();
-        self.settle(&identity);
+        if let Behind::Job(_) = behind {
+            self.settle(&identity);
+        }
         self.count_finished(name.to_owned(), &identity);
         true
     }
 
     /// The execution behind an unfinished operation.
     pub fn job(&self, name: &str) -> Option<JobId> {
-        self.entries.get(name).and_then(|e| e.job)
+        self.entries.get(name).and_then(|e| e.job?.job())
     }
 
     /// Forgets an operation; returns whether there was one and the execution it
@@ -224,7 +283,7 @@ impl Operations {
     /// owner until [`Operations::settle`] says its execution ended.
     pub fn remove(&mut self, name: &str) -> Option<Option<JobId>> {
         let entry = self.entries.remove(name)?;
-        Some(entry.job)
+        Some(entry.job.and_then(Behind::job))
     }
 
     /// Forgets finished operations older than `retention`. Each identity's finished

@@ -20,6 +20,7 @@ use crate::history::{Fingerprint, History};
 use crate::operations::Operations;
 use crate::queue::{Class, ClassId, Queues};
 use crate::results::Outputs;
+use crate::shared::{ExecutionId, Replica};
 use crate::{JobId, Offer, SessionId, Snapshot, Stage};
 
 pub(crate) struct State {
@@ -43,6 +44,8 @@ pub(crate) struct State {
     pub timeouts: LinkedHashMap<ActionKey, (String, Duration)>,
     /// Clients' executions changed since the journal was last written.
     pub unjournaled: Unjournaled,
+    /// What this replica holds, follows and has to report, with a shared queue.
+    pub replica: Replica,
     next_id: u64,
     clock: SharedClock,
 }
@@ -97,6 +100,8 @@ pub(crate) struct Job {
     pub inputs: Vec<Digest>,
     /// Its queue, while it is queued.
     pub class: ClassId,
+    /// Its execution in the shared queue and the attempt this replica holds.
+    pub shared: Option<(ExecutionId, i32)>,
 }
 
 /// Why an execution exists.
@@ -281,6 +286,7 @@ impl Job {
             speculated: false,
             inputs: Vec::new(),
             class: 0,
+            shared: None,
         }
     }
 
@@ -324,6 +330,7 @@ impl State {
             known: VecDeque::new(),
             timeouts: LinkedHashMap::new(),
             unjournaled: Unjournaled::default(),
+            replica: Replica::default(),
             next_id: 0,
             clock,
         }
@@ -339,7 +346,8 @@ impl State {
         let id = self.next_id();
         job.id = id;
         job.queued_at = self.clock.wall();
-        if job.cacheable && job.kind.is_client() {
+        // An execution from the shared queue was merged there.
+        if job.cacheable && job.kind.is_client() && job.shared.is_none() {
             self.merge.insert(job.key.clone(), id);
         }
         job.class = self
@@ -360,12 +368,22 @@ impl State {
         }
     }
 
+    /// Stops an attempt on its worker, if it still runs there.
+    pub fn cancel_attempt(&mut self, attempt: &Attempt) {
+        if let Some(worker) = self.workers.get_mut(&attempt.session) {
+            if worker.running.contains_key(&attempt.assignment) {
+                worker.cancel(&attempt.assignment, self.clock.now());
+            }
+        }
+    }
+
     /// Ends an execution with `response` for every operation still attached to it.
     pub fn complete(&mut self, job_id: JobId, response: ExecuteResponse) {
         let Some(job) = self.jobs.remove(&job_id) else {
             return;
         };
         self.unjournaled.ended(&job);
+        self.replica.done(&job, &response);
         if self.merge.get(&job.key) == Some(&job_id) {
             self.merge.remove(&job.key);
         }
@@ -377,11 +395,7 @@ impl State {
             JobState::Running(attempts) => {
                 // Whatever still runs (a speculative copy) is not needed any more.
                 for attempt in attempts {
-                    if let Some(worker) = self.workers.get_mut(&attempt.session) {
-                        if worker.running.contains_key(&attempt.assignment) {
-                            worker.cancel(&attempt.assignment, self.clock.now());
-                        }
-                    }
+                    self.cancel_attempt(attempt);
                 }
             }
         }

@@ -158,7 +158,7 @@ fn requester(identity: &str, metadata: &tonic::metadata::MetadataMap) -> Request
 /// (or an admin of that instance). Anything else is NOT_FOUND for an operation
 /// that is not its own, so names are not probed; PERMISSION_DENIED for a caller
 /// without `execute` at all.
-fn check_operation<T>(
+async fn check_operation<T>(
     scheduler: &Scheduler,
     request: &Request<T>,
     name: &str,
@@ -166,7 +166,7 @@ fn check_operation<T>(
     let caller = principal(request)?;
     let method = method(request);
     let not_found = || Status::not_found(format!("no operation named {name:?}"));
-    let Some(owner) = scheduler.owner(name) else {
+    let Some(owner) = scheduler.owner(name).await else {
         if !caller.may_somewhere(Permission::Execute) {
             require(&caller, method, Permission::Execute, "")?;
         }
@@ -218,7 +218,7 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
-        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
+        check_operation(&self.scheduler, &request, &request.get_ref().name).await?;
         let name = request.into_inner().name;
         let watch = self.scheduler.watch(&name).await.ok_or_else(|| {
             Status::not_found(format!("no operation named {name:?}; call Execute again"))
@@ -264,7 +264,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
+        check_operation(&self.scheduler, &request, &request.get_ref().name).await?;
         let snapshot = self.snapshot(&request.into_inner().name).await?;
         Ok(Response::new(operation(&snapshot)))
     }
@@ -273,9 +273,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
+        check_operation(&self.scheduler, &request, &request.get_ref().name).await?;
         let name = request.into_inner().name;
-        if !self.scheduler.delete(&name) {
+        if !self.scheduler.delete(&name).await? {
             return Err(Status::not_found(format!("no operation named {name:?}")));
         }
         Ok(Response::new(Empty {}))
@@ -285,9 +285,9 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<Empty>, Status> {
-        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
+        check_operation(&self.scheduler, &request, &request.get_ref().name).await?;
         let name = request.into_inner().name;
-        if !self.scheduler.cancel(&name) {
+        if !self.scheduler.cancel(&name).await? {
             return Err(Status::not_found(format!("no operation named {name:?}")));
         }
         Ok(Response::new(Empty {}))
@@ -297,7 +297,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        check_operation(&self.scheduler, &request, &request.get_ref().name)?;
+        check_operation(&self.scheduler, &request, &request.get_ref().name).await?;
         let request = request.into_inner();
         let timeout = request
             .timeout

@@ -11,9 +11,11 @@ use paddock_auth::{Authenticator, Principal};
 use paddock_cas::ActionCache;
 use paddock_client::LocalServer;
 use paddock_config::{Config, RunnerKind, SandboxConfig, StateBackend, WorkerConfig};
-use paddock_postgres::{Database, PgActionCache, PgRecords};
+use paddock_postgres::{Database, PgActionCache, PgQueue, PgRecords, QueueSettings};
 use paddock_sandbox::Zygote;
-use paddock_scheduler::{Bounds, ExecutionJournal, Lasting, RecordStore, Scheduler, StateFile};
+use paddock_scheduler::{
+    Bounds, ExecutionJournal, Lasting, RecordStore, Scheduler, SharedQueue, StateFile,
+};
 use paddock_server::{Access, Audience, Callers, Limits, Storage};
 use paddock_tls::ServerTls;
 use paddock_worker::{SchedulerAddress, WorkerOptions};
@@ -29,6 +31,8 @@ use tonic::service::Routes;
 struct State {
     records: Arc<dyn RecordStore>,
     action_cache: Option<Arc<dyn ActionCache>>,
+    /// The queue servers share; without one, executions are journaled here.
+    shared: Option<Arc<dyn SharedQueue>>,
 }
 
 impl State {
@@ -37,6 +41,7 @@ impl State {
             StateBackend::Memory => Ok(State {
                 records: Arc::new(StateFile::in_directory(data_dir)),
                 action_cache: None,
+                shared: None,
             }),
             StateBackend::Postgres => {
                 let database = Database::connect(&config.state)
@@ -48,9 +53,18 @@ impl State {
                     database.clone(),
                     action_cache.clone(),
                 ));
+                let queue = PgQueue::new(
+                    database.clone(),
+                    QueueSettings {
+                        lease: config.state.lease.get(),
+                        max_attempts: config.scheduler.max_attempts,
+                        retention: config.scheduler.operation_retention.get(),
+                    },
+                );
                 Ok(State {
                     records: Arc::new(PgRecords::new(database)),
                     action_cache: Some(Arc::new(action_cache)),
+                    shared: Some(Arc::new(queue)),
                 })
             }
         }
@@ -119,7 +133,11 @@ impl Farm {
             },
             Lasting {
                 records: Some(state.records),
-                executions: Some(ExecutionJournal::in_directory(&data_dir)),
+                executions: match state.shared {
+                    Some(_) => None,
+                    None => Some(ExecutionJournal::in_directory(&data_dir)),
+                },
+                shared: state.shared,
             },
         )
         .await?;
