@@ -8,7 +8,8 @@
 //! of progress name the attempt and the replica holding it, so a replica whose lease
 //! expired (it was paused, cut off or dead) cannot overwrite what another did since.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use paddock_cas::ActionKey;
@@ -40,6 +41,28 @@ pub struct PgQueue {
     /// This server process, in the rows it holds.
     replica: String,
     notices: broadcast::Sender<Notice>,
+    /// Kept here rather than in a row every submission would lock: the turns this
+    /// server handed to each invocation, when it last marked each as seen, and each
+    /// identity's unfinished executions as last counted (and submitted since).
+    turns: parking_lot::Mutex<HashMap<String, i64>>,
+    seen: parking_lot::Mutex<HashMap<String, Instant>>,
+    counted: parking_lot::Mutex<HashMap<String, (usize, Instant)>>,
+}
+
+/// How long an identity's count of unfinished executions is taken as it was (plus
+/// what this server submitted since): a quota is exact to within this, across servers.
+const COUNT_FOR: Duration = Duration::from_secs(1);
+/// How often an invocation's `last_seen` is written.
+const SEEN_EVERY: Duration = Duration::from_secs(60);
+/// Entries the in-memory tables above hold before they start over.
+const REMEMBERED: usize = 100_000;
+
+/// `map` emptied once it holds `REMEMBERED` entries.
+fn bounded<V>(map: &mut HashMap<String, V>) -> &mut HashMap<String, V> {
+    if map.len() >= REMEMBERED {
+        map.clear();
+    }
+    map
 }
 
 fn unavailable(e: DatabaseError) -> SharedError {
@@ -76,6 +99,9 @@ impl PgQueue {
             settings,
             replica: uuid::Uuid::new_v4().to_string(),
             notices,
+            turns: Default::default(),
+            seen: Default::default(),
+            counted: Default::default(),
         }
     }
 
@@ -122,16 +148,32 @@ impl SharedQueue for PgQueue {
         let db = &self.database;
         let mut client = self.client().await?;
         let tx = db.timed(client.transaction()).await.map_err(unavailable)?;
-        let turn: i64 = db
-            .timed(tx.query_one(
+        let turn = {
+            let mut turns = self.turns.lock();
+            let next = bounded(&mut turns).entry(s.invocation.clone()).or_default();
+            *next += 1;
+            *next
+        };
+        let mark = {
+            let mut seen = self.seen.lock();
+            let seen = bounded(&mut seen);
+            let due = seen
+                .get(&s.invocation)
+                .is_none_or(|at| at.elapsed() >= SEEN_EVERY);
+            if due {
+                seen.insert(s.invocation.clone(), Instant::now());
+            }
+            due
+        };
+        if mark {
+            db.timed(tx.execute(
                 "INSERT INTO invocations (id, identity) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET last_seen = now(), turns = invocations.turns + 1
-                 RETURNING turns",
+                 ON CONFLICT (id) DO UPDATE SET last_seen = now()",
                 &[&s.invocation, &s.identity],
             ))
             .await
-            .map_err(unavailable)?
-            .get(0);
+            .map_err(unavailable)?;
+        }
         let class = class_key(&s.class);
         let platform = serde_json::to_string(&s.class.platform).expect("strings serialize");
         db.timed(tx.execute(
@@ -200,10 +242,18 @@ impl SharedQueue for PgQueue {
         .await
         .map_err(unavailable)?;
         db.timed(tx.commit()).await.map_err(unavailable)?;
+        if let Some((count, _)) = self.counted.lock().get_mut(&s.identity) {
+            *count += 1;
+        }
         Ok(execution)
     }
 
     async fn unfinished(&self, identity: &str) -> Result<usize, SharedError> {
+        if let Some((count, at)) = self.counted.lock().get(identity) {
+            if at.elapsed() < COUNT_FOR {
+                return Ok(*count);
+            }
+        }
         let client = self.client().await?;
         let count: i64 = self
             .database
@@ -215,6 +265,7 @@ impl SharedQueue for PgQueue {
             .await
             .map_err(unavailable)?
             .get(0);
+        bounded(&mut self.counted.lock()).insert(identity.to_owned(), (count as usize, Instant::now()));
         Ok(count as usize)
     }
 

@@ -183,8 +183,9 @@ pub trait SharedQueue: Send + Sync {
 
 /// How often a replica renews its leases (and looks for expired ones).
 const KEEP_EVERY: Duration = Duration::from_secs(2);
-/// How often followed executions are looked up even without a notice.
-const POLL_EVERY: Duration = Duration::from_secs(2);
+/// How often everything followed is looked up even without a notice: a safety
+/// net (the notices' connection being re-made already triggers a look).
+const POLL_EVERY: Duration = Duration::from_secs(30);
 
 /// A shared queue as a replica uses it, with what it holds and follows.
 pub(crate) struct Sharing {
@@ -576,8 +577,10 @@ pub(crate) async fn replicate(weak: Weak<Inner>) {
             polled = Instant::now();
             changed.extend(inner.watched());
         } else {
-            let watched: HashSet<ExecutionId> = inner.watched().into_iter().collect();
-            changed.retain(|id| watched.contains(id));
+            let state = inner.state.lock();
+            changed.retain(|id| {
+                state.replica.followed.contains_key(id) || state.replica.held.contains_key(id)
+            });
         }
         let changed: Vec<ExecutionId> = changed.into_iter().collect();
         for chunk in changed.chunks(1_000) {

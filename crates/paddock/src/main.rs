@@ -448,6 +448,10 @@ enum BenchCommand {
         /// Keep `[state]` in this PostgreSQL database instead of in memory.
         #[arg(long)]
         postgres: Option<String>,
+        /// With `--postgres`: servers sharing the database, with the workers and
+        /// clients spread over them.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// A build with one slow worker, with and without speculative execution.
     Stragglers {
@@ -740,12 +744,14 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 capacity,
                 actions,
                 postgres,
+                replicas,
             } => {
                 bench_scheduler::run(bench_scheduler::Options {
                     workers,
                     capacity,
                     actions,
                     postgres,
+                    replicas,
                 })
                 .await
             }

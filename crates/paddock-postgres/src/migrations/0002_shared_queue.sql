@@ -2,14 +2,13 @@
 -- worker, done with their response), the clients' operations that follow them, and
 -- the invocations (Bazel's tool_invocation_id, any client's build) they belong to.
 
--- One row per invocation: who, when, and the turns handed to its executions (the
--- queue takes the first of every invocation, then the second of every one, ...).
+-- One row per invocation: who, and when (last_seen to the minute); its executions
+-- name it.
 CREATE TABLE invocations (
     id text PRIMARY KEY,
     identity text NOT NULL,
     first_seen timestamptz NOT NULL DEFAULT now(),
-    last_seen timestamptz NOT NULL DEFAULT now(),
-    turns bigint NOT NULL DEFAULT 0
+    last_seen timestamptz NOT NULL DEFAULT now()
 );
 
 -- What an execution needs of a worker (instance and platform), by a key the
@@ -28,6 +27,8 @@ CREATE TABLE executions (
     class text NOT NULL,
     priority integer NOT NULL,
     invocation text NOT NULL,
+    -- Its place among its invocation's executions (counted by the server that took
+    -- it): the queue takes the first of every invocation, then the second, ...
     turn bigint NOT NULL,
     cacheable boolean NOT NULL,
     fingerprint bytea NOT NULL,
