@@ -265,7 +265,8 @@ impl SharedQueue for PgQueue {
             .await
             .map_err(unavailable)?
             .get(0);
-        bounded(&mut self.counted.lock()).insert(identity.to_owned(), (count as usize, Instant::now()));
+        bounded(&mut self.counted.lock())
+            .insert(identity.to_owned(), (count as usize, Instant::now()));
         Ok(count as usize)
     }
 

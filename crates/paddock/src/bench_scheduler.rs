@@ -75,8 +75,8 @@ pub async fn run(options: Options) -> Result<()> {
     let mut farms = Vec::new();
     let mut remotes = Vec::new();
     for _ in 0..replicas {
-        let farm = Embedded::start_with(config.clone(), &Default::default(), Vec::new(), None)
-            .await?;
+        let farm =
+            Embedded::start_with(config.clone(), &Default::default(), Vec::new(), None).await?;
         remotes.push(Remote::connect(&farm.url(), "").await?);
         farms.push(farm);
     }
