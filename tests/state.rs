@@ -23,6 +23,15 @@ use paddock_reapi::proto::re::{
 use paddock_reapi::Digest;
 use tonic::Code;
 
+/// An action that prints `text` (and a newline).
+fn echo(text: &str) -> ExecSpec {
+    ExecSpec {
+        arguments: vec!["echo".into(), text.into()],
+        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        ..Default::default()
+    }
+}
+
 fn shared(postgres: &Postgres) -> String {
     config_file(&format!(
         "[state]\nbackend = \"postgres\"\nurl = \"{}\"\nconnect_timeout = \"5s\"\n",
@@ -123,11 +132,7 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
         "roaming",
         &["--runner", "host", "--capacity", "1"],
     );
-    let spec = ExecSpec {
-        arguments: vec!["sh".into(), "-c".into(), "echo shared".into()],
-        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ..Default::default()
-    };
+    let spec = echo("shared");
     let ran = execute(&on_a, &spec).await.unwrap();
     assert_eq!(ran.status.unwrap_or_default().code, 0);
     assert!(!ran.cached_result);
@@ -198,13 +203,8 @@ async fn a_worker_moves_to_another_server_when_its_own_dies() {
     let mut b = server(&postgres);
     let both = format!("{},{}", a.worker_url, b.worker_url);
     let worker = Worker::start(&both, "mover", &["--runner", "host", "--capacity", "1"]);
-    let spec = |text: &str| ExecSpec {
-        arguments: vec!["sh".into(), "-c".into(), format!("echo {text}")],
-        environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ..Default::default()
-    };
     wait_listed(&a.url, "mover", "active").await;
-    let ran = execute(&a.remote("").await, &spec("on-a")).await.unwrap();
+    let ran = execute(&a.remote("").await, &echo("on-a")).await.unwrap();
     assert_eq!(ran.status.unwrap_or_default().code, 0, "{}", worker.log());
 
     // A dies: the worker goes to B at once (no back-off before trying B).
@@ -212,7 +212,7 @@ async fn a_worker_moves_to_another_server_when_its_own_dies() {
     let moved = Instant::now();
     wait_listed(&b.url, "mover", "active").await;
     let on_b = b.remote("").await;
-    let ran = execute(&on_b, &spec("on-b")).await.unwrap();
+    let ran = execute(&on_b, &echo("on-b")).await.unwrap();
     assert_eq!(ran.status.unwrap_or_default().code, 0, "{}", worker.log());
     assert!(
         moved.elapsed() < Duration::from_secs(10),
@@ -412,10 +412,8 @@ async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_resta
             for i in 0..per_client {
                 let value = format!("{c}-{i}");
                 let spec = ExecSpec {
-                    arguments: vec!["echo".into(), value.clone()],
-                    environment: vec![("PATH".into(), "/usr/bin:/bin".into())],
                     invocation: format!("client-{c}"),
-                    ..Default::default()
+                    ..echo(&value)
                 };
                 let response = execute_surviving(&remotes, c + i, &spec).await;
                 answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

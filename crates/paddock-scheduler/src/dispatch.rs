@@ -48,12 +48,7 @@ impl Inner {
             return;
         }
         // Free slots per worker, counted once and kept up to date as jobs go out.
-        let mut free: Vec<(SessionId, usize)> = state
-            .workers
-            .values()
-            .filter(|w| w.running().len() < w.capacity)
-            .map(|w| (w.session, w.capacity - w.running().len()))
-            .collect();
+        let mut free = state.free_slots();
         while !free.is_empty() && !state.queue.is_empty() {
             let Some((job_id, session)) = self.next_assignment(state, &free) else {
                 break;
@@ -247,7 +242,7 @@ impl Inner {
             tracing::info!(action = %job.key.action, %reason, "releasing an action to the shared queue");
             metrics::counter!("paddock_executions_requeued_total").increment(1);
             state.replica.released(job, &worker);
-            state.drop_job(job_id);
+            state.remove_job(job_id);
             return;
         }
         tracing::info!(action = %job.key.action, %reason, "requeueing an action");

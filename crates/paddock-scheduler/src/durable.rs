@@ -34,8 +34,7 @@ use crate::history::Fingerprint;
 use crate::operations::Owner;
 use crate::saved::SavedStateError;
 use crate::state::{Job, JobKind};
-use crate::{completed, missing_response, Inner, JobId, Prepared};
-use paddock_reapi::proto::re::ExecuteResponse;
+use crate::{completed, failed_response, missing_response, Inner, JobId, Prepared};
 
 /// The format this Paddock writes; it reads no newer one.
 const VERSION: u32 = 1;
@@ -322,13 +321,7 @@ impl Inner {
                     continue;
                 }
                 Ok(Prepared::Missing(missing, what)) => missing_response(&missing, what),
-                Err(status) => ExecuteResponse {
-                    status: Some(paddock_reapi::status::status(
-                        status.code(),
-                        status.message(),
-                    )),
-                    ..Default::default()
-                },
+                Err(status) => failed_response(&status),
             };
             for (name, identity) in execution.operations {
                 let snapshot = completed(name, key.action, failed.clone());

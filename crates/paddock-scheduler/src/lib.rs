@@ -821,6 +821,14 @@ fn completed(name: String, action_digest: Digest, response: ExecuteResponse) -> 
     }
 }
 
+/// An answer that carries `status` (an action that can no longer be run).
+fn failed_response(status: &Status) -> ExecuteResponse {
+    ExecuteResponse {
+        status: Some(status::status(status.code(), status.message())),
+        ..Default::default()
+    }
+}
+
 /// FAILED_PRECONDITION, naming the blobs the action needs that the CAS lacks.
 fn missing_response(missing: &[Digest], what: &str) -> ExecuteResponse {
     let list: Vec<String> = missing.iter().map(Digest::to_string).collect();

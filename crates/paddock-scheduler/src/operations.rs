@@ -102,14 +102,23 @@ impl Operations {
         owner: Owner,
         job: JobId,
     ) -> watch::Receiver<Snapshot> {
+        *self.in_flight.entry(owner.identity.clone()).or_default() += 1;
+        self.open_behind(snapshot, owner, Behind::Job(job))
+    }
+
+    fn open_behind(
+        &mut self,
+        snapshot: Snapshot,
+        owner: Owner,
+        behind: Behind,
+    ) -> watch::Receiver<Snapshot> {
         let name = snapshot.name.clone();
         let (tx, rx) = watch::channel(snapshot);
-        *self.in_flight.entry(owner.identity.clone()).or_default() += 1;
         self.entries.insert(
             name,
             Entry {
                 kept: Kept::Live(tx),
-                job: Some(Behind::Job(job)),
+                job: Some(behind),
                 finished_at: None,
                 owner,
             },
@@ -125,18 +134,7 @@ impl Operations {
         owner: Owner,
         execution: ExecutionId,
     ) -> watch::Receiver<Snapshot> {
-        let name = snapshot.name.clone();
-        let (tx, rx) = watch::channel(snapshot);
-        self.entries.insert(
-            name,
-            Entry {
-                kept: Kept::Live(tx),
-                job: Some(Behind::Shared(execution)),
-                finished_at: None,
-                owner,
-            },
-        );
-        rx
+        self.open_behind(snapshot, owner, Behind::Shared(execution))
     }
 
     /// The shared execution an unfinished operation follows, if it follows one.

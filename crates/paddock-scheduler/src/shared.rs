@@ -31,8 +31,8 @@ use tonic::Status;
 use crate::history::Fingerprint;
 use crate::operations::Owner;
 use crate::queue::Class;
-use crate::state::{Job, JobState, State};
-use crate::{missing_response, Inner, OperationWatch, Prepared, Snapshot, Stage};
+use crate::state::Job;
+use crate::{failed_response, missing_response, Inner, OperationWatch, Prepared, Snapshot, Stage};
 
 /// Names an execution in the shared queue.
 pub type ExecutionId = uuid::Uuid;
@@ -358,7 +358,7 @@ impl Inner {
                 if !ours {
                     tracing::info!(execution = %standing.id, "an execution this server held was taken over or ended");
                     state.replica.held.remove(&standing.id);
-                    state.drop_job(job_id);
+                    state.remove_job(job_id);
                 }
             }
             let Some(names) = state.replica.followed.get(&standing.id).cloned() else {
@@ -402,21 +402,13 @@ impl Inner {
     /// Claims as much queued work as this replica's free workers can take, and
     /// queues it here.
     async fn claim(&self, sharing: &Sharing) -> Result<(), SharedError> {
-        let free_slots = |state: &State| -> Vec<(crate::SessionId, usize)> {
-            state
-                .workers
-                .values()
-                .filter(|w| w.running().len() < w.capacity)
-                .map(|w| (w.session, w.capacity - w.running().len()))
-                .collect()
-        };
-        if free_slots(&self.state.lock()).is_empty() {
+        if self.state.lock().free_slots().is_empty() {
             return Ok(());
         }
         let classes = sharing.queue.classes().await?;
         let (runnable, count) = {
             let state = self.state.lock();
-            let free = free_slots(&state);
+            let free = state.free_slots();
             let runnable: Vec<Class> = classes
                 .into_iter()
                 .filter(|class| free.iter().any(|(s, _)| self.runs_class(&state, class, *s)))
@@ -451,6 +443,7 @@ impl Inner {
                     let job_id = state.enqueue(job);
                     state.replica.held.insert(claim.id, job_id);
                 }
+                // Answered here: it cannot run anywhere.
                 Ok(Prepared::Missing(missing, what)) => {
                     let response = missing_response(&missing, what);
                     state.replica.progress.push(Progress::Done {
@@ -459,20 +452,11 @@ impl Inner {
                         response: response.encode_to_vec(),
                     });
                 }
-                Err(status) => {
-                    let response = ExecuteResponse {
-                        status: Some(paddock_reapi::status::status(
-                            status.code(),
-                            status.message(),
-                        )),
-                        ..Default::default()
-                    };
-                    state.replica.progress.push(Progress::Done {
-                        id: claim.id,
-                        attempt: claim.attempt,
-                        response: response.encode_to_vec(),
-                    });
-                }
+                Err(status) => state.replica.progress.push(Progress::Done {
+                    id: claim.id,
+                    attempt: claim.attempt,
+                    response: failed_response(&status).encode_to_vec(),
+                }),
             }
         }
         let mut state = self.state.lock();
@@ -609,27 +593,6 @@ pub(crate) async fn replicate(weak: Weak<Inner>) {
         if failing {
             // Not every round: a database that is down is asked again shortly.
             tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-}
-
-impl State {
-    /// Forgets a job without an answer (another replica answers for it): what runs
-    /// of it is cancelled.
-    pub fn drop_job(&mut self, job_id: crate::JobId) {
-        let Some(job) = self.jobs.remove(&job_id) else {
-            return;
-        };
-        match &job.state {
-            JobState::Queued => {
-                self.queue
-                    .remove(job.class, job.priority, &job.invocation, job_id, false);
-            }
-            JobState::Running(attempts) => {
-                for attempt in attempts {
-                    self.cancel_attempt(attempt);
-                }
-            }
         }
     }
 }

@@ -377,13 +377,18 @@ impl State {
         }
     }
 
-    /// Ends an execution with `response` for every operation still attached to it.
-    pub fn complete(&mut self, job_id: JobId, response: ExecuteResponse) {
-        let Some(job) = self.jobs.remove(&job_id) else {
-            return;
-        };
-        self.unjournaled.ended(&job);
-        self.replica.done(&job, &response);
+    /// Each worker with free slots, and how many.
+    pub fn free_slots(&self) -> Vec<(SessionId, usize)> {
+        self.workers
+            .values()
+            .filter(|w| w.running().len() < w.capacity)
+            .map(|w| (w.session, w.capacity - w.running().len()))
+            .collect()
+    }
+
+    /// Takes a job out of the state: out of the queue, or stopped on its workers.
+    pub fn remove_job(&mut self, job_id: JobId) -> Option<Job> {
+        let job = self.jobs.remove(&job_id)?;
         if self.merge.get(&job.key) == Some(&job_id) {
             self.merge.remove(&job.key);
         }
@@ -399,6 +404,16 @@ impl State {
                 }
             }
         }
+        Some(job)
+    }
+
+    /// Ends an execution with `response` for every operation still attached to it.
+    pub fn complete(&mut self, job_id: JobId, response: ExecuteResponse) {
+        let Some(job) = self.remove_job(job_id) else {
+            return;
+        };
+        self.unjournaled.ended(&job);
+        self.replica.done(&job, &response);
         // One response, shared by every operation that asked for it.
         let response = Arc::new(response);
         for name in &job.operations {
