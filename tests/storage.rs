@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::s3::{Backend, Storage};
 use common::{config_file, http_get, Farm};
 use futures::StreamExt;
 use paddock_reapi::proto::bytestream::{
@@ -39,9 +40,46 @@ fn bad_digest() -> paddock_reapi::proto::re::Digest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn capabilities_advertise_sha256_batches_and_versions() {
-    let farm = Farm::start(&[]);
+/// Runs each named test against both backends: the disk, and the object store with
+/// its index and fast tier (`disk::NAME` and `s3::NAME`).
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod disk {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(super::Backend::Disk).await
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(super::Backend::S3).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    capabilities_advertise_sha256_batches_and_versions,
+    find_missing_blobs_and_the_ever_present_empty_blob,
+    batch_update_reports_a_status_per_blob,
+    batch_read_reports_missing_blobs_per_blob,
+    get_tree_streams_pages_and_resumes_from_a_token,
+    bytestream_moves_a_100_mib_blob_both_ways,
+    bytestream_read_refuses_bad_requests,
+    bytestream_uploads_resume_after_a_broken_stream,
+    bytestream_upload_that_closes_early_can_be_continued,
+    bytestream_write_of_an_existing_blob_completes_at_once,
+    bytestream_write_refuses_bad_uploads_and_keeps_nothing,
+    action_cache_serves_only_complete_results,
+);
+
+async fn capabilities_advertise_sha256_batches_and_versions(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("").await;
     let caps = CapabilitiesClient::new(remote.channel())
         .get_capabilities(GetCapabilitiesRequest {
@@ -67,9 +105,8 @@ async fn capabilities_advertise_sha256_batches_and_versions() {
     assert!(caps.execution_capabilities.is_some());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn find_missing_blobs_and_the_ever_present_empty_blob() {
-    let farm = Farm::start(&[]);
+async fn find_missing_blobs_and_the_ever_present_empty_blob(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("main").await;
     let (present, data) = blob(100);
     let (absent, _) = blob(100);
@@ -121,9 +158,8 @@ async fn find_missing_blobs_and_the_ever_present_empty_blob() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn batch_update_reports_a_status_per_blob() {
-    let farm = Farm::start(&[]);
+async fn batch_update_reports_a_status_per_blob(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("").await;
     let (good, good_data) = blob(10);
     let (wrong_hash, _) = blob(10);
@@ -192,9 +228,8 @@ async fn batch_update_reports_a_status_per_blob() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn batch_read_reports_missing_blobs_per_blob() {
-    let farm = Farm::start(&[]);
+async fn batch_read_reports_missing_blobs_per_blob(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("x").await;
     let (present, data) = blob(1000);
     let (absent, _) = blob(10);
@@ -233,9 +268,8 @@ async fn put_dir(remote: &paddock_client::Remote, dir: &Directory) -> Digest {
     digest
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn get_tree_streams_pages_and_resumes_from_a_token() {
-    let farm = Farm::start(&[]);
+async fn get_tree_streams_pages_and_resumes_from_a_token(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("trees").await;
     let (file, data) = blob(3);
     remote.upload(vec![(file, data)]).await.unwrap();
@@ -329,9 +363,8 @@ async fn get_tree_streams_pages_and_resumes_from_a_token() {
     assert_eq!(code, Code::NotFound);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bytestream_moves_a_100_mib_blob_both_ways() {
-    let farm = Farm::start(&[]);
+async fn bytestream_moves_a_100_mib_blob_both_ways(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("big/instance").await;
     let (digest, data) = blob(100 << 20);
     remote.write_blob(&digest, data.clone()).await.unwrap();
@@ -378,9 +411,8 @@ async fn bytestream_moves_a_100_mib_blob_both_ways() {
     assert_eq!(&window[..], &data[offset..offset + limit]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bytestream_read_refuses_bad_requests() {
-    let farm = Farm::start(&[]);
+async fn bytestream_read_refuses_bad_requests(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("").await;
     let (digest, data) = blob(100);
     remote.upload(vec![(digest, data)]).await.unwrap();
@@ -498,9 +530,8 @@ fn write_request(name: &str, offset: usize, data: &[u8], finish: bool) -> WriteR
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bytestream_uploads_resume_after_a_broken_stream() {
-    let farm = Farm::start(&[]);
+async fn bytestream_uploads_resume_after_a_broken_stream(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("main").await;
     let (digest, data) = blob(4 << 20);
     let name = resource::write_name("main", "6b0d6a4e-5c58-4a3c-9a53-000000000001", &digest);
@@ -554,9 +585,8 @@ async fn bytestream_uploads_resume_after_a_broken_stream() {
     assert_eq!(status.committed_size, 4 << 20);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bytestream_upload_that_closes_early_can_be_continued() {
-    let farm = Farm::start(&[]);
+async fn bytestream_upload_that_closes_early_can_be_continued(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("").await;
     let (digest, data) = blob(3000);
     let name = resource::write_name("", "u-close", &digest);
@@ -587,9 +617,8 @@ async fn bytestream_upload_that_closes_early_can_be_continued() {
     assert_eq!(remote.read_blob(&digest).await.unwrap(), data);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bytestream_write_of_an_existing_blob_completes_at_once() {
-    let farm = Farm::start(&[]);
+async fn bytestream_write_of_an_existing_blob_completes_at_once(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("").await;
     let (digest, data) = blob(5000);
     remote.write_blob(&digest, data.clone()).await.unwrap();
@@ -608,9 +637,8 @@ async fn bytestream_write_of_an_existing_blob_completes_at_once() {
     assert_eq!(response.committed_size, 5000);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bytestream_write_refuses_bad_uploads_and_keeps_nothing() {
-    let farm = Farm::start(&[]);
+async fn bytestream_write_refuses_bad_uploads_and_keeps_nothing(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("").await;
     let (digest, data) = blob(2000);
     let write = |requests: Vec<WriteRequest>| {
@@ -688,9 +716,8 @@ fn result_with(file: Digest, stdout: Digest) -> ActionResult {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn action_cache_serves_only_complete_results() {
-    let farm = Farm::start(&[]);
+async fn action_cache_serves_only_complete_results(backend: Backend) {
+    let farm = Storage::start(backend);
     let remote = farm.remote("ci").await;
     let (file, file_data) = blob(300);
     let (stdout, stdout_data) = blob(40);

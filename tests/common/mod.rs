@@ -5,6 +5,7 @@ pub mod bazel;
 pub mod pki;
 pub mod postgres;
 pub mod registry;
+pub mod s3;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -143,6 +144,7 @@ impl Farm {
             .args(&self.args)
             .env("RUST_LOG", "info")
             .envs(nix_env())
+            .envs(s3::credentials())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -92,6 +92,13 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Lists what a persistent store holds; empty for stores that start empty.
     async fn list(&self) -> Result<Vec<StoredBlob>, StoreError>;
+
+    /// Marks a blob as used without reading it, for a store whose blobs are kept
+    /// by use (a read served by a copy elsewhere counts). Most stores keep
+    /// nothing by use.
+    async fn renew(&self, _digest: &Digest) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A blob being written. Data becomes visible only on [`commit`](BlobSink::commit).

@@ -6,28 +6,68 @@ use std::sync::Arc;
 use paddock_config::{ReadVerification, StorageBackend, StorageConfig};
 
 use crate::{
-    ActionCache, BlobStore, CompletenessChecking, DiskActionCache, DiskStore, MemoryActionCache,
-    MemoryStore, SizeBounded, StoreError, Verifying, WithEmptyBlob,
+    ActionCache, BlobIndex, BlobStore, Collection, CompletenessChecking, DiskActionCache,
+    DiskStore, FastSlow, Indexed, MemoryActionCache, MemoryStore, SizeBounded, StoreError,
+    Verifying, WithEmptyBlob,
 };
 
-/// The server's CAS: `WithEmptyBlob(Verifying(SizeBounded(backend)))`.
+/// A store several servers share (the object store), with the index that says what
+/// it holds.
+pub struct Remote {
+    pub store: Arc<dyn BlobStore>,
+    pub index: Arc<dyn BlobIndex>,
+}
+
+/// The server's CAS: `WithEmptyBlob(Verifying(inner))`, where `inner` is
+/// `SizeBounded(backend)` for the disk and memory backends, and for `s3`
+/// `FastSlow(SizeBounded(disk), Indexed(remote))`, whose collector this starts.
 ///
-/// Reads are re-hashed only for the disk backend, whose files can be damaged behind
-/// the server's back; memory holds only what was verified on the way in.
+/// Reads are re-hashed only where a disk is involved, whose files can be damaged
+/// behind the server's back; memory holds only what was verified on the way in, and
+/// what comes from the object store is hashed as it is copied to the fast tier.
 pub async fn open_cas(
     config: &StorageConfig,
     data_dir: &Path,
+    remote: Option<Remote>,
 ) -> Result<Arc<dyn BlobStore>, StoreError> {
-    let backend: Arc<dyn BlobStore> = match config.backend {
-        StorageBackend::Disk => Arc::new(DiskStore::open(&data_dir.join("cas"), config.fsync)?),
-        StorageBackend::Memory => Arc::new(MemoryStore::new()),
+    let disk = || DiskStore::open(&data_dir.join("cas"), config.fsync);
+    let inner: Arc<dyn BlobStore> = match (config.backend, remote) {
+        (StorageBackend::Disk, _) => {
+            Arc::new(SizeBounded::new(Arc::new(disk()?), config.max_size.bytes(), "cas").await?)
+        }
+        (StorageBackend::Memory, _) => Arc::new(
+            SizeBounded::new(Arc::new(MemoryStore::new()), config.max_size.bytes(), "cas").await?,
+        ),
+        (StorageBackend::S3, Some(remote)) => {
+            let fast = SizeBounded::new(
+                Arc::new(disk()?),
+                config.fast_tier_size.bytes(),
+                "fast-tier",
+            )
+            .await?;
+            let indexed = Arc::new(Indexed::new(
+                remote.index,
+                remote.store,
+                Collection {
+                    capacity: config.max_size.bytes(),
+                    lease: config.blob_lease.get(),
+                    interval: config.collect_interval.get(),
+                },
+            ));
+            indexed.spawn_collector();
+            Arc::new(FastSlow::new(Arc::new(fast), indexed))
+        }
+        (StorageBackend::S3, None) => {
+            return Err(StoreError::Unavailable(
+                "storage.backend = \"s3\" needs the object store and its index".into(),
+            ))
+        }
     };
-    let bounded = SizeBounded::new(backend, config.max_size.bytes(), "cas").await?;
     let verify_reads = match config.backend {
-        StorageBackend::Disk => config.verify_reads,
         StorageBackend::Memory => ReadVerification::Never,
+        StorageBackend::Disk | StorageBackend::S3 => config.verify_reads,
     };
-    let verifying = Verifying::new(Arc::new(bounded), verify_reads);
+    let verifying = Verifying::new(inner, verify_reads);
     Ok(Arc::new(WithEmptyBlob::new(Arc::new(verifying))))
 }
 
@@ -41,7 +81,7 @@ pub fn open_action_cache(
 ) -> Result<Arc<dyn ActionCache>, StoreError> {
     let backend: Arc<dyn ActionCache> = match (shared, config.backend) {
         (Some(shared), _) => shared,
-        (None, StorageBackend::Disk) => Arc::new(DiskActionCache::open(
+        (None, StorageBackend::Disk | StorageBackend::S3) => Arc::new(DiskActionCache::open(
             &data_dir.join("action-cache"),
             config.fsync,
         )?),

@@ -355,6 +355,48 @@ pub enum StorageBackend {
     Disk,
     /// Process memory; lost on exit.
     Memory,
+    /// An S3-compatible object store (`[storage.s3]`), indexed in the shared state's
+    /// PostgreSQL, with a bounded local disk tier in front.
+    S3,
+}
+
+/// Where the `s3` backend keeps blobs. Credentials never come from here or from
+/// clients: they are the process's own (`AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, a web identity token file, or the
+/// instance's metadata service).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// The service's URL; empty for AWS itself. `http://` is allowed (a store on
+    /// loopback or a private network), and warned about beyond loopback.
+    pub endpoint: Option<String>,
+    /// The bucket, which must exist.
+    pub bucket: String,
+    pub region: String,
+    /// A key prefix, so that several farms (or other data) can share a bucket.
+    pub prefix: String,
+    /// `https://endpoint/bucket/key` rather than `https://bucket.endpoint/key`; what
+    /// most self-hosted stores need.
+    pub path_style: bool,
+    /// Blobs larger than this are uploaded in parts of this size, streamed, never
+    /// held whole in memory. S3 takes parts of 5 MiB to 5 GiB.
+    pub part_size: ByteSize,
+    /// The longest one request to the store may take.
+    pub request_timeout: Span,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            path_style: false,
+            part_size: ByteSize::mib(16),
+            request_timeout: Span::secs(300),
+        }
+    }
 }
 
 /// When the disk CAS re-hashes a blob as it is read. Writes are always hashed.
@@ -391,6 +433,20 @@ pub struct StorageConfig {
     /// (GetTree, the ActionCache's check that a result's outputs are all there, the
     /// check of a worker's result).
     pub max_tree_directories: usize,
+    /// The object store, for `backend = "s3"`.
+    pub s3: Option<S3Config>,
+    /// With `s3`: the bound of each server's local disk tier, which serves hot blobs
+    /// and workers' input fetches without a round trip to the object store.
+    pub fast_tier_size: ByteSize,
+    /// With `s3`: a blob written, read, found by FindMissingBlobs or referenced by a
+    /// result read from the ActionCache within this time is never collected, even
+    /// past `max_size`. Clients that keep digests without the bytes (Bazel's
+    /// `--remote_download_minimal`) rely on it: set their TTL
+    /// (`--experimental_remote_cache_ttl`) no longer than this.
+    pub blob_lease: Span,
+    /// With `s3`: how often one server checks the store against `max_size` and
+    /// collects least recently used, unleased blobs.
+    pub collect_interval: Span,
 }
 
 impl Default for StorageConfig {
@@ -405,6 +461,10 @@ impl Default for StorageConfig {
             max_batch_size: ByteSize::mib(3),
             max_batch_blobs: 100_000,
             max_tree_directories: 1_000_000,
+            s3: None,
+            fast_tier_size: ByteSize::gib(10),
+            blob_lease: Span::secs(3 * 3600),
+            collect_interval: Span::secs(60),
         }
     }
 }
@@ -988,6 +1048,30 @@ impl Config {
             !(0.0..=1.0).contains(&scaling.idle_fraction),
             "scheduler.autoscaling.idle_fraction",
             "must be between 0 and 1",
+        );
+        let s3 = self.storage.backend == StorageBackend::S3;
+        problem(
+            s3 && self.state.backend != StateBackend::Postgres,
+            "storage.backend",
+            "\"s3\" keeps its index in the shared state: it needs state.backend = \"postgres\"",
+        );
+        problem(
+            s3 && self.storage.s3.as_ref().is_none_or(|s| s.bucket.is_empty()),
+            "storage.s3.bucket",
+            "is needed with storage.backend = \"s3\"",
+        );
+        problem(
+            self.storage
+                .s3
+                .as_ref()
+                .is_some_and(|s| s.part_size.bytes() < 5 << 20),
+            "storage.s3.part_size",
+            "must be at least 5 MiB, the smallest part S3 takes",
+        );
+        problem(
+            self.storage.fast_tier_size.bytes() == 0,
+            "storage.fast_tier_size",
+            "must be more than 0",
         );
         problem(
             self.state.pool_size == 0,

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use paddock_auth::{Authenticator, Principal};
-use paddock_cas::ActionCache;
+use paddock_cas::{ActionCache, BlobIndex, Remote};
 use paddock_client::LocalServer;
-use paddock_config::{Config, RunnerKind, SandboxConfig, StateBackend, WorkerConfig};
-use paddock_postgres::{Database, PgActionCache, PgQueue, PgRecords, QueueSettings};
+use paddock_config::{
+    Config, RunnerKind, SandboxConfig, StateBackend, StorageBackend, WorkerConfig,
+};
+use paddock_objstore::ObjectStoreBlobs;
+use paddock_postgres::{Database, PgActionCache, PgBlobIndex, PgQueue, PgRecords, QueueSettings};
 use paddock_sandbox::Zygote;
 use paddock_scheduler::{
     Bounds, ExecutionJournal, Lasting, RecordStore, Scheduler, SharedQueue, StateFile,
@@ -33,6 +36,8 @@ struct State {
     action_cache: Option<Arc<dyn ActionCache>>,
     /// The queue servers share; without one, executions are journaled here.
     shared: Option<Arc<dyn SharedQueue>>,
+    /// The index of the object store's blobs, in the database servers share.
+    blob_index: Option<Arc<dyn BlobIndex>>,
 }
 
 impl State {
@@ -42,6 +47,7 @@ impl State {
                 records: Arc::new(StateFile::in_directory(data_dir)),
                 action_cache: None,
                 shared: None,
+                blob_index: None,
             }),
             StateBackend::Postgres => {
                 let database = Database::connect(&config.state)
@@ -62,6 +68,10 @@ impl State {
                     },
                 );
                 Ok(State {
+                    blob_index: Some(Arc::new(PgBlobIndex::new(
+                        database.clone(),
+                        config.storage.blob_lease.get(),
+                    ))),
                     records: Arc::new(PgRecords::new(database)),
                     action_cache: Some(Arc::new(action_cache)),
                     shared: Some(Arc::new(queue)),
@@ -109,10 +119,25 @@ impl Farm {
         }
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let cas = paddock_cas::open_cas(&config.storage, &data_dir)
+        let state = State::open(config, &data_dir).await?;
+        let remote = match (&config.storage.s3, &state.blob_index) {
+            (Some(s3), Some(index)) if config.storage.backend == StorageBackend::S3 => {
+                let store = ObjectStoreBlobs::connect(s3)?;
+                store
+                    .check()
+                    .await
+                    .with_context(|| format!("reaching the object store {}", store.describe()))?;
+                tracing::info!(store = %store.describe(), "blobs are kept in the object store");
+                Some(Remote {
+                    store: Arc::new(store),
+                    index: index.clone(),
+                })
+            }
+            _ => None,
+        };
+        let cas = paddock_cas::open_cas(&config.storage, &data_dir, remote)
             .await
             .context("opening the CAS")?;
-        let state = State::open(config, &data_dir).await?;
         let action_cache = paddock_cas::open_action_cache(
             &config.storage,
             &data_dir,

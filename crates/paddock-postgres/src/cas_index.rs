@@ -1,0 +1,252 @@
+//! The index of blobs in the object store (`cas_blobs`), shared by every server, and
+//! the bookkeeping of its collections (`cas_collecting`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use paddock_cas::{BlobIndex, StoreError};
+use paddock_reapi::Digest;
+use tokio_postgres::Row;
+
+use crate::database::{Database, DatabaseError};
+
+/// Taken by the server collecting, so that one collects at a time.
+const COLLECT_LOCK: i64 = 0x7061_6464_6f63_6b33; // "paddock3"
+
+/// A deletion unfinished this long belongs to a collector that died.
+const ABANDONED_AFTER_SECONDS: f64 = 300.0;
+
+/// How long a writer waits for a collection to delete the blob it writes.
+const COLLECTION_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct PgBlobIndex {
+    database: Database,
+    /// A lease is renewed only when it is older than this, so that hot blobs cost
+    /// reads, not writes; collection allows for it.
+    renewal: Duration,
+}
+
+impl PgBlobIndex {
+    /// An index whose leases last `lease` (renewed to within a tenth of it, and at
+    /// least once a minute).
+    pub fn new(database: Database, lease: Duration) -> PgBlobIndex {
+        PgBlobIndex {
+            database,
+            renewal: (lease / 10).min(Duration::from_secs(60)),
+        }
+    }
+}
+
+fn unavailable(e: DatabaseError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// The columns a list of digests is sent as.
+fn columns(digests: &[Digest]) -> (Vec<&[u8]>, Vec<i64>) {
+    digests
+        .iter()
+        .map(|d| (d.hash().as_slice(), d.size() as i64))
+        .unzip()
+}
+
+fn digest(row: &Row) -> Option<Digest> {
+    let hash: &[u8] = row.get(0);
+    let size: i64 = row.get(1);
+    Some(Digest::new(
+        hash.try_into().ok()?,
+        u64::try_from(size).ok()?,
+    ))
+}
+
+#[async_trait]
+impl BlobIndex for PgBlobIndex {
+    async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        let (hashes, sizes) = columns(digests);
+        // One statement: the listed ones, and their leases renewed where stale.
+        let rows = db
+            .timed(client.query(
+                "WITH found AS (
+                     SELECT b.hash, b.size, b.last_access FROM cas_blobs b
+                     JOIN unnest($1::bytea[], $2::int8[]) AS w(hash, size) USING (hash, size)
+                 ), renewed AS (
+                     UPDATE cas_blobs b SET last_access = now() FROM found f
+                     WHERE b.hash = f.hash AND b.size = f.size
+                       AND f.last_access < now() - make_interval(secs => $3)
+                 )
+                 SELECT hash, size FROM found",
+                &[&hashes, &sizes, &self.renewal.as_secs_f64()],
+            ))
+            .await
+            .map_err(unavailable)?;
+        let found: std::collections::HashSet<Digest> = rows.iter().filter_map(digest).collect();
+        Ok(digests
+            .iter()
+            .filter(|d| !found.contains(d))
+            .copied()
+            .collect())
+    }
+
+    async fn touch(&self, digest: &Digest) -> Result<(), StoreError> {
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        db.timed(client.execute(
+            "UPDATE cas_blobs SET last_access = now()
+             WHERE hash = $1 AND size = $2 AND last_access < now() - make_interval(secs => $3)",
+            &[
+                &digest.hash().as_slice(),
+                &(digest.size() as i64),
+                &self.renewal.as_secs_f64(),
+            ],
+        ))
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn prepare_write(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let db = &self.database;
+        let hash = digest.hash().as_slice();
+        let size = digest.size() as i64;
+        let deadline = tokio::time::Instant::now() + COLLECTION_WAIT;
+        loop {
+            let client = db.client().await.map_err(unavailable)?;
+            let row = db
+                .timed(client.query_one(
+                    "WITH renewed AS (
+                         UPDATE cas_blobs SET last_access = now()
+                         WHERE hash = $1 AND size = $2 RETURNING 1
+                     )
+                     SELECT EXISTS (SELECT 1 FROM renewed),
+                            EXISTS (SELECT 1 FROM cas_collecting WHERE hash = $1 AND size = $2)",
+                    &[&hash, &size],
+                ))
+                .await
+                .map_err(unavailable)?;
+            let (listed, collecting): (bool, bool) = (row.get(0), row.get(1));
+            if listed || !collecting {
+                return Ok(listed);
+            }
+            drop(client);
+            if tokio::time::Instant::now() > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "blob {digest} is being deleted by a collection that has not finished within {COLLECTION_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn admit(&self, digest: &Digest) -> Result<(), StoreError> {
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        db.timed(client.execute(
+            "INSERT INTO cas_blobs (hash, size) VALUES ($1, $2)
+             ON CONFLICT (hash, size) DO UPDATE SET last_access = now()",
+            &[&digest.hash().as_slice(), &(digest.size() as i64)],
+        ))
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn forget(&self, digest: &Digest) -> Result<(), StoreError> {
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        db.timed(client.execute(
+            "DELETE FROM cas_blobs WHERE hash = $1 AND size = $2",
+            &[&digest.hash().as_slice(), &(digest.size() as i64)],
+        ))
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn select_garbage(
+        &self,
+        capacity: u64,
+        lease: Duration,
+        batch: usize,
+    ) -> Result<Option<Vec<Digest>>, StoreError> {
+        let db = &self.database;
+        let mut client = db.client().await.map_err(unavailable)?;
+        let tx = db.timed(client.transaction()).await.map_err(unavailable)?;
+        let locked: bool = db
+            .timed(tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&COLLECT_LOCK]))
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        if !locked {
+            return Ok(None);
+        }
+        let abandoned = db
+            .timed(tx.query(
+                "UPDATE cas_collecting SET since = now()
+                 WHERE since < now() - make_interval(secs => $1) RETURNING hash, size",
+                &[&ABANDONED_AFTER_SECONDS],
+            ))
+            .await
+            .map_err(unavailable)?;
+        let total: i64 = db
+            .timed(tx.query_one("SELECT coalesce(sum(size), 0)::int8 FROM cas_blobs", &[]))
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        let excess = total.saturating_sub(i64::try_from(capacity).unwrap_or(i64::MAX));
+        // Leases are renewed only once they are this stale: allow for it.
+        let cutoff = (lease + self.renewal).as_secs_f64();
+        let chosen = if excess > 0 {
+            db.timed(tx.query(
+                "WITH oldest AS (
+                     SELECT hash, size, (sum(size) OVER (ORDER BY last_access, hash))::int8 AS running
+                     FROM cas_blobs
+                     WHERE last_access < now() - make_interval(secs => $1)
+                     ORDER BY last_access, hash LIMIT $2
+                 ), gone AS (
+                     DELETE FROM cas_blobs b USING oldest o
+                     WHERE b.hash = o.hash AND b.size = o.size AND o.running - o.size < $3::int8
+                       AND b.last_access < now() - make_interval(secs => $1)
+                     RETURNING b.hash, b.size
+                 )
+                 INSERT INTO cas_collecting (hash, size) SELECT hash, size FROM gone
+                 ON CONFLICT (hash, size) DO UPDATE SET since = now()
+                 RETURNING hash, size",
+                &[&cutoff, &(batch as i64), &excess],
+            ))
+            .await
+            .map_err(unavailable)?
+        } else {
+            Vec::new()
+        };
+        db.timed(tx.commit()).await.map_err(unavailable)?;
+        Ok(Some(
+            abandoned
+                .iter()
+                .chain(chosen.iter())
+                .filter_map(digest)
+                .collect(),
+        ))
+    }
+
+    async fn collected(&self, digests: &[Digest]) -> Result<(), StoreError> {
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        let (hashes, sizes) = columns(digests);
+        db.timed(client.execute(
+            "DELETE FROM cas_collecting c USING unnest($1::bytea[], $2::int8[]) AS g(hash, size)
+             WHERE c.hash = g.hash AND c.size = g.size",
+            &[&hashes, &sizes],
+        ))
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+}

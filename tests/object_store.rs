@@ -1,0 +1,207 @@
+//! The CAS in a real S3-compatible server (s3s-fs), indexed in a real PostgreSQL:
+//! servers sharing one bucket, the store crashing mid-upload, and collection with
+//! leases. The RPC-by-RPC tests run on this backend in `storage.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::postgres::Postgres;
+use common::s3::{shared_config, Backend, Storage, S3};
+use common::{http_get, Farm};
+use paddock_reapi::Digest;
+use rand::RngCore;
+
+fn blob(len: usize) -> (Digest, Bytes) {
+    let mut data = vec![0u8; len];
+    rand::rng().fill_bytes(&mut data);
+    let data = Bytes::from(data);
+    (Digest::of(&data), data)
+}
+
+/// A metric's value from a Prometheus text page (0 if absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_written_through_one_server_is_found_and_read_through_another() {
+    let (s3, postgres) = (S3::start(), Postgres::start());
+    let config = shared_config(&s3, &postgres, "", "");
+    let a = Farm::start(&["--config", &config]);
+    let b = Farm::start(&["--config", &config]);
+    let (ra, rb) = (a.remote("").await, b.remote("").await);
+
+    let small: Vec<(Digest, Bytes)> = (0..50).map(|i| blob(100 + i)).collect();
+    let (large, large_data) = blob(40 << 20);
+    ra.batch_update(small.clone()).await.unwrap();
+    ra.write_blob(&large, large_data.clone()).await.unwrap();
+
+    let mut all: Vec<Digest> = small.iter().map(|(d, _)| *d).collect();
+    all.push(large);
+    assert!(
+        rb.find_missing(&all).await.unwrap().is_empty(),
+        "what A acknowledged, B finds at once"
+    );
+    for (digest, data) in &small {
+        assert_eq!(&rb.read_blob(digest).await.unwrap(), data);
+    }
+    assert_eq!(rb.read_blob(&large).await.unwrap(), large_data);
+    assert_eq!(
+        s3.objects().len(),
+        51,
+        "each blob is one object in the bucket"
+    );
+    assert_eq!(postgres.sql("SELECT count(*) FROM cas_blobs"), "51");
+
+    // A blob the index lists but the bucket lost is never served, and is repaired.
+    let (lost, lost_data) = blob(5000);
+    ra.batch_update(vec![(lost, lost_data)]).await.unwrap();
+    let object = s3
+        .objects()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(&lost.hash_hex()))
+        .unwrap();
+    std::fs::remove_file(object).unwrap();
+    // B has no copy in its fast tier; it must go to the bucket.
+    let err = rb.read_blob(&lost).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert_eq!(
+        rb.find_missing(&[lost]).await.unwrap(),
+        vec![lost],
+        "the index forgot the lost blob"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_object_store_crashing_mid_upload_leaves_no_partial_blob_and_loses_no_acknowledged_one()
+{
+    let mut storage = Storage::start(Backend::S3);
+    let remote = storage.remote("").await;
+    // Blobs of one to twenty MiB, uploaded eight at a time, small and multipart.
+    let blobs: Vec<(Digest, Bytes)> = (0..32).map(|i| blob((1 + i % 20) << 20)).collect();
+    let uploads = {
+        let remote = remote.clone();
+        let blobs = blobs.clone();
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for chunk in blobs.chunks(8) {
+                let results = futures::future::join_all(
+                    chunk
+                        .iter()
+                        .map(|(d, data)| remote.write_blob(d, data.clone())),
+                )
+                .await;
+                for ((digest, _), result) in chunk.iter().zip(results) {
+                    if result.is_ok() {
+                        acknowledged.push(*digest);
+                    }
+                }
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    storage.s3.as_mut().unwrap().kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    storage.s3.as_mut().unwrap().start_again();
+    let acknowledged = uploads.await.unwrap();
+    assert!(
+        acknowledged.len() < blobs.len(),
+        "the crash interrupted some uploads"
+    );
+
+    let all: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+    let missing = remote.find_missing(&all).await.unwrap();
+    for digest in &acknowledged {
+        assert!(!missing.contains(digest), "acknowledged {digest} was lost");
+    }
+    for (digest, data) in &blobs {
+        match remote.read_blob(digest).await {
+            Ok(read) => assert_eq!(&read, data, "{digest} was served partial or corrupt"),
+            Err(e) => {
+                assert!(
+                    missing.contains(digest),
+                    "{digest} is listed but unreadable: {e}"
+                );
+                assert_eq!(e.code(), Some(tonic::Code::NotFound), "{e}");
+            }
+        }
+    }
+    // What the bucket holds is whole: no object shorter than its name says.
+    for object in storage.s3.as_ref().unwrap().objects() {
+        let name = object.file_name().unwrap().to_string_lossy().into_owned();
+        let Some((_, size)) = name.split_once('-') else {
+            continue;
+        };
+        if let Ok(size) = size.parse::<u64>() {
+            assert_eq!(std::fs::metadata(&object).unwrap().len(), size, "{name}");
+        }
+    }
+    // Whatever failed can be uploaded again.
+    for (digest, data) in &blobs {
+        if missing.contains(digest) {
+            remote.write_blob(digest, data.clone()).await.unwrap();
+        }
+    }
+    assert!(remote.find_missing(&all).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn collection_removes_only_old_unleased_blobs_past_the_bound() {
+    let lease = Duration::from_secs(5);
+    let storage = Storage::start_with(
+        Backend::S3,
+        "max_size = \"4MiB\"\nblob_lease = \"5s\"\ncollect_interval = \"1s\"\n",
+        "",
+    );
+    let remote = storage.remote("").await;
+    let old: Vec<(Digest, Bytes)> = (0..4).map(|_| blob(1 << 20)).collect();
+    remote.upload(old.clone()).await.unwrap();
+    tokio::time::sleep(lease + Duration::from_secs(1)).await;
+
+    // Renewed: one found by FindMissingBlobs, one read.
+    assert!(remote.find_missing(&[old[0].0]).await.unwrap().is_empty());
+    assert_eq!(remote.read_blob(&old[1].0).await.unwrap(), old[1].1);
+    let renewed_at = Instant::now();
+    // Two new blobs bring the store 2 MiB past its bound.
+    let new: Vec<(Digest, Bytes)> = (0..2).map(|_| blob(1 << 20)).collect();
+    remote.upload(new.clone()).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(
+        &http_get(&storage.metrics_url),
+        "paddock_cas_collected_blobs_total",
+    ) < 2.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no collection; log:\n{}",
+            storage.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        renewed_at.elapsed() < lease,
+        "the check must come while the renewed leases hold"
+    );
+    let all: Vec<Digest> = old.iter().chain(&new).map(|(d, _)| *d).collect();
+    let missing = remote.find_missing(&all).await.unwrap();
+    assert_eq!(
+        missing,
+        vec![old[2].0, old[3].0],
+        "only the old blobs whose leases ran out went"
+    );
+    let postgres = storage.postgres.as_ref().unwrap();
+    assert_eq!(postgres.sql("SELECT count(*) FROM cas_blobs"), "4");
+    assert_eq!(postgres.sql("SELECT count(*) FROM cas_collecting"), "0");
+    assert_eq!(
+        storage.s3.as_ref().unwrap().objects().len(),
+        4,
+        "the collected blobs left the bucket"
+    );
+}
