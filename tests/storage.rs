@@ -76,6 +76,7 @@ on_every_backend!(
     bytestream_write_of_an_existing_blob_completes_at_once,
     bytestream_write_refuses_bad_uploads_and_keeps_nothing,
     action_cache_serves_only_complete_results,
+    zstd_compressed_blobs_round_trip_and_bad_ones_are_refused,
 );
 
 async fn capabilities_advertise_sha256_batches_and_versions(backend: Backend) {
@@ -1181,4 +1182,169 @@ async fn edge_cases_of_the_specification() {
         .unwrap()
         .into_inner();
     assert_eq!(inlined.stdout_raw, b"sent anyway");
+}
+
+/// Reads a whole ByteStream resource.
+async fn read_resource(
+    remote: &paddock_client::Remote,
+    name: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = remote
+        .bytestream()
+        .read(ReadRequest {
+            resource_name: name.to_owned(),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(message) = stream.next().await {
+        out.extend_from_slice(&message?.data);
+    }
+    Ok(out)
+}
+
+/// Sends `data` to `name` in pieces of `piece` bytes from `offset`, finishing.
+async fn write_pieces(
+    remote: &paddock_client::Remote,
+    name: &str,
+    offset: usize,
+    data: &[u8],
+    piece: usize,
+) -> Result<WriteResponse, tonic::Status> {
+    let pieces: Vec<&[u8]> = data.chunks(piece.max(1)).collect();
+    let last = pieces.len().saturating_sub(1);
+    let requests: Vec<WriteRequest> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let at = offset + pieces[..i].iter().map(|p| p.len()).sum::<usize>();
+            write_request(if i == 0 { name } else { "" }, at, p, i == last)
+        })
+        .collect();
+    remote
+        .bytestream()
+        .write(futures::stream::iter(requests))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn zstd_compressed_blobs_round_trip_and_bad_ones_are_refused(backend: Backend) {
+    let farm = Storage::start(backend);
+    let remote = farm.remote("").await;
+    let caps = CapabilitiesClient::new(remote.channel())
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        caps.cache_capabilities.unwrap().supported_compressors,
+        vec![paddock_reapi::proto::re::compressor::Value::Zstd as i32]
+    );
+
+    // Compressible data, uploaded compressed in pieces, read back both ways.
+    let data: Bytes = (0..5_000_000u32)
+        .map(|i| (i / 7 % 253) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let digest = Digest::of(&data);
+    let compressed = zstd::bulk::compress(&data, 3).unwrap();
+    assert!(compressed.len() < data.len() / 4);
+    let name = resource::compressed_write_name("", "z-1", &digest);
+    let response = write_pieces(&remote, &name, 0, &compressed, 64 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(response.committed_size, compressed.len() as i64);
+    assert_eq!(remote.read_blob(&digest).await.unwrap(), data);
+    let read = resource::compressed_read_name("", &digest);
+    let got = read_resource(&remote, &read, 0, 0).await.unwrap();
+    assert!(got.len() < data.len() / 4, "served compressed");
+    assert_eq!(zstd::stream::decode_all(&got[..]).unwrap(), data);
+    // An offset is into the uncompressed blob.
+    let got = read_resource(&remote, &read, 1_000_000, 0).await.unwrap();
+    assert_eq!(
+        zstd::stream::decode_all(&got[..]).unwrap(),
+        &data[1_000_000..]
+    );
+    let got = read_resource(&remote, &read, data.len() as i64, 0)
+        .await
+        .unwrap();
+    assert!(zstd::stream::decode_all(&got[..]).unwrap().is_empty());
+    // Uploading it again, compressed, completes at once with -1.
+    let again = resource::compressed_write_name("", "z-2", &digest);
+    let response = write_pieces(&remote, &again, 0, &compressed[..100], 100)
+        .await
+        .unwrap();
+    assert_eq!(response.committed_size, -1);
+    // A plain blob can be read compressed.
+    let (plain, plain_data) = blob(70_000);
+    remote.write_blob(&plain, plain_data.clone()).await.unwrap();
+    let got = read_resource(&remote, &resource::compressed_read_name("", &plain), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(zstd::stream::decode_all(&got[..]).unwrap(), plain_data);
+
+    // A compressed upload broken off resumes at the uncompressed size committed,
+    // with the rest compressed afresh.
+    let (resumed, resumed_data) = blob(300_000);
+    let name = resource::compressed_write_name("", "z-3", &resumed);
+    let first = zstd::bulk::compress(&resumed_data[..100_000], 1).unwrap();
+    let response = remote
+        .bytestream()
+        .write(futures::stream::iter(vec![write_request(
+            &name, 0, &first, false,
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    let committed = wait_committed(&remote, &name, response.committed_size).await;
+    assert_eq!(committed, 100_000, "the uncompressed bytes committed");
+    let rest = zstd::bulk::compress(&resumed_data[100_000..], 1).unwrap();
+    write_pieces(&remote, &name, 100_000, &rest, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(remote.read_blob(&resumed).await.unwrap(), resumed_data);
+
+    // Refused, and nothing kept: a bomb, a truncated frame, garbage, data that
+    // decompresses to something else, a read limit, an unknown compressor.
+    let (target, target_data) = blob(1000);
+    let bomb = zstd::bulk::compress(&vec![7u8; 20 << 20], 3).unwrap();
+    let bad_uploads: Vec<(&str, Vec<u8>)> = vec![
+        ("bomb", bomb),
+        ("truncated", {
+            let c = zstd::bulk::compress(&target_data, 3).unwrap();
+            c[..c.len() - 3].to_vec()
+        }),
+        ("garbage", b"this is not zstd".to_vec()),
+        (
+            "other data",
+            zstd::bulk::compress(&random(1000), 3).unwrap(),
+        ),
+    ];
+    for (what, body) in bad_uploads {
+        let name = resource::compressed_write_name("", &format!("bad-{what}"), &target);
+        let status = write_pieces(&remote, &name, 0, &body, 1 << 20)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+    }
+    assert_eq!(remote.find_missing(&[target]).await.unwrap(), vec![target]);
+    let status = read_resource(&remote, &read, 0, 10).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = read_resource(
+        &remote,
+        &format!(
+            "compressed-blobs/deflate/{}/{}",
+            digest.hash_hex(),
+            digest.size()
+        ),
+        0,
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }

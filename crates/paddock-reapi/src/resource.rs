@@ -1,8 +1,10 @@
 //! ByteStream resource names for CAS blobs.
 //!
 //! Reads name `{instance}/blobs/{hash}/{size}`; writes name
-//! `{instance}/uploads/{uuid}/blobs/{hash}/{size}{/optional_metadata}`. The instance
-//! name may span several segments (or none), so parsing looks for the first keyword.
+//! `{instance}/uploads/{uuid}/blobs/{hash}/{size}{/optional_metadata}`. Either may
+//! carry its data compressed instead: `compressed-blobs/{compressor}/` in place of
+//! `blobs/`, with the digest still of the uncompressed data. The instance name may
+//! span several segments (or none), so parsing looks for the first keyword.
 
 use crate::digest::{Digest, DigestError};
 
@@ -44,8 +46,10 @@ pub enum ResourceError {
     EmptySegment(String),
     #[error("resource name {0:?} has unexpected segments after the size")]
     TrailingSegments(String),
-    #[error("compressed-blobs are not supported by this server (no compressors are advertised)")]
-    Compressed,
+    #[error(
+        "compressor {0:?} is not supported: this server offers zstd (see supported_compressors)"
+    )]
+    Compressor(String),
     #[error(
         "digest function {0:?} in the resource name is not supported: this server uses SHA256"
     )]
@@ -54,11 +58,21 @@ pub enum ResourceError {
     Digest { name: String, error: DigestError },
 }
 
+/// How a resource's bytes travel; the digest is always of the uncompressed data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compressor {
+    /// `blobs/`: as they are.
+    Identity,
+    /// `compressed-blobs/zstd/`: one or more Zstandard frames.
+    Zstd,
+}
+
 /// A parsed read resource: `{instance}/blobs/{hash}/{size}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadResource {
     pub instance: String,
     pub digest: Digest,
+    pub compressor: Compressor,
 }
 
 /// A parsed upload resource: `{instance}/uploads/{uuid}/blobs/{hash}/{size}[/...]`.
@@ -67,6 +81,7 @@ pub struct WriteResource {
     pub instance: String,
     pub uuid: String,
     pub digest: Digest,
+    pub compressor: Compressor,
 }
 
 pub fn parse_read(name: &str) -> Result<ReadResource, ResourceError> {
@@ -76,11 +91,15 @@ pub fn parse_read(name: &str) -> Result<ReadResource, ResourceError> {
         .position(|s| RESERVED.contains(s))
         .ok_or_else(|| ResourceError::NoBlobs(name.to_owned()))?;
     let instance = instance_name(name, &segments[..at])?;
-    let (digest, rest) = blob_part(name, &segments[at..])?;
+    let (digest, compressor, rest) = blob_part(name, &segments[at..])?;
     if !rest.is_empty() {
         return Err(ResourceError::TrailingSegments(name.to_owned()));
     }
-    Ok(ReadResource { instance, digest })
+    Ok(ReadResource {
+        instance,
+        digest,
+        compressor,
+    })
 }
 
 pub fn parse_write(name: &str) -> Result<WriteResource, ResourceError> {
@@ -95,11 +114,12 @@ pub fn parse_write(name: &str) -> Result<WriteResource, ResourceError> {
     let instance = instance_name(name, &segments[..at])?;
     let uuid = segments[at + 1].to_owned();
     // Anything after the size is optional metadata, which this server ignores.
-    let (digest, _metadata) = blob_part(name, &segments[at + 2..])?;
+    let (digest, compressor, _metadata) = blob_part(name, &segments[at + 2..])?;
     Ok(WriteResource {
         instance,
         uuid,
         digest,
+        compressor,
     })
 }
 
@@ -145,17 +165,18 @@ fn instance_name(name: &str, segments: &[&str]) -> Result<String, ResourceError>
     Ok(segments.join("/"))
 }
 
-/// Parses `blobs/{function/}{hash}/{size}` and returns the digest and what follows.
+/// Parses `blobs/{function/}{hash}/{size}` (or `compressed-blobs/{compressor}/...`)
+/// and returns the digest, the compressor and what follows.
 fn blob_part<'a>(
     name: &str,
     segments: &'a [&'a str],
-) -> Result<(Digest, &'a [&'a str]), ResourceError> {
-    match segments.first() {
-        Some(&"blobs") => {}
-        Some(&"compressed-blobs") => return Err(ResourceError::Compressed),
+) -> Result<(Digest, Compressor, &'a [&'a str]), ResourceError> {
+    let (compressor, mut rest) = match segments {
+        ["blobs", rest @ ..] => (Compressor::Identity, rest),
+        ["compressed-blobs", "zstd", rest @ ..] => (Compressor::Zstd, rest),
+        ["compressed-blobs", other, ..] => return Err(ResourceError::Compressor((*other).into())),
         _ => return Err(ResourceError::NoBlobs(name.to_owned())),
-    }
-    let mut rest = &segments[1..];
+    };
     if let Some(&function) = rest.first().filter(|s| DIGEST_FUNCTIONS.contains(s)) {
         // REAPI says SHA-256 is implied and left out; accept it spelled out all the same.
         if function != "sha256" {
@@ -170,7 +191,31 @@ fn blob_part<'a>(
         name: name.to_owned(),
         error,
     })?;
-    Ok((digest, tail))
+    Ok((digest, compressor, tail))
+}
+
+/// The resource name a client reads a compressed blob with.
+pub fn compressed_read_name(instance: &str, digest: &Digest) -> String {
+    join_instance(
+        instance,
+        &format!(
+            "compressed-blobs/zstd/{}/{}",
+            digest.hash_hex(),
+            digest.size()
+        ),
+    )
+}
+
+/// The resource name a client uploads a compressed blob with.
+pub fn compressed_write_name(instance: &str, uuid: &str, digest: &Digest) -> String {
+    join_instance(
+        instance,
+        &format!(
+            "uploads/{uuid}/compressed-blobs/zstd/{}/{}",
+            digest.hash_hex(),
+            digest.size()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -193,6 +238,19 @@ mod tests {
             read_name("a/b/c", &Digest::EMPTY),
             format!("a/b/c/blobs/{h}/0")
         );
+    }
+
+    #[test]
+    fn compressed_names_carry_their_compressor() {
+        let r = parse_read(&compressed_read_name("a/b", &Digest::EMPTY)).unwrap();
+        assert_eq!(
+            (r.instance.as_str(), r.compressor),
+            ("a/b", Compressor::Zstd)
+        );
+        let w = parse_write(&compressed_write_name("", "u", &Digest::EMPTY)).unwrap();
+        assert_eq!((w.uuid.as_str(), w.compressor), ("u", Compressor::Zstd));
+        let plain = parse_read(&read_name("", &Digest::EMPTY)).unwrap();
+        assert_eq!(plain.compressor, Compressor::Identity);
     }
 
     #[test]
@@ -230,8 +288,12 @@ mod tests {
             Err(ResourceError::EmptySegment(_))
         ));
         assert!(matches!(
-            parse_read(&format!("main/compressed-blobs/zstd/{h}/0")),
-            Err(ResourceError::Compressed)
+            parse_read(&format!("main/compressed-blobs/deflate/{h}/0")),
+            Err(ResourceError::Compressor(_))
+        ));
+        assert!(matches!(
+            parse_read(&format!("main/compressed-blobs/{h}/0")),
+            Err(ResourceError::Compressor(_))
         ));
         assert!(matches!(
             parse_read(&format!("main/blobs/blake3/{h}/0")),

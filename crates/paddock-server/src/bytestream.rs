@@ -18,19 +18,20 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use paddock_cas::{BlobSink, BlobStore, StoreError};
+use paddock_cas::{BlobSink, BlobStore, BlobStream, StoreError};
 use paddock_config::{Permission, QuotaConfig};
 use paddock_reapi::proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
 };
-use paddock_reapi::resource::{parse_read, parse_write, WriteResource};
+use paddock_reapi::resource::{parse_read, parse_write, Compressor, WriteResource};
 use paddock_reapi::Digest;
 use parking_lot::Mutex;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{method, principal, require};
+use crate::compression::{compress, Decompressor};
 use crate::invalid;
 
 /// How many broken uploads may wait at once, whoever they belong to; the oldest
@@ -303,6 +304,36 @@ impl ByteStreamService {
     }
 }
 
+/// Passes a blob's stream on, failing it if it holds other than `expected` bytes,
+/// so that a short blob cannot pass for a whole one once compressed.
+fn exactly(source: BlobStream, digest: Digest, expected: u64) -> BlobStream {
+    futures::stream::unfold(
+        (source, 0u64, false),
+        move |(mut source, seen, ended)| async move {
+            if ended {
+                return None;
+            }
+            let failed = |e| Some((Err(e), (futures::stream::empty().boxed(), seen, true)));
+            match source.next().await {
+                Some(Ok(chunk)) => {
+                    let seen = seen + chunk.len() as u64;
+                    if seen > expected {
+                        return failed(StoreError::TooMuchData { digest, expected });
+                    }
+                    Some((Ok(chunk), (source, seen, false)))
+                }
+                Some(Err(e)) => failed(e),
+                None if seen == expected => None,
+                None => failed(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("blob {digest} ended after {seen} of {expected} bytes"),
+                ))),
+            }
+        },
+    )
+    .boxed()
+}
+
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
     type ReadStream = ReceiverStream<Result<ReadResponse, Status>>;
@@ -328,16 +359,30 @@ impl ByteStream for ByteStreamService {
                 request.read_limit
             )));
         }
+        if resource.compressor != Compressor::Identity && request.read_limit != 0 {
+            return Err(invalid(
+                "read_limit must be 0 when reading compressed-blobs",
+            ));
+        }
         let offset = request.read_offset as u64;
         let mut remaining = match request.read_limit {
             0 => digest.size() - offset,
             limit => (limit as u64).min(digest.size() - offset),
         };
-        let mut stream = self
+        let stream = self
             .cas
             .read(&digest, offset)
             .await?
             .ok_or_else(|| Status::not_found(format!("blob {digest} is not in the CAS")))?;
+        let mut stream = match resource.compressor {
+            Compressor::Identity => stream,
+            Compressor::Zstd => {
+                // The compressed length is known only at the end: the whole stream
+                // is sent, once the blob is checked to be exactly as long as it says.
+                remaining = u64::MAX;
+                compress(exactly(stream, digest, digest.size() - offset))
+            }
+        };
 
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -348,6 +393,7 @@ impl ByteStream for ByteStreamService {
                         let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
+                    None if remaining == u64::MAX => return,
                     None => {
                         let _ = tx
                             .send(Err(Status::data_loss(format!("blob {digest} ended early"))))
@@ -356,7 +402,9 @@ impl ByteStream for ByteStreamService {
                     }
                 };
                 let chunk = chunk.slice(..(remaining.min(chunk.len() as u64) as usize));
-                remaining -= chunk.len() as u64;
+                if remaining != u64::MAX {
+                    remaining -= chunk.len() as u64;
+                }
                 for piece in chunk.chunks(MAX_READ_CHUNK) {
                     metrics::counter!("paddock_cas_bytes_read_total").increment(piece.len() as u64);
                     let response = ReadResponse {
@@ -391,7 +439,12 @@ impl ByteStream for ByteStreamService {
             )));
         }
         let done = WriteResponse {
-            committed_size: digest.size() as i64,
+            // REAPI: a compressed upload that finds the blob there already says so
+            // with -1, how much of it the client would have sent being unknown.
+            committed_size: match resource.compressor {
+                Compressor::Identity => digest.size() as i64,
+                Compressor::Zstd => -1,
+            },
         };
         let key = upload_key(&resource, caller.name());
         if self.exists(&digest).await? {
@@ -403,6 +456,15 @@ impl ByteStream for ByteStreamService {
         let mut upload = self.activate(key.clone());
         upload.charge_to(sink.written())?;
         upload.show(sink.written());
+        // A compressed upload starts at an offset into the uncompressed blob (where a
+        // resumed one continues) and then counts the compressed bytes it sends.
+        let mut decompressor = match resource.compressor {
+            Compressor::Identity => None,
+            Compressor::Zstd => {
+                Some(Decompressor::new(digest.size() - sink.written()).map_err(invalid)?)
+            }
+        };
+        let mut sent = sink.written();
         let mut message = first;
         loop {
             if !message.resource_name.is_empty()
@@ -410,22 +472,40 @@ impl ByteStream for ByteStreamService {
             {
                 return Err(invalid("resource_name changed in the middle of a write"));
             }
-            if message.write_offset as u64 != sink.written() {
+            if message.write_offset as u64 != sent {
                 return Err(invalid(format!(
-                    "write_offset {} does not follow the {} bytes written so far",
+                    "write_offset {} does not follow the {sent} bytes sent so far",
                     message.write_offset,
-                    sink.written()
                 )));
             }
             let len = message.data.len() as u64;
             if len > 0 {
-                upload.charge_to(sink.written() + len)?;
-                self.write_chunk(&mut sink, Bytes::from(message.data))
-                    .await?;
+                sent += len;
+                let data = Bytes::from(message.data);
+                match &mut decompressor {
+                    None => {
+                        upload.charge_to(sink.written() + len)?;
+                        self.write_chunk(&mut sink, data).await?;
+                        metrics::counter!("paddock_cas_bytes_written_total").increment(len);
+                    }
+                    Some(decompressor) => {
+                        let mut at = 0;
+                        while let Some(piece) =
+                            decompressor.step(&data, &mut at).map_err(invalid)?
+                        {
+                            let plain = piece.len() as u64;
+                            upload.charge_to(sink.written() + plain)?;
+                            self.write_chunk(&mut sink, piece).await?;
+                            metrics::counter!("paddock_cas_bytes_written_total").increment(plain);
+                        }
+                    }
+                }
                 upload.show(sink.written());
-                metrics::counter!("paddock_cas_bytes_written_total").increment(len);
             }
             if message.finish_write {
+                if let Some(decompressor) = &decompressor {
+                    decompressor.finish().map_err(invalid)?;
+                }
                 if sink.written() != digest.size() {
                     return Err(invalid(format!(
                         "upload finished after {} bytes, but digest {digest} promises {}",
@@ -434,7 +514,11 @@ impl ByteStream for ByteStreamService {
                     )));
                 }
                 sink.commit().await.map_err(Status::from)?;
-                return Ok(Response::new(done));
+                // Whole: what was sent, as ByteStream counts it (for a compressed
+                // upload, its first offset and the compressed bytes after it).
+                return Ok(Response::new(WriteResponse {
+                    committed_size: sent as i64,
+                }));
             }
             let idle = self.quotas.upload_idle_timeout.get();
             let next = match tokio::time::timeout(idle, stream.next()).await {

@@ -2,7 +2,7 @@
 
 use paddock_config::Permission;
 use paddock_reapi::proto::re::{
-    self, capabilities_server::Capabilities, digest_function, priority_capabilities,
+    self, capabilities_server::Capabilities, compressor, digest_function, priority_capabilities,
     symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
     ExecutionCapabilities, GetCapabilitiesRequest, PriorityCapabilities, ServerCapabilities,
 };
@@ -62,6 +62,8 @@ impl Capabilities for CapabilitiesService {
             max_batch_total_size_bytes: self.limits.max_batch_size as i64,
             symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Disallowed
                 as i32,
+            // ByteStream's compressed-blobs; batches carry blobs as they are.
+            supported_compressors: vec![compressor::Value::Zstd as i32],
             ..Default::default()
         };
         let execution = ExecutionCapabilities {

@@ -15,6 +15,7 @@ mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod compression;
 mod execution;
 mod rpc_metrics;
 mod workers;
