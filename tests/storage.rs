@@ -461,7 +461,7 @@ async fn bytestream_read_refuses_bad_requests(backend: Backend) {
         format!("blobs/{}/100/extra", digest.hash_hex()),
         format!("blobs/{}/100", &digest.hash_hex()[..60]),
         format!("a//b/blobs/{}/100", digest.hash_hex()),
-        format!("compressed-blobs/zstd/{}/100", digest.hash_hex()),
+        format!("compressed-blobs/deflate/{}/100", digest.hash_hex()),
         format!("uploads/u/blobs/{}/100", digest.hash_hex()),
     ] {
         let err = read(bad.clone(), 0, 0).await.unwrap_err();

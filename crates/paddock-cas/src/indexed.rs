@@ -15,14 +15,25 @@
 //! before it deletes them from the store; a writer of one of those blobs waits
 //! until the deletion is over and uploads it again, so a deletion cannot remove an
 //! upload that the index goes on to list.
+//!
+//! Leases are renewed only once they are a renewal interval old
+//! ([`lease_renewal`]), and collection leaves that much slack, which buys two
+//! things. Renewals are batched: uses are noted in memory and written once a
+//! second. And the layer remembers, for one renewal interval, the blobs it has
+//! seen listed (or listed itself): within that time no collection anywhere can
+//! take them, so `find_missing` answers for them from memory and asks the index
+//! only about the rest.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use hashlink::LinkedHashMap;
 use paddock_reapi::Digest;
+use parking_lot::Mutex;
 
 use crate::blob::{BlobSink, BlobStore, BlobStream, StoreError, StoredBlob};
 
@@ -33,8 +44,8 @@ pub trait BlobIndex: Send + Sync + 'static {
     /// those it does.
     async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError>;
 
-    /// Renews a listed blob's lease.
-    async fn touch(&self, digest: &Digest) -> Result<(), StoreError>;
+    /// Renews the leases of those of `digests` that are listed.
+    async fn touch(&self, digests: &[Digest]) -> Result<(), StoreError>;
 
     /// Before an upload: whether the blob is listed already (its lease renewed);
     /// if it is being collected, waits until the store no longer holds it.
@@ -63,6 +74,12 @@ pub trait BlobIndex: Send + Sync + 'static {
     async fn collected(&self, digests: &[Digest]) -> Result<(), StoreError>;
 }
 
+/// How stale a lease may grow before a use renews it: a tenth of the lease, at most
+/// a minute. Collection allows for it.
+pub fn lease_renewal(lease: Duration) -> Duration {
+    (lease / 10).min(Duration::from_secs(60))
+}
+
 /// When blobs are collected.
 #[derive(Debug, Clone, Copy)]
 pub struct Collection {
@@ -78,11 +95,59 @@ pub struct Collection {
 const COLLECT_BATCH: usize = 1_000;
 /// Deletions sent to the store at once.
 const DELETE_CONCURRENCY: usize = 16;
+/// How many listed blobs the layer remembers.
+const KNOWN_CAPACITY: usize = 1 << 20;
+/// Uses noted before they are written; beyond it, further ones wait for the next
+/// write (their leases were renewed a renewal interval ago at most, so they have
+/// most of a lease left).
+const RENEWALS_CAPACITY: usize = 1 << 20;
+/// Leases renewed by one statement.
+const RENEWAL_BATCH: usize = 10_000;
 
 pub struct Indexed {
     index: Arc<dyn BlobIndex>,
     store: Arc<dyn BlobStore>,
     collection: Collection,
+    known: Arc<Known>,
+    /// Uses whose leases are still to be renewed.
+    renewals: Mutex<HashSet<Digest>>,
+}
+
+/// Blobs seen listed, and when; trusted for one renewal interval, within which no
+/// collection can take them.
+struct Known {
+    seen: Mutex<LinkedHashMap<Digest, Instant>>,
+    trust: Duration,
+}
+
+impl Known {
+    fn remember(&self, digests: impl IntoIterator<Item = Digest>) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock();
+        for digest in digests {
+            seen.replace(digest, now);
+        }
+        while seen.len() > KNOWN_CAPACITY {
+            seen.pop_front();
+        }
+    }
+
+    fn forget(&self, digests: &[Digest]) {
+        let mut seen = self.seen.lock();
+        for digest in digests {
+            seen.remove(digest);
+        }
+    }
+
+    /// Those of `digests` not seen listed within the trust interval.
+    fn unknown(&self, digests: &[Digest]) -> Vec<Digest> {
+        let seen = self.seen.lock();
+        digests
+            .iter()
+            .filter(|d| seen.get(d).is_none_or(|at| at.elapsed() >= self.trust))
+            .copied()
+            .collect()
+    }
 }
 
 impl Indexed {
@@ -95,11 +160,17 @@ impl Indexed {
             index,
             store,
             collection,
+            known: Arc::new(Known {
+                seen: Mutex::new(LinkedHashMap::new()),
+                trust: lease_renewal(collection.lease),
+            }),
+            renewals: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Collects garbage every `collection.interval` while the process runs.
-    pub fn spawn_collector(self: &Arc<Self>) {
+    /// While the process runs: writes noted uses every second, and collects
+    /// garbage every `collection.interval`.
+    pub fn spawn_maintenance(self: &Arc<Self>) {
         let layer = Arc::downgrade(self);
         let interval = self.collection.interval;
         tokio::spawn(async move {
@@ -115,6 +186,38 @@ impl Indexed {
                 }
             }
         });
+        let layer = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(layer) = layer.upgrade() else {
+                    return;
+                };
+                layer.write_renewals().await;
+            }
+        });
+    }
+
+    /// Renews the leases of the uses noted since the last time.
+    async fn write_renewals(&self) {
+        let due: Vec<Digest> = std::mem::take(&mut *self.renewals.lock())
+            .into_iter()
+            .collect();
+        for batch in due.chunks(RENEWAL_BATCH) {
+            if let Err(e) = self.index.touch(batch).await {
+                tracing::warn!(blobs = batch.len(), error = %e, "could not renew blobs' leases; they are renewed at their next use");
+                return;
+            }
+        }
+    }
+
+    fn note_use(&self, digest: &Digest) {
+        let mut renewals = self.renewals.lock();
+        if renewals.len() < RENEWALS_CAPACITY {
+            renewals.insert(*digest);
+        }
     }
 
     /// One collection: batches of blobs unlisted and deleted until the store fits
@@ -137,6 +240,7 @@ impl Indexed {
             if batch.is_empty() {
                 break;
             }
+            self.known.forget(&batch);
             let deleted: Vec<Result<Digest, StoreError>> = futures::stream::iter(batch)
                 .map(|digest| async move { self.store.delete(&digest).await.map(|()| digest) })
                 .buffer_unordered(DELETE_CONCURRENCY)
@@ -176,19 +280,36 @@ impl Indexed {
 #[async_trait]
 impl BlobStore for Indexed {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
-        self.index.missing(digests).await
+        let unknown = self.known.unknown(digests);
+        if unknown.len() < digests.len() {
+            let unknown: HashSet<&Digest> = unknown.iter().collect();
+            let mut renewals = self.renewals.lock();
+            for digest in digests.iter().filter(|d| !unknown.contains(d)) {
+                if renewals.len() >= RENEWALS_CAPACITY {
+                    break;
+                }
+                renewals.insert(*digest);
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The index renews the leases of those it lists.
+        let missing = self.index.missing(&unknown).await?;
+        let absent: HashSet<&Digest> = missing.iter().collect();
+        self.known
+            .remember(unknown.iter().filter(|d| !absent.contains(d)).copied());
+        Ok(missing)
     }
 
     async fn read(&self, digest: &Digest, offset: u64) -> Result<Option<BlobStream>, StoreError> {
         match self.store.read(digest, offset).await? {
             Some(stream) => {
-                if let Err(e) = self.renew(digest).await {
-                    // The blob is here and intact; only its lease was not renewed.
-                    tracing::warn!(%digest, error = %e, "could not renew a blob's lease");
-                }
+                self.note_use(digest);
                 Ok(Some(stream))
             }
             None => {
+                self.known.forget(&[*digest]);
                 self.index.forget(digest).await?;
                 Ok(None)
             }
@@ -198,19 +319,23 @@ impl BlobStore for Indexed {
     async fn write(&self, digest: &Digest) -> Result<Box<dyn BlobSink>, StoreError> {
         if self.index.prepare_write(digest).await? {
             if self.store.find_missing(&[*digest]).await?.is_empty() {
+                self.known.remember([*digest]);
                 return Ok(Box::new(AlreadyStored { written: 0 }));
             }
             tracing::warn!(%digest, "the CAS index listed a blob its store did not hold; storing it again");
+            self.known.forget(&[*digest]);
             self.index.forget(digest).await?;
         }
         Ok(Box::new(Admitting {
             digest: *digest,
             inner: self.store.write(digest).await?,
             index: self.index.clone(),
+            known: self.known.clone(),
         }))
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.known.forget(&[*digest]);
         self.index.forget(digest).await?;
         self.store.delete(digest).await
     }
@@ -220,7 +345,8 @@ impl BlobStore for Indexed {
     }
 
     async fn renew(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.index.touch(digest).await
+        self.note_use(digest);
+        Ok(())
     }
 }
 
@@ -229,6 +355,7 @@ struct Admitting {
     digest: Digest,
     inner: Box<dyn BlobSink>,
     index: Arc<dyn BlobIndex>,
+    known: Arc<Known>,
 }
 
 #[async_trait]
@@ -243,7 +370,9 @@ impl BlobSink for Admitting {
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.inner.commit().await?;
-        self.index.admit(&self.digest).await
+        self.index.admit(&self.digest).await?;
+        self.known.remember([self.digest]);
+        Ok(())
     }
 }
 

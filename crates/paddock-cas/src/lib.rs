@@ -28,7 +28,7 @@ pub use blob::{read_all, BlobSink, BlobStore, BlobStream, StoreError, StoredBlob
 pub use disk::DiskStore;
 pub use empty::WithEmptyBlob;
 pub use fast_slow::FastSlow;
-pub use indexed::{BlobIndex, Collection, Indexed};
+pub use indexed::{lease_renewal, BlobIndex, Collection, Indexed};
 pub use memory::MemoryStore;
 pub use size_bounded::SizeBounded;
 pub use stack::{open_action_cache, open_cas, Remote};

@@ -54,7 +54,7 @@ pub async fn open_cas(
                     interval: config.collect_interval.get(),
                 },
             ));
-            indexed.spawn_collector();
+            indexed.spawn_maintenance();
             Arc::new(FastSlow::new(Arc::new(fast), indexed))
         }
         (StorageBackend::S3, None) => {

@@ -60,13 +60,18 @@ pub struct CasBenchReport {
 #[derive(Debug, Clone, Default)]
 pub struct Latencies {
     pub count: usize,
+    /// The first call's: for a server that caches what it was asked, the one that
+    /// found nothing cached.
+    pub first: Duration,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
 }
 
 impl Latencies {
+    /// Of `samples` in the order they were taken.
     pub fn of(mut samples: Vec<Duration>) -> Self {
+        let first = samples.first().copied().unwrap_or_default();
         samples.sort();
         let at = |q: f64| {
             samples
@@ -76,6 +81,7 @@ impl Latencies {
         };
         Latencies {
             count: samples.len(),
+            first,
             p50: at(0.50),
             p99: at(0.99),
             max: samples.last().copied().unwrap_or_default(),
@@ -99,8 +105,14 @@ fn median(values: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Runs the CAS benchmark against `remote`.
-pub async fn cas(remote: &Remote, options: CasBenchOptions) -> Result<CasBenchReport, ClientError> {
+/// Runs the CAS benchmark: writes through `remote`; reads, FindMissingBlobs and
+/// GetActionResult through `reader` (the same server, or another sharing its
+/// storage, to measure one that did not see the writes).
+pub async fn cas(
+    remote: &Remote,
+    reader: &Remote,
+    options: CasBenchOptions,
+) -> Result<CasBenchReport, ClientError> {
     let mut write_mib_s = Vec::new();
     let mut read_mib_s = Vec::new();
     let mib = options.large_blob as f64 / (1 << 20) as f64;
@@ -112,7 +124,7 @@ pub async fn cas(remote: &Remote, options: CasBenchOptions) -> Result<CasBenchRe
         write_mib_s.push(mib / started.elapsed().as_secs_f64());
 
         let started = Instant::now();
-        let mut stream = std::pin::pin!(remote.read_stream(&digest, 0).await?);
+        let mut stream = std::pin::pin!(reader.read_stream(&digest, 0).await?);
         let mut received = 0usize;
         while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
             received += chunk?.len();
@@ -145,7 +157,7 @@ pub async fn cas(remote: &Remote, options: CasBenchOptions) -> Result<CasBenchRe
         digest_function: 0,
     };
     let requests = vec![request; options.find_missing_calls];
-    let mut cas = remote.cas();
+    let mut cas = reader.cas();
     let mut samples = Vec::new();
     for request in requests {
         let started = Instant::now();
@@ -187,7 +199,7 @@ pub async fn cas(remote: &Remote, options: CasBenchOptions) -> Result<CasBenchRe
             ..Default::default()
         })
         .await?;
-    let mut client = remote.action_cache();
+    let mut client = reader.action_cache();
     let mut samples = Vec::new();
     for _ in 0..options.action_result_calls {
         let started = Instant::now();
@@ -245,8 +257,9 @@ impl fmt::Display for CasBenchReport {
         )?;
         writeln!(
             f,
-            "  FindMissingBlobs, {} digests:  p50 {}  p99 {}  ({} calls)",
+            "  FindMissingBlobs, {} digests:  first {}  p50 {}  p99 {}  ({} calls)",
             o.small_blobs,
+            ms(self.find_missing.first),
             ms(self.find_missing.p50),
             ms(self.find_missing.p99),
             self.find_missing.count

@@ -4,8 +4,9 @@
 //! [`ObjectStoreBlobs`] implements [`BlobStore`] over the `object_store` crate (S3
 //! here; GCS and Azure sit behind the same interface). Each blob is one object,
 //! `{prefix}/cas/sha256/{hash}-{size}`. Small blobs are written with one PUT; blobs
-//! larger than a part are streamed as a multipart upload, holding at most one part in
-//! memory, and an upload abandoned before its commit is aborted, so nothing partial
+//! larger than a part are streamed as a multipart upload, a few parts in flight at
+//! once (so at most that many in memory), and an upload abandoned before its commit
+//! is aborted, so nothing partial
 //! is ever visible: S3 shows an object only once its PUT or its multipart upload
 //! completes. Reads stream, from an offset with a ranged GET.
 //!
@@ -22,12 +23,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore,
-    ObjectStoreExt, PutPayloadMut, RetryConfig,
+    ObjectStoreExt, PutPayloadMut, RetryConfig, UploadPart,
 };
 use paddock_cas::{BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
 use paddock_config::S3Config;
@@ -35,6 +37,9 @@ use paddock_reapi::Digest;
 
 /// Requests for existence sent at once, when nothing answers from an index.
 const HEAD_CONCURRENCY: usize = 32;
+/// Parts of one multipart upload sent at once: what hides a store's latency, at
+/// the cost of this many parts held in memory per upload.
+const PARTS_IN_FLIGHT: usize = 3;
 
 pub struct ObjectStoreBlobs {
     store: Arc<dyn ObjectStore>,
@@ -166,6 +171,7 @@ impl BlobStore for ObjectStoreBlobs {
             part_size: self.part_size,
             part: PutPayloadMut::new(),
             upload: None,
+            in_flight: FuturesUnordered::new(),
             written: 0,
         }))
     }
@@ -224,7 +230,7 @@ fn in_chunks(source: BlobStream) -> BlobStream {
 }
 
 /// An object being written: one PUT at commit for a blob up to a part's size, a
-/// multipart upload (one part in memory at a time) for a larger one.
+/// multipart upload (a few parts in memory at a time) for a larger one.
 struct ObjectSink {
     store: Arc<dyn ObjectStore>,
     path: Path,
@@ -232,11 +238,18 @@ struct ObjectSink {
     part_size: usize,
     part: PutPayloadMut,
     upload: Option<Box<dyn MultipartUpload>>,
+    /// Parts sent and not yet acknowledged.
+    in_flight: FuturesUnordered<UploadPart>,
     written: u64,
 }
 
 impl ObjectSink {
+    /// Sends the part gathered so far, once fewer than [`PARTS_IN_FLIGHT`] are
+    /// under way.
     async fn send_part(&mut self) -> Result<(), StoreError> {
+        while self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.part_done().await?;
+        }
         let part = std::mem::take(&mut self.part).freeze();
         let upload = match &mut self.upload {
             Some(upload) => upload,
@@ -244,7 +257,16 @@ impl ObjectSink {
                 .upload
                 .insert(self.store.put_multipart(&self.path).await.map_err(failed)?),
         };
-        upload.put_part(part).await.map_err(failed)
+        self.in_flight.push(upload.put_part(part));
+        Ok(())
+    }
+
+    /// Waits for one part under way to be acknowledged.
+    async fn part_done(&mut self) -> Result<(), StoreError> {
+        match self.in_flight.next().await {
+            Some(result) => result.map_err(failed),
+            None => Ok(()),
+        }
     }
 }
 
@@ -271,6 +293,9 @@ impl BlobSink for ObjectSink {
         }
         if self.part.content_length() > 0 || self.upload.is_none() {
             self.send_part().await?;
+        }
+        while !self.in_flight.is_empty() {
+            self.part_done().await?;
         }
         let mut upload = self.upload.take().expect("a part was sent");
         if let Err(e) = upload.complete().await {

@@ -28,12 +28,12 @@ pub struct PgBlobIndex {
 }
 
 impl PgBlobIndex {
-    /// An index whose leases last `lease` (renewed to within a tenth of it, and at
-    /// least once a minute).
+    /// An index whose leases last `lease` (renewed once they are
+    /// [`paddock_cas::lease_renewal`] old).
     pub fn new(database: Database, lease: Duration) -> PgBlobIndex {
         PgBlobIndex {
             database,
-            renewal: (lease / 10).min(Duration::from_secs(60)),
+            renewal: paddock_cas::lease_renewal(lease),
         }
     }
 }
@@ -59,32 +59,57 @@ fn digest(row: &Row) -> Option<Digest> {
     ))
 }
 
+impl PgBlobIndex {
+    /// Which of `digests` are listed, renewing their leases where stale.
+    async fn listed(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        let (hashes, sizes) = columns(digests);
+        // One statement: the listed ones, and their leases renewed where stale.
+        // Stale rows are locked in key order (as every statement here locks
+        // several), so concurrent renewals and collections queue rather than
+        // deadlock; a stale row a collection deleted meanwhile is not renewed and
+        // not reported.
+        let rows = db
+            .timed(client.query(
+                "WITH found AS (
+                     SELECT b.hash, b.size, b.last_access < now() - make_interval(secs => $3) AS stale
+                     FROM cas_blobs b
+                     JOIN unnest($1::bytea[], $2::int8[]) AS w(hash, size) USING (hash, size)
+                 ), locked AS (
+                     SELECT c.ctid FROM cas_blobs c JOIN found f USING (hash, size)
+                     WHERE f.stale ORDER BY c.hash, c.size FOR UPDATE OF c
+                 ), renewed AS (
+                     UPDATE cas_blobs b SET last_access = now() FROM locked l
+                     WHERE b.ctid = l.ctid
+                     RETURNING b.hash, b.size
+                 )
+                 SELECT hash, size FROM found WHERE NOT stale
+                 UNION ALL SELECT hash, size FROM renewed",
+                &[&hashes, &sizes, &self.renewal.as_secs_f64()],
+            ))
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().filter_map(digest).collect())
+    }
+}
+
+/// Digests looked up by one statement; a larger request is split into statements
+/// that run at once on several connections (and so on several of the database's
+/// cores), since 10,000 index probes take one core several milliseconds.
+const LOOKUP_SLICE: usize = 2_500;
+
 #[async_trait]
 impl BlobIndex for PgBlobIndex {
     async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
         if digests.is_empty() {
             return Ok(Vec::new());
         }
-        let db = &self.database;
-        let client = db.client().await.map_err(unavailable)?;
-        let (hashes, sizes) = columns(digests);
-        // One statement: the listed ones, and their leases renewed where stale.
-        let rows = db
-            .timed(client.query(
-                "WITH found AS (
-                     SELECT b.hash, b.size, b.last_access FROM cas_blobs b
-                     JOIN unnest($1::bytea[], $2::int8[]) AS w(hash, size) USING (hash, size)
-                 ), renewed AS (
-                     UPDATE cas_blobs b SET last_access = now() FROM found f
-                     WHERE b.hash = f.hash AND b.size = f.size
-                       AND f.last_access < now() - make_interval(secs => $3)
-                 )
-                 SELECT hash, size FROM found",
-                &[&hashes, &sizes, &self.renewal.as_secs_f64()],
-            ))
-            .await
-            .map_err(unavailable)?;
-        let found: std::collections::HashSet<Digest> = rows.iter().filter_map(digest).collect();
+        let slices = futures::future::try_join_all(
+            digests.chunks(LOOKUP_SLICE).map(|slice| self.listed(slice)),
+        )
+        .await?;
+        let found: std::collections::HashSet<Digest> = slices.into_iter().flatten().collect();
         Ok(digests
             .iter()
             .filter(|d| !found.contains(d))
@@ -92,17 +117,22 @@ impl BlobIndex for PgBlobIndex {
             .collect())
     }
 
-    async fn touch(&self, digest: &Digest) -> Result<(), StoreError> {
+    async fn touch(&self, digests: &[Digest]) -> Result<(), StoreError> {
+        if digests.is_empty() {
+            return Ok(());
+        }
         let db = &self.database;
         let client = db.client().await.map_err(unavailable)?;
+        let (hashes, sizes) = columns(digests);
         db.timed(client.execute(
-            "UPDATE cas_blobs SET last_access = now()
-             WHERE hash = $1 AND size = $2 AND last_access < now() - make_interval(secs => $3)",
-            &[
-                &digest.hash().as_slice(),
-                &(digest.size() as i64),
-                &self.renewal.as_secs_f64(),
-            ],
+            "WITH locked AS (
+                 SELECT c.ctid FROM cas_blobs c
+                 JOIN unnest($1::bytea[], $2::int8[]) AS u(hash, size) USING (hash, size)
+                 WHERE c.last_access < now() - make_interval(secs => $3)
+                 ORDER BY c.hash, c.size FOR UPDATE OF c
+             )
+             UPDATE cas_blobs b SET last_access = now() FROM locked l WHERE b.ctid = l.ctid",
+            &[&hashes, &sizes, &self.renewal.as_secs_f64()],
         ))
         .await
         .map_err(unavailable)?;
@@ -207,10 +237,14 @@ impl BlobIndex for PgBlobIndex {
                      FROM cas_blobs
                      WHERE last_access < now() - make_interval(secs => $1)
                      ORDER BY last_access, hash LIMIT $2
-                 ), gone AS (
-                     DELETE FROM cas_blobs b USING oldest o
-                     WHERE b.hash = o.hash AND b.size = o.size AND o.running - o.size < $3::int8
+                 ), chosen AS (
+                     SELECT b.hash, b.size FROM cas_blobs b JOIN oldest o USING (hash, size)
+                     WHERE o.running - o.size < $3::int8
                        AND b.last_access < now() - make_interval(secs => $1)
+                     ORDER BY b.hash, b.size FOR UPDATE OF b
+                 ), gone AS (
+                     DELETE FROM cas_blobs b USING chosen c
+                     WHERE b.hash = c.hash AND b.size = c.size
                      RETURNING b.hash, b.size
                  )
                  INSERT INTO cas_collecting (hash, size) SELECT hash, size FROM gone

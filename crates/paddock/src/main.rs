@@ -382,6 +382,11 @@ enum BenchCommand {
         /// Measure this server instead of a fresh embedded Paddock.
         #[arg(long)]
         remote: Option<String>,
+        /// With --remote: read, look up and get results through this server
+        /// instead (another replica sharing the storage), to measure one that did
+        /// not see the writes.
+        #[arg(long, requires = "remote")]
+        reader: Option<String>,
         #[arg(long, default_value = "")]
         instance: String,
         #[command(flatten)]
@@ -630,6 +635,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
         Command::Bench { command } => match command {
             BenchCommand::Cas {
                 remote,
+                reader,
                 instance,
                 credentials,
                 blob_mib,
@@ -644,10 +650,19 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 };
                 match remote {
                     Some(url) => {
-                        let remote =
-                            Remote::connect_with(&url, &instance, &credentials.load()?).await?;
-                        let mut report = bench::cas(&remote, options).await?;
-                        report.target = url;
+                        let credentials = credentials.load()?;
+                        let remote = Remote::connect_with(&url, &instance, &credentials).await?;
+                        let reading = match &reader {
+                            Some(reader) => {
+                                Remote::connect_with(reader, &instance, &credentials).await?
+                            }
+                            None => remote.clone(),
+                        };
+                        let mut report = bench::cas(&remote, &reading, options).await?;
+                        report.target = match reader {
+                            Some(reader) => format!("{url}, read through {reader}"),
+                            None => url,
+                        };
                         println!("{report}");
                     }
                     None => bench_cas_embedded(options).await?,
@@ -816,7 +831,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
 async fn bench_cas_embedded(options: CasBenchOptions) -> Result<()> {
     let plain = farm::Embedded::start(0, &WorkerConfig::default(), None).await?;
     let remote = Remote::connect(&plain.url(), "").await?;
-    let mut plain_report = bench::cas(&remote, options.clone()).await?;
+    let mut plain_report = bench::cas(&remote, &remote, options.clone()).await?;
     plain_report.target = format!("{} (embedded, plain text)", plain.url());
     drop((remote, plain));
     println!("{plain_report}");
@@ -853,7 +868,7 @@ async fn bench_cas_embedded(options: CasBenchOptions) -> Result<()> {
         ..Default::default()
     };
     let remote = Remote::connect_with(&secure.url(), "", &credentials).await?;
-    let mut tls_report = bench::cas(&remote, options).await?;
+    let mut tls_report = bench::cas(&remote, &remote, options).await?;
     tls_report.target = format!("{} (embedded, TLS and a bearer token)", secure.url());
     println!("{tls_report}");
     println!("{}", bench::CasComparison::of(&plain_report, &tls_report));
