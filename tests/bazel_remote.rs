@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::bazel::Workspace;
+use common::bazel::{remote_flags, Workspace};
 use common::pki::Pki;
 use common::{config_file, Farm};
 
@@ -24,23 +24,6 @@ const OUTPUTS: &[&str] = &[
     "math/libpow.a",
     "tools/table_gen",
 ];
-
-fn remote_flags(url: &str) -> Vec<String> {
-    [
-        format!("--remote_executor={url}"),
-        "--remote_instance_name=bazel/remote".into(),
-        "--spawn_strategy=remote".into(),
-        "--genrule_strategy=remote".into(),
-        "--strategy=CppCompile=remote".into(),
-        "--strategy=CppLink=remote".into(),
-        "--strategy=CppArchive=remote".into(),
-        "--strategy=TestRunner=remote".into(),
-        "--noremote_local_fallback".into(),
-        "--remote_default_exec_properties=OSFamily=Linux".into(),
-        "--jobs=8".into(),
-    ]
-    .to_vec()
-}
 
 #[test]
 fn bazel_builds_and_tests_everything_remotely() {

@@ -207,3 +207,21 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The flags that send every action of the `cc` workspace to the farm at `url`.
+pub fn remote_flags(url: &str) -> Vec<String> {
+    [
+        format!("--remote_executor={url}"),
+        "--remote_instance_name=bazel/remote".into(),
+        "--spawn_strategy=remote".into(),
+        "--genrule_strategy=remote".into(),
+        "--strategy=CppCompile=remote".into(),
+        "--strategy=CppLink=remote".into(),
+        "--strategy=CppArchive=remote".into(),
+        "--strategy=TestRunner=remote".into(),
+        "--noremote_local_fallback".into(),
+        "--remote_default_exec_properties=OSFamily=Linux".into(),
+        "--jobs=8".into(),
+    ]
+    .to_vec()
+}
