@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::postgres::Postgres;
 use common::s3::{shared_config, Backend, Storage, S3};
-use common::{http_get, Farm};
+use common::{http_get, paddock_bin, Farm};
 use paddock_reapi::Digest;
 use rand::RngCore;
 
@@ -203,5 +203,67 @@ async fn collection_removes_only_old_unleased_blobs_past_the_bound() {
         storage.s3.as_ref().unwrap().objects().len(),
         4,
         "the collected blobs left the bucket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_come_from_a_shared_credentials_file_and_wrong_ones_stop_the_start() {
+    let (s3, postgres) = (S3::start(), Postgres::start());
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, secret: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[default]\naws_access_key_id = someone\naws_secret_access_key = nothing\n\
+                 [paddock]\naws_access_key_id = {}\naws_secret_access_key = {secret}\n",
+                common::s3::credentials()[0].1
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let start = |path: &std::path::Path| {
+        let config = shared_config(&s3, &postgres, "", "");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "[storage.s3]\n",
+            &format!("[storage.s3]\ncredentials_file = \"{}\"\n", path.display()),
+        );
+        std::fs::write(&config, text).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let mut command = std::process::Command::new(paddock_bin());
+        command
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(["--worker-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--config", &config])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_PROFILE", "paddock");
+        (command, data)
+    };
+    // The right secret, from the file's [paddock] profile: the server starts.
+    let (mut command, _data) = start(&file("good", common::s3::credentials()[1].1));
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("paddock: serving REAPI on "), "{line:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A wrong one: it says which store refused it, and does not start.
+    let (mut command, _data) = start(&file("bad", "wrong-secret"));
+    let output = common::output_within(&mut command, Duration::from_secs(60));
+    assert!(!output.status.success(), "it started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("reaching the object store"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-secret"),
+        "the secret reached the log"
     );
 }

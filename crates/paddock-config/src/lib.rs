@@ -361,9 +361,10 @@ pub enum StorageBackend {
 }
 
 /// Where the `s3` backend keeps blobs. Credentials never come from here or from
-/// clients: they are the process's own (`AWS_ACCESS_KEY_ID` and
-/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, a web identity token file, or the
-/// instance's metadata service).
+/// clients: they are the process's own, from the first of `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY` (with `AWS_SESSION_TOKEN`) in the environment,
+/// `credentials_file` (or `AWS_SHARED_CREDENTIALS_FILE`, or `~/.aws/credentials`),
+/// a web identity token file, or the instance's metadata service.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
@@ -383,6 +384,10 @@ pub struct S3Config {
     pub part_size: ByteSize,
     /// The longest one request to the store may take.
     pub request_timeout: Span,
+    /// An AWS shared credentials file (`[profile]` sections of
+    /// `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`); the
+    /// profile is `AWS_PROFILE`, or `default`.
+    pub credentials_file: Option<PathBuf>,
 }
 
 impl Default for S3Config {
@@ -395,6 +400,7 @@ impl Default for S3Config {
             path_style: false,
             part_size: ByteSize::mib(16),
             request_timeout: Span::secs(300),
+            credentials_file: None,
         }
     }
 }

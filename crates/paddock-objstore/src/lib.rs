@@ -13,10 +13,10 @@
 //! This layer knows nothing of indexes or leases: it is the slow, shared store under
 //! [`paddock_cas::Indexed`] (which answers `find_missing` from the database) and
 //! [`paddock_cas::FastSlow`] (which keeps hot blobs on local disk). Credentials are
-//! the process's own, from the environment (`AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, a web identity token file) or the
-//! instance's metadata service; never from configuration files that could be shared,
-//! and never from clients.
+//! the process's own: from the environment (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), a shared credentials file
+//! ([`credentials`]), a web identity token file, or the instance's metadata service;
+//! never from the configuration itself, and never from clients.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +34,8 @@ use object_store::{
 use paddock_cas::{BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
 use paddock_config::S3Config;
 use paddock_reapi::Digest;
+
+pub mod credentials;
 
 /// Requests for existence sent at once, when nothing answers from an index.
 const HEAD_CONCURRENCY: usize = 32;
@@ -66,6 +68,16 @@ impl ObjectStoreBlobs {
                 max_retries: 4,
                 retry_timeout: Duration::from_secs(30),
             });
+        if let Some(path) = credentials::file_to_read(config.credentials_file.as_deref()) {
+            let found = credentials::read(&path, None)
+                .map_err(|e| StoreError::Unavailable(format!("[storage.s3]: {e}")))?;
+            builder = builder
+                .with_access_key_id(found.access_key_id)
+                .with_secret_access_key(found.secret_access_key);
+            if let Some(token) = found.session_token {
+                builder = builder.with_token(token);
+            }
+        }
         if let Some(endpoint) = &config.endpoint {
             builder = builder
                 .with_endpoint(endpoint)
