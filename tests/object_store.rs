@@ -58,6 +58,49 @@ async fn a_blob_written_through_one_server_is_found_and_read_through_another() {
     );
     assert_eq!(postgres.sql("SELECT count(*) FROM cas_blobs"), "51");
 
+    // A compressible blob is kept compressed in the bucket, and read whole and from
+    // an offset through the server that did not write it (no copy in its tier).
+    let text: Bytes = (0..2_000_000u32)
+        .map(|i| b"paddock "[i as usize % 8] ^ (i / 4096) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let packed = Digest::of(&text);
+    ra.write_blob(&packed, text.clone()).await.unwrap();
+    let object = s3
+        .objects()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(&packed.hash_hex()))
+        .unwrap();
+    let stored = std::fs::metadata(&object).unwrap().len();
+    assert!(stored < text.len() as u64 / 4, "stored {stored} bytes");
+    let c = Farm::start(&["--config", &config]);
+    let rc = c.remote("").await;
+    let tail: Vec<u8> = {
+        let mut stream = std::pin::pin!(rc.read_stream(&packed, 1_500_000).await.unwrap());
+        let mut out = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        out
+    };
+    assert_eq!(tail, &text[1_500_000..]);
+    assert_eq!(rc.read_blob(&packed).await.unwrap(), text);
+    // What the bucket holds for it is refused if damaged: never served.
+    let mut damaged = std::fs::read(&object).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(&object, damaged).unwrap();
+    let d = Farm::start(&["--config", &config]);
+    let rd = d.remote("").await;
+    assert!(rd.read_blob(&packed).await.is_err());
+    assert_eq!(
+        rd.find_missing(&[packed]).await.unwrap(),
+        vec![packed],
+        "the damaged blob was dropped"
+    );
+    rd.write_blob(&packed, text.clone()).await.unwrap();
+    assert_eq!(rd.read_blob(&packed).await.unwrap(), text);
+
     // A blob the index lists but the bucket lost is never served, and is repaired.
     let (lost, lost_data) = blob(5000);
     ra.batch_update(vec![(lost, lost_data)]).await.unwrap();

@@ -127,6 +127,9 @@ async fn copy_through(
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(e) => {
+                if matches!(e, StoreError::Corrupt(_)) {
+                    remove_corrupt(&slow, &digest).await;
+                }
                 let _ = reader.send(Err(e)).await;
                 return;
             }
@@ -140,16 +143,23 @@ async fn copy_through(
     }
     let actual = hasher.finish();
     if actual != digest {
-        tracing::error!(%digest, %actual, "the slow store holds a corrupt blob; removing it");
-        if let Err(e) = slow.delete(&digest).await {
-            tracing::warn!(%digest, error = %e, "could not remove a corrupt blob");
-        }
+        tracing::error!(%digest, %actual, "the slow store holds a corrupt blob");
+        remove_corrupt(&slow, &digest).await;
         return;
     }
     if copying {
         if let Err(e) = copy.commit().await {
             tracing::debug!(%digest, error = %e, "could not keep a copy in the fast tier");
         }
+    }
+}
+
+/// Removes a blob found corrupt from the slow store, so that it reads as missing
+/// and can be uploaded again.
+async fn remove_corrupt(slow: &Arc<dyn BlobStore>, digest: &Digest) {
+    metrics::counter!("paddock_store_corrupt_blobs_total").increment(1);
+    if let Err(e) = slow.delete(digest).await {
+        tracing::warn!(%digest, error = %e, "could not remove a corrupt blob");
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod action_cache;
 mod blob;
+pub mod compression;
 mod disk;
 mod empty;
 mod fast_slow;

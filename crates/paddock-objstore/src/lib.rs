@@ -10,6 +10,11 @@
 //! is ever visible: S3 shows an object only once its PUT or its multipart upload
 //! completes. Reads stream, from an offset with a ranged GET.
 //!
+//! A blob of up to one part that compresses by an eighth or more is stored
+//! compressed with zstd (`Content-Encoding: zstd`); reads decompress it, bounded by
+//! the digest's size. Larger blobs are stored as they are, so that their ranged
+//! reads stay ranged GETs.
+//!
 //! This layer knows nothing of indexes or leases: it is the slow, shared store under
 //! [`paddock_cas::Indexed`] (which answers `find_missing` from the database) and
 //! [`paddock_cas::FastSlow`] (which keeps hot blobs on local disk). Credentials are
@@ -28,9 +33,10 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore,
-    ObjectStoreExt, PutPayloadMut, RetryConfig, UploadPart,
+    Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload,
+    ObjectStore, ObjectStoreExt, PutOptions, PutPayload, PutPayloadMut, RetryConfig, UploadPart,
 };
+use paddock_cas::compression::decompress;
 use paddock_cas::{BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
 use paddock_config::S3Config;
 use paddock_reapi::Digest;
@@ -42,6 +48,11 @@ const HEAD_CONCURRENCY: usize = 32;
 /// Parts of one multipart upload sent at once: what hides a store's latency, at
 /// the cost of this many parts held in memory per upload.
 const PARTS_IN_FLIGHT: usize = 3;
+/// Blobs smaller than this are stored as they are: too little to gain.
+const MIN_COMPRESSED: usize = 1024;
+/// The zstd level of stored blobs: written once, read many times.
+const STORED_LEVEL: i32 = 3;
+const ZSTD: &str = "zstd";
 
 pub struct ObjectStoreBlobs {
     store: Arc<dyn ObjectStore>,
@@ -125,12 +136,48 @@ impl ObjectStoreBlobs {
     }
 
     async fn exists(&self, digest: &Digest) -> Result<bool, StoreError> {
-        match self.store.head(&self.path(digest)).await {
-            Ok(meta) => Ok(meta.size == digest.size()),
+        let head = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        match self.store.get_opts(&self.path(digest), head).await {
+            Ok(found) => Ok(compressed(&found) || found.meta.size == digest.size()),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(failed(e)),
         }
     }
+
+    /// The object, whole or (for a raw blob) from `offset`.
+    async fn get(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        whole: bool,
+    ) -> Result<Option<object_store::GetResult>, StoreError> {
+        let options = GetOptions {
+            range: (offset > 0 && !whole).then_some(GetRange::Offset(offset)),
+            ..GetOptions::default()
+        };
+        match self.store.get_opts(&self.path(digest), options).await {
+            Ok(found) => Ok(Some(found)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    /// Whether the blob may have been stored compressed (and so cannot be read
+    /// from an offset with a ranged GET).
+    fn may_be_compressed(&self, digest: &Digest) -> bool {
+        digest.size() as usize <= self.part_size && digest.size() as usize >= MIN_COMPRESSED
+    }
+}
+
+/// Whether an object was stored compressed.
+fn compressed(found: &object_store::GetResult) -> bool {
+    found
+        .attributes
+        .get(&Attribute::ContentEncoding)
+        .is_some_and(|e| e.as_ref() == ZSTD)
 }
 
 /// The store's errors are the infrastructure's: the call may be retried.
@@ -158,21 +205,32 @@ impl BlobStore for ObjectStoreBlobs {
                 .await?
                 .then(|| futures::stream::empty().boxed()));
         }
-        let options = GetOptions {
-            range: (offset > 0).then_some(GetRange::Offset(offset)),
-            ..GetOptions::default()
+        let mut whole = self.may_be_compressed(digest);
+        let mut found = match self.get(digest, offset, whole).await? {
+            Some(found) => found,
+            None => return Ok(None),
         };
-        let found = match self.store.get_opts(&self.path(digest), options).await {
-            Ok(found) => found,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(failed(e)),
-        };
+        if compressed(&found) && !whole {
+            // Stored compressed by a server with larger parts: a range of the
+            // compressed bytes is of no use.
+            whole = true;
+            found = match self.get(digest, offset, whole).await? {
+                Some(found) => found,
+                None => return Ok(None),
+            };
+        }
+        if compressed(&found) {
+            let stream = found.into_stream().map_err(failed).boxed();
+            return Ok(Some(in_chunks(decompress(stream, *digest, offset))));
+        }
         if found.meta.size != digest.size() {
             tracing::warn!(%digest, size = found.meta.size, "removing an object of the wrong size");
             self.delete(digest).await?;
             return Ok(None);
         }
-        Ok(Some(in_chunks(found.into_stream().map_err(failed).boxed())))
+        let stream = found.into_stream().map_err(failed).boxed();
+        let skip = if whole { offset } else { 0 };
+        Ok(Some(in_chunks(skip_bytes(stream, skip))))
     }
 
     async fn write(&self, digest: &Digest) -> Result<Box<dyn BlobSink>, StoreError> {
@@ -208,13 +266,50 @@ impl BlobStore for ObjectStoreBlobs {
                 let name = object.location.filename()?;
                 let (hash, size) = name.split_once('-')?;
                 let digest = Digest::parse_parts(hash, size).ok()?;
-                (digest.size() == object.size).then(|| StoredBlob {
+                // A compressed object is smaller than its blob: the name decides.
+                Some(StoredBlob {
                     digest,
                     last_used: object.last_modified.into(),
                 })
             })
             .collect())
     }
+}
+
+/// Drops the first `skip` bytes of a stream.
+fn skip_bytes(source: BlobStream, skip: u64) -> BlobStream {
+    if skip == 0 {
+        return source;
+    }
+    let mut left = skip;
+    source
+        .filter_map(move |chunk| {
+            let out = match chunk {
+                Ok(mut chunk) => {
+                    let dropped = left.min(chunk.len() as u64);
+                    left -= dropped;
+                    let rest = chunk.split_off(dropped as usize);
+                    (!rest.is_empty()).then_some(Ok(rest))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(out)
+        })
+        .boxed()
+}
+
+/// The blob compressed, if that saves an eighth or more of it.
+fn compress_if_smaller(body: PutPayload) -> Option<PutPayload> {
+    let raw = body.content_length();
+    if raw < MIN_COMPRESSED {
+        return None;
+    }
+    let mut whole = Vec::with_capacity(raw);
+    for chunk in body.iter() {
+        whole.extend_from_slice(chunk);
+    }
+    let packed = zstd::bulk::compress(&whole, STORED_LEVEL).ok()?;
+    (packed.len() <= raw - raw / 8).then(|| PutPayload::from(packed))
 }
 
 /// Regroups what the HTTP client hands out (often a few KiB at a time) into chunks
@@ -300,7 +395,28 @@ impl BlobSink for ObjectSink {
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         if !self.multipart {
             let body = std::mem::take(&mut self.part).freeze();
-            self.store.put(&self.path, body).await.map_err(failed)?;
+            let packed = {
+                let body = body.clone();
+                tokio::task::spawn_blocking(move || compress_if_smaller(body))
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            };
+            let (body, options) = match packed {
+                Some(packed) => {
+                    let mut attributes = Attributes::new();
+                    attributes.insert(Attribute::ContentEncoding, ZSTD.into());
+                    let options = PutOptions {
+                        attributes,
+                        ..PutOptions::default()
+                    };
+                    (packed, options)
+                }
+                None => (body, PutOptions::default()),
+            };
+            self.store
+                .put_opts(&self.path, body, options)
+                .await
+                .map_err(failed)?;
             return Ok(());
         }
         if self.part.content_length() > 0 || self.upload.is_none() {

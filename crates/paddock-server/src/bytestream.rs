@@ -31,8 +31,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{method, principal, require};
-use crate::compression::{compress, Decompressor};
 use crate::invalid;
+use paddock_cas::compression::{compress, Decompressor};
 
 /// How many broken uploads may wait at once, whoever they belong to; the oldest
 /// goes first.

@@ -15,7 +15,6 @@ mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
-mod compression;
 mod execution;
 mod rpc_metrics;
 mod workers;

@@ -1,15 +1,18 @@
-//! Zstandard for `compressed-blobs` ByteStream resources: blobs compressed as they
-//! stream out, and uploads decompressed as they stream in.
+//! Zstandard for blobs: compressed as they stream out (ByteStream's
+//! `compressed-blobs`), and decompressed as they stream in (those uploads, and
+//! blobs an object store keeps compressed).
 //!
 //! Both directions work a bounded buffer at a time, so neither a large blob nor a
-//! small upload that expands enormously (a decompression bomb) is ever held whole
-//! in memory: an upload's output is cut off the moment it passes the size its
-//! digest promises.
+//! small input that expands enormously (a decompression bomb) is ever held whole
+//! in memory: the output is cut off the moment it passes the size the digest
+//! promises.
 
 use bytes::Bytes;
 use futures::StreamExt;
-use paddock_cas::{BlobStream, StoreError};
+use paddock_reapi::Digest;
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
+
+use crate::blob::{BlobStream, StoreError};
 
 /// The level blobs are compressed at as they are read: the fastest that still
 /// compresses, since it runs on every compressed read.
@@ -17,18 +20,18 @@ const LEVEL: i32 = 1;
 /// The most output one step produces.
 const OUT_CHUNK: usize = 256 * 1024;
 
-/// Why a compressed upload was refused; the client's fault.
+/// Why compressed data was refused: the fault of whoever sent or stored it.
 #[derive(Debug, thiserror::Error)]
 pub enum CompressionError {
-    #[error("the upload is not valid zstd: {0}")]
+    #[error("the data is not valid zstd: {0}")]
     Corrupt(std::io::Error),
-    #[error("the upload decompresses to more than the {0} bytes its digest promises")]
+    #[error("the data decompresses to more than the {0} bytes its digest promises")]
     TooLarge(u64),
-    #[error("the upload's zstd data ends in the middle of a frame")]
+    #[error("the zstd data ends in the middle of a frame")]
     Truncated,
 }
 
-/// The decompression of one upload.
+/// The decompression of one stream of zstd frames.
 pub struct Decompressor {
     decoder: Decoder<'static>,
     produced: u64,
@@ -86,6 +89,76 @@ impl Decompressor {
             false => Err(CompressionError::Truncated),
         }
     }
+}
+
+/// A stream of zstd frames decompressed as it arrives, checked to hold `digest`'s
+/// size exactly, from `offset` on; a store's damaged object fails the stream with
+/// [`StoreError::Corrupt`].
+pub fn decompress(source: BlobStream, digest: Digest, offset: u64) -> BlobStream {
+    struct State {
+        source: BlobStream,
+        decompressor: Decompressor,
+        input: Bytes,
+        at: usize,
+        skip: u64,
+        ended: bool,
+    }
+    let corrupt = move |e: CompressionError| {
+        tracing::error!(%digest, error = %e, "a compressed blob in the store does not decompress");
+        StoreError::Corrupt(digest)
+    };
+    let decompressor = match Decompressor::new(digest.size()) {
+        Ok(d) => d,
+        Err(e) => return futures::stream::once(async move { Err(corrupt(e)) }).boxed(),
+    };
+    let state = State {
+        source,
+        decompressor,
+        input: Bytes::new(),
+        at: 0,
+        skip: offset,
+        ended: false,
+    };
+    futures::stream::unfold(state, move |mut state| async move {
+        loop {
+            if state.ended {
+                return None;
+            }
+            match state.decompressor.step(&state.input, &mut state.at) {
+                Err(e) => {
+                    state.ended = true;
+                    return Some((Err(corrupt(e)), state));
+                }
+                Ok(Some(mut piece)) => {
+                    let skipped = state.skip.min(piece.len() as u64);
+                    state.skip -= skipped;
+                    let piece = piece.split_off(skipped as usize);
+                    if !piece.is_empty() {
+                        return Some((Ok(piece), state));
+                    }
+                }
+                Ok(None) => match state.source.next().await {
+                    Some(Ok(chunk)) => (state.input, state.at) = (chunk, 0),
+                    Some(Err(e)) => {
+                        state.ended = true;
+                        return Some((Err(e), state));
+                    }
+                    None => {
+                        state.ended = true;
+                        let whole = state.decompressor.produced == digest.size();
+                        if let Err(e) = state.decompressor.finish() {
+                            return Some((Err(corrupt(e)), state));
+                        }
+                        if !whole {
+                            return Some((Err(corrupt(CompressionError::Truncated)), state));
+                        }
+                        return None;
+                    }
+                },
+            }
+        }
+    })
+    .boxed()
 }
 
 /// A blob's bytes, compressed as one zstd frame as they stream.
