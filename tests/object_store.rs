@@ -101,6 +101,32 @@ async fn a_blob_written_through_one_server_is_found_and_read_through_another() {
     rd.write_blob(&packed, text.clone()).await.unwrap();
     assert_eq!(rd.read_blob(&packed).await.unwrap(), text);
 
+    // A raw object tampered with in the bucket (same length) is never served whole,
+    // even by a server that re-hashes nothing on its own: the copy from the bucket
+    // is checked as it streams.
+    let (tampered, tampered_data) = blob(300_000);
+    ra.write_blob(&tampered, tampered_data).await.unwrap();
+    let object = s3
+        .objects()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(&tampered.hash_hex()))
+        .unwrap();
+    let mut bytes = std::fs::read(&object).unwrap();
+    bytes[123] ^= 1;
+    std::fs::write(&object, bytes).unwrap();
+    let trusting = shared_config(&s3, &postgres, "verify_reads = \"never\"\n", "");
+    let e = Farm::start(&["--config", &trusting]);
+    let re = e.remote("").await;
+    let err = re.read_blob(&tampered).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Some(tonic::Code::NotFound | tonic::Code::DataLoss)
+        ),
+        "{err}"
+    );
+    assert_eq!(re.find_missing(&[tampered]).await.unwrap(), vec![tampered]);
+
     // A blob the index lists but the bucket lost is never served, and is repaired.
     let (lost, lost_data) = blob(5000);
     ra.batch_update(vec![(lost, lost_data)]).await.unwrap();

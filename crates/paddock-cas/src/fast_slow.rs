@@ -5,10 +5,11 @@
 //! before it is acknowledged, and the fast store is only ever a copy. Writes go to
 //! both as they stream (write-through); a read that misses the fast store streams
 //! from the slow one and copies what it reads into the fast one (read-through), so
-//! that the next read, or the next worker fetching the same input, is local. A copy
-//! is kept only if it hashes to its digest, so a corrupt object never settles in the
-//! fast store; the copy continues if the reader goes away, so an interrupted read
-//! still warms the tier.
+//! that the next read, or the next worker fetching the same input, is local. Such a
+//! read is hashed as it streams and its last chunk is held back until the hash
+//! matches, so neither the reader nor the fast store ever gets the whole of a
+//! corrupt object (which is removed from the slow store); the copy continues if the
+//! reader goes away, so an interrupted read still warms the tier.
 //!
 //! A read served by the fast copy still renews the shared blob's lease below.
 //! Deleting removes only the fast copy: the slow store is shared, and what leaves it
@@ -123,6 +124,9 @@ async fn copy_through(
 ) {
     let mut hasher = DigestHasher::new();
     let mut copying = true;
+    // The last chunk waits for the hash: a reader never receives the whole of a
+    // corrupt blob.
+    let mut held: Option<Bytes> = None;
     while let Some(chunk) = source.next().await {
         let chunk = match chunk {
             Ok(chunk) => chunk,
@@ -138,14 +142,20 @@ async fn copy_through(
         if copying && copy.write(chunk.clone()).await.is_err() {
             copying = false;
         }
-        // A reader that went away does not stop the copy.
-        let _ = reader.send(Ok(chunk)).await;
+        if let Some(previous) = held.replace(chunk) {
+            // A reader that went away does not stop the copy.
+            let _ = reader.send(Ok(previous)).await;
+        }
     }
     let actual = hasher.finish();
     if actual != digest {
         tracing::error!(%digest, %actual, "the slow store holds a corrupt blob");
         remove_corrupt(&slow, &digest).await;
+        let _ = reader.send(Err(StoreError::Corrupt(digest))).await;
         return;
+    }
+    if let Some(last) = held {
+        let _ = reader.send(Ok(last)).await;
     }
     if copying {
         if let Err(e) = copy.commit().await {

@@ -90,6 +90,9 @@ impl ObjectStoreBlobs {
             }
         }
         if let Some(endpoint) = &config.endpoint {
+            if endpoint.starts_with("http://") && !loopback(endpoint) {
+                tracing::warn!(%endpoint, "the object store is reached in the clear: blobs and request signatures cross the network unencrypted");
+            }
             builder = builder
                 .with_endpoint(endpoint)
                 .with_allow_http(endpoint.starts_with("http://"));
@@ -178,6 +181,24 @@ fn compressed(found: &object_store::GetResult) -> bool {
         .attributes
         .get(&Attribute::ContentEncoding)
         .is_some_and(|e| e.as_ref() == ZSTD)
+}
+
+/// Whether an `http://` endpoint names this machine.
+fn loopback(endpoint: &str) -> bool {
+    let host = endpoint
+        .trim_start_matches("http://")
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => name,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The store's errors are the infrastructure's: the call may be retried.
@@ -452,5 +473,26 @@ fn abort(mut upload: Box<dyn MultipartUpload>) {
                 tracing::debug!(error = %e, "could not abort an abandoned multipart upload");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tells_loopback_endpoints_apart() {
+        for yes in [
+            "http://127.0.0.1:9000",
+            "http://localhost",
+            "http://[::1]:9000/x",
+        ] {
+            assert!(super::loopback(yes), "{yes}");
+        }
+        for no in [
+            "http://10.0.0.1:9000",
+            "http://minio.internal:9000",
+            "http://[2001:db8::1]",
+        ] {
+            assert!(!super::loopback(no), "{no}");
+        }
     }
 }
