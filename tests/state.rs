@@ -396,6 +396,22 @@ async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_resta
             &["--runner", "host", "--capacity", "4"],
         ),
     ];
+    // A worker quarantined before the chaos; its standing must survive it.
+    let _held = Worker::start(
+        &format!("{},{}", b.worker_url, a.worker_url),
+        "held",
+        &["--runner", "host", "--capacity", "1"],
+    );
+    wait_listed(&b.url, "held", "active").await;
+    AdminClient::new(b.remote("").await.channel())
+        .command_worker(CommandWorkerRequest {
+            name: "held".into(),
+            command: Order::Quarantine as i32,
+            reason: "faulty disk".into(),
+        })
+        .await
+        .unwrap();
+    wait_listed(&b.url, "held", "quarantined").await;
     let (a_url, b_url) = (a.url.clone(), b.url.clone());
     let clients = 50;
     let per_client = 100;
@@ -496,6 +512,29 @@ async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_resta
     );
     let ran = postgres.sql("SELECT count(DISTINCT worker) FROM executions");
     assert_eq!(ran, "2", "both servers' workers ran actions");
+
+    // Quarantines and health intact: the held worker is quarantined, for its
+    // reason, on both servers; the others' health records count the actions they
+    // ran (outcomes are saved every 5 s, so a crash may lose the last few).
+    for url in [&a.url, &b.url] {
+        let held = listed(url, "held").await.expect("the held worker is known");
+        assert_eq!(held.standing, "quarantined", "{held:?}");
+        assert!(held.reason.contains("faulty disk"), "{held:?}");
+    }
+    let workers = common::workers(&b.url).await;
+    let outcomes: u64 = ["on-a", "on-b"]
+        .iter()
+        .map(|name| workers[*name].totals.clone().unwrap_or_default().outcomes)
+        .sum();
+    assert!(
+        outcomes >= total as u64 * 9 / 10,
+        "the workers' health records count {outcomes} outcomes of {total} actions"
+    );
+    assert_eq!(
+        postgres
+            .sql("SELECT record->'standing'->>'standing' FROM worker_records WHERE name = 'held'"),
+        "quarantined"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
