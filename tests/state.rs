@@ -524,7 +524,7 @@ async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_resta
     let workers = common::workers(&b.url).await;
     let outcomes: u64 = ["on-a", "on-b"]
         .iter()
-        .map(|name| workers[*name].totals.clone().unwrap_or_default().outcomes)
+        .map(|name| workers[*name].totals.unwrap_or_default().outcomes)
         .sum();
     assert!(
         outcomes >= total as u64 * 9 / 10,
