@@ -19,7 +19,7 @@
 //! Leases are renewed only once they are a renewal interval old
 //! ([`lease_renewal`]), and collection leaves that much slack, which buys two
 //! things. Renewals are batched: uses are noted in memory and written once a
-//! second. And the layer remembers, for one renewal interval, the blobs it has
+//! second (sooner for leases under 20 s), within the slack. And the layer remembers, for one renewal interval, the blobs it has
 //! seen listed (or listed itself): within that time no collection anywhere can
 //! take them, so `find_missing` answers for them from memory and asks the index
 //! only about the rest.
@@ -168,8 +168,9 @@ impl Indexed {
         }
     }
 
-    /// While the process runs: writes noted uses every second, and collects
-    /// garbage every `collection.interval`.
+    /// While the process runs: writes noted uses every second (or half a renewal
+    /// interval, if that is shorter), and collects garbage every
+    /// `collection.interval`.
     pub fn spawn_maintenance(self: &Arc<Self>) {
         let layer = Arc::downgrade(self);
         let interval = self.collection.interval;
@@ -186,9 +187,12 @@ impl Indexed {
                 }
             }
         });
+        // Noted uses wait at most half the slack collection leaves for them.
+        let period = (lease_renewal(self.collection.lease) / 2)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let layer = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -224,6 +228,8 @@ impl Indexed {
     /// its bound or only leased blobs are left; the number of blobs deleted.
     pub async fn collect(&self) -> Result<u64, StoreError> {
         let started = Instant::now();
+        // This server's own noted uses first: a blob it was just asked for stays.
+        self.write_renewals().await;
         let (mut blobs, mut bytes) = (0u64, 0u64);
         loop {
             let Some(batch) = self

@@ -71,7 +71,8 @@ impl PgBlobIndex {
         // deadlock; a stale row a collection deleted meanwhile is not renewed and
         // not reported.
         let rows = db
-            .timed(client.query(
+            .query(
+                &client,
                 "WITH found AS (
                      SELECT b.hash, b.size, b.last_access < now() - make_interval(secs => $3) AS stale
                      FROM cas_blobs b
@@ -87,7 +88,7 @@ impl PgBlobIndex {
                  SELECT hash, size FROM found WHERE NOT stale
                  UNION ALL SELECT hash, size FROM renewed",
                 &[&hashes, &sizes, &self.renewal.as_secs_f64()],
-            ))
+            )
             .await
             .map_err(unavailable)?;
         Ok(rows.iter().filter_map(digest).collect())
@@ -124,7 +125,8 @@ impl BlobIndex for PgBlobIndex {
         let db = &self.database;
         let client = db.client().await.map_err(unavailable)?;
         let (hashes, sizes) = columns(digests);
-        db.timed(client.execute(
+        db.execute(
+            &client,
             "WITH locked AS (
                  SELECT c.ctid FROM cas_blobs c
                  JOIN unnest($1::bytea[], $2::int8[]) AS u(hash, size) USING (hash, size)
@@ -133,7 +135,7 @@ impl BlobIndex for PgBlobIndex {
              )
              UPDATE cas_blobs b SET last_access = now() FROM locked l WHERE b.ctid = l.ctid",
             &[&hashes, &sizes, &self.renewal.as_secs_f64()],
-        ))
+        )
         .await
         .map_err(unavailable)?;
         Ok(())
@@ -146,8 +148,9 @@ impl BlobIndex for PgBlobIndex {
         let deadline = tokio::time::Instant::now() + COLLECTION_WAIT;
         loop {
             let client = db.client().await.map_err(unavailable)?;
-            let row = db
-                .timed(client.query_one(
+            let rows = db
+                .query(
+                    &client,
                     "WITH renewed AS (
                          UPDATE cas_blobs SET last_access = now()
                          WHERE hash = $1 AND size = $2 RETURNING 1
@@ -155,9 +158,12 @@ impl BlobIndex for PgBlobIndex {
                      SELECT EXISTS (SELECT 1 FROM renewed),
                             EXISTS (SELECT 1 FROM cas_collecting WHERE hash = $1 AND size = $2)",
                     &[&hash, &size],
-                ))
+                )
                 .await
                 .map_err(unavailable)?;
+            let row = rows.first().ok_or_else(|| {
+                StoreError::Unavailable("the database answered no row to a lookup".into())
+            })?;
             let (listed, collecting): (bool, bool) = (row.get(0), row.get(1));
             if listed || !collecting {
                 return Ok(listed);
@@ -175,11 +181,12 @@ impl BlobIndex for PgBlobIndex {
     async fn admit(&self, digest: &Digest) -> Result<(), StoreError> {
         let db = &self.database;
         let client = db.client().await.map_err(unavailable)?;
-        db.timed(client.execute(
+        db.execute(
+            &client,
             "INSERT INTO cas_blobs (hash, size) VALUES ($1, $2)
              ON CONFLICT (hash, size) DO UPDATE SET last_access = now()",
             &[&digest.hash().as_slice(), &(digest.size() as i64)],
-        ))
+        )
         .await
         .map_err(unavailable)?;
         Ok(())
@@ -188,10 +195,11 @@ impl BlobIndex for PgBlobIndex {
     async fn forget(&self, digest: &Digest) -> Result<(), StoreError> {
         let db = &self.database;
         let client = db.client().await.map_err(unavailable)?;
-        db.timed(client.execute(
+        db.execute(
+            &client,
             "DELETE FROM cas_blobs WHERE hash = $1 AND size = $2",
             &[&digest.hash().as_slice(), &(digest.size() as i64)],
-        ))
+        )
         .await
         .map_err(unavailable)?;
         Ok(())
@@ -274,11 +282,12 @@ impl BlobIndex for PgBlobIndex {
         let db = &self.database;
         let client = db.client().await.map_err(unavailable)?;
         let (hashes, sizes) = columns(digests);
-        db.timed(client.execute(
+        db.execute(
+            &client,
             "DELETE FROM cas_collecting c USING unnest($1::bytea[], $2::int8[]) AS g(hash, size)
              WHERE c.hash = g.hash AND c.size = g.size",
             &[&hashes, &sizes],
-        ))
+        )
         .await
         .map_err(unavailable)?;
         Ok(())

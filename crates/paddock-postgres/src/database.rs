@@ -211,6 +211,29 @@ impl Database {
         }
     }
 
+    /// Runs `sql`, prepared once per connection (and cached there), with `params`.
+    pub(crate) async fn query(
+        &self,
+        client: &deadpool_postgres::Object,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, DatabaseError> {
+        let statement = self.timed(client.prepare_cached(sql)).await?;
+        self.timed(client.query(&statement, params)).await
+    }
+
+    /// As [`Database::query`], for a statement whose rows are not wanted: how
+    /// many it changed.
+    pub(crate) async fn execute(
+        &self,
+        client: &deadpool_postgres::Object,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, DatabaseError> {
+        let statement = self.timed(client.prepare_cached(sql)).await?;
+        self.timed(client.execute(&statement, params)).await
+    }
+
     /// Listens on `channels` over a connection of its own, made again (after a
     /// pause) whenever it breaks, until `sink` is closed. Each notification goes to
     /// `sink` as its channel and payload; `None` after each new connection, since
