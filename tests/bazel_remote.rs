@@ -202,15 +202,10 @@ fn bazel_builds_over_tls_with_a_token_with_client_certificates_and_reads_with_a_
 
 /// Bytes the workers fetched from the CAS, from the farm's metrics.
 fn fetched_bytes(farm: &Farm) -> u64 {
-    common::http_get(&farm.metrics_url)
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("paddock_worker_fetched_bytes_total ")?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0, |v| v as u64)
+    common::metric(
+        &common::http_get(&farm.metrics_url),
+        "paddock_worker_fetched_bytes_total",
+    ) as u64
 }
 
 /// The workspace built on four workers, with the scheduler's locality on and off:

@@ -11,9 +11,8 @@ use bytes::Bytes;
 use common::bazel::{remote_flags, Workspace};
 use common::postgres::Postgres;
 use common::s3::{shared_config, Backend, Storage, S3};
-use common::{free_address, http_get, Farm, Worker};
+use common::{free_address, http_get, metric, random_blob, Farm, Worker};
 use paddock_reapi::Digest;
-use rand::RngCore;
 
 #[test]
 fn bazel_builds_through_one_server_while_another_serves_the_workers_and_survives_its_crash() {
@@ -80,14 +79,7 @@ fn bazel_builds_through_one_server_while_another_serves_the_workers_and_survives
 }
 
 fn junk(count: usize, size: usize) -> Vec<(Digest, Bytes)> {
-    (0..count)
-        .map(|_| {
-            let mut data = vec![0u8; size];
-            rand::rng().fill_bytes(&mut data);
-            let data = Bytes::from(data);
-            (Digest::of(&data), data)
-        })
-        .collect()
+    (0..count).map(|_| random_blob(size)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -126,12 +118,7 @@ async fn bazel_keeping_outputs_remote_builds_again_after_a_collection() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let page = http_get(&storage.metrics_url);
-        let collected = page
-            .lines()
-            .find_map(|l| l.strip_prefix("paddock_cas_collected_blobs_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if collected > 0.0 {
+        if metric(&page, "paddock_cas_collected_blobs_total") > 0.0 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no collection");

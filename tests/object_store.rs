@@ -9,24 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::postgres::Postgres;
 use common::s3::{shared_config, Backend, Storage, S3};
-use common::{http_get, paddock_bin, Farm};
+use common::{http_get, metric, paddock_bin, random_blob as blob, Farm};
 use paddock_reapi::Digest;
-use rand::RngCore;
-
-fn blob(len: usize) -> (Digest, Bytes) {
-    let mut data = vec![0u8; len];
-    rand::rng().fill_bytes(&mut data);
-    let data = Bytes::from(data);
-    (Digest::of(&data), data)
-}
-
-/// A metric's value from a Prometheus text page (0 if absent).
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blob_written_through_one_server_is_found_and_read_through_another() {

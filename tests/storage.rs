@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::s3::{Backend, Storage};
-use common::{config_file, http_get, Farm};
+use common::{config_file, http_get, random_blob as blob, Farm};
 use futures::StreamExt;
 use paddock_reapi::proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, WriteRequest, WriteResponse,
@@ -26,11 +26,6 @@ fn random(len: usize) -> Bytes {
     let mut data = vec![0u8; len];
     rand::rng().fill_bytes(&mut data);
     Bytes::from(data)
-}
-
-fn blob(len: usize) -> (Digest, Bytes) {
-    let data = random(len);
-    (Digest::of(&data), data)
 }
 
 fn bad_digest() -> paddock_reapi::proto::re::Digest {

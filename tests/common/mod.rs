@@ -603,3 +603,19 @@ pub fn http_get(url: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     response
 }
+
+/// A blob of `len` random bytes, with its digest.
+pub fn random_blob(len: usize) -> (paddock_reapi::Digest, bytes::Bytes) {
+    let mut data = vec![0u8; len];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut data);
+    let data = bytes::Bytes::from(data);
+    (paddock_reapi::Digest::of(&data), data)
+}
+
+/// A metric's value on a Prometheus text page (0 if absent).
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}

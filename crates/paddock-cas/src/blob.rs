@@ -125,3 +125,25 @@ pub async fn read_all(store: &dyn BlobStore, digest: &Digest) -> Result<Option<B
     }
     Ok(Some(out.freeze()))
 }
+
+/// A blob's stream without its first `count` bytes.
+pub fn skip(source: BlobStream, count: u64) -> BlobStream {
+    if count == 0 {
+        return source;
+    }
+    let mut left = count;
+    source
+        .filter_map(move |chunk| {
+            let rest = match chunk {
+                Ok(mut chunk) => {
+                    let dropped = left.min(chunk.len() as u64);
+                    left -= dropped;
+                    let rest = chunk.split_off(dropped as usize);
+                    (!rest.is_empty()).then_some(Ok(rest))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures::future::ready(rest)
+        })
+        .boxed()
+}

@@ -92,15 +92,14 @@ impl Decompressor {
 }
 
 /// A stream of zstd frames decompressed as it arrives, checked to hold `digest`'s
-/// size exactly, from `offset` on; a store's damaged object fails the stream with
+/// size exactly; a store's damaged object fails the stream with
 /// [`StoreError::Corrupt`].
-pub fn decompress(source: BlobStream, digest: Digest, offset: u64) -> BlobStream {
+pub fn decompress(source: BlobStream, digest: Digest) -> BlobStream {
     struct State {
         source: BlobStream,
         decompressor: Decompressor,
         input: Bytes,
         at: usize,
-        skip: u64,
         ended: bool,
     }
     let corrupt = move |e: CompressionError| {
@@ -116,7 +115,6 @@ pub fn decompress(source: BlobStream, digest: Digest, offset: u64) -> BlobStream
         decompressor,
         input: Bytes::new(),
         at: 0,
-        skip: offset,
         ended: false,
     };
     futures::stream::unfold(state, move |mut state| async move {
@@ -129,14 +127,7 @@ pub fn decompress(source: BlobStream, digest: Digest, offset: u64) -> BlobStream
                     state.ended = true;
                     return Some((Err(corrupt(e)), state));
                 }
-                Ok(Some(mut piece)) => {
-                    let skipped = state.skip.min(piece.len() as u64);
-                    state.skip -= skipped;
-                    let piece = piece.split_off(skipped as usize);
-                    if !piece.is_empty() {
-                        return Some((Ok(piece), state));
-                    }
-                }
+                Ok(Some(piece)) => return Some((Ok(piece), state)),
                 Ok(None) => match state.source.next().await {
                     Some(Ok(chunk)) => (state.input, state.at) = (chunk, 0),
                     Some(Err(e)) => {

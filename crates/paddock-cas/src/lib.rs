@@ -25,7 +25,9 @@ pub use action_cache::{
     referenced_blobs, ActionCache, ActionKey, CompletenessChecking, DiskActionCache,
     MemoryActionCache, ResultFilter,
 };
-pub use blob::{read_all, BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
+pub use blob::{
+    read_all, skip, BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK,
+};
 pub use disk::DiskStore;
 pub use empty::WithEmptyBlob;
 pub use fast_slow::FastSlow;

@@ -37,7 +37,7 @@ use object_store::{
     ObjectStore, ObjectStoreExt, PutOptions, PutPayload, PutPayloadMut, RetryConfig, UploadPart,
 };
 use paddock_cas::compression::decompress;
-use paddock_cas::{BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
+use paddock_cas::{skip, BlobSink, BlobStore, BlobStream, StoreError, StoredBlob, READ_CHUNK};
 use paddock_config::S3Config;
 use paddock_reapi::Digest;
 
@@ -242,7 +242,7 @@ impl BlobStore for ObjectStoreBlobs {
         }
         if compressed(&found) {
             let stream = found.into_stream().map_err(failed).boxed();
-            return Ok(Some(in_chunks(decompress(stream, *digest, offset))));
+            return Ok(Some(in_chunks(skip(decompress(stream, *digest), offset))));
         }
         if found.meta.size != digest.size() {
             tracing::warn!(%digest, size = found.meta.size, "removing an object of the wrong size");
@@ -250,8 +250,8 @@ impl BlobStore for ObjectStoreBlobs {
             return Ok(None);
         }
         let stream = found.into_stream().map_err(failed).boxed();
-        let skip = if whole { offset } else { 0 };
-        Ok(Some(in_chunks(skip_bytes(stream, skip))))
+        let unread = if whole { offset } else { 0 };
+        Ok(Some(in_chunks(skip(stream, unread))))
     }
 
     async fn write(&self, digest: &Digest) -> Result<Box<dyn BlobSink>, StoreError> {
@@ -295,28 +295,6 @@ impl BlobStore for ObjectStoreBlobs {
             })
             .collect())
     }
-}
-
-/// Drops the first `skip` bytes of a stream.
-fn skip_bytes(source: BlobStream, skip: u64) -> BlobStream {
-    if skip == 0 {
-        return source;
-    }
-    let mut left = skip;
-    source
-        .filter_map(move |chunk| {
-            let out = match chunk {
-                Ok(mut chunk) => {
-                    let dropped = left.min(chunk.len() as u64);
-                    left -= dropped;
-                    let rest = chunk.split_off(dropped as usize);
-                    (!rest.is_empty()).then_some(Ok(rest))
-                }
-                Err(e) => Some(Err(e)),
-            };
-            futures::future::ready(out)
-        })
-        .boxed()
 }
 
 /// The blob compressed, if that saves an eighth or more of it.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use paddock_cas::{BlobIndex, StoreError};
 use paddock_reapi::Digest;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::database::{Database, DatabaseError};
@@ -60,19 +61,37 @@ fn digest(row: &Row) -> Option<Digest> {
 }
 
 impl PgBlobIndex {
-    /// Which of `digests` are listed, renewing their leases where stale.
-    async fn listed(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+    /// Runs one statement on a connection from the pool.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
         let db = &self.database;
         let client = db.client().await.map_err(unavailable)?;
+        db.query(&client, sql, params).await.map_err(unavailable)
+    }
+
+    /// As [`PgBlobIndex::query`], for a statement whose rows are not wanted.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), StoreError> {
+        let db = &self.database;
+        let client = db.client().await.map_err(unavailable)?;
+        db.execute(&client, sql, params)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
+    /// Which of `digests` are listed, renewing their leases where stale.
+    async fn listed(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
         let (hashes, sizes) = columns(digests);
         // One statement: the listed ones, and their leases renewed where stale.
         // Stale rows are locked in key order (as every statement here locks
         // several), so concurrent renewals and collections queue rather than
         // deadlock; a stale row a collection deleted meanwhile is not renewed and
         // not reported.
-        let rows = db
+        let rows = self
             .query(
-                &client,
                 "WITH found AS (
                      SELECT b.hash, b.size, b.last_access < now() - make_interval(secs => $3) AS stale
                      FROM cas_blobs b
@@ -89,8 +108,7 @@ impl PgBlobIndex {
                  UNION ALL SELECT hash, size FROM renewed",
                 &[&hashes, &sizes, &self.renewal.as_secs_f64()],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(rows.iter().filter_map(digest).collect())
     }
 }
@@ -122,35 +140,27 @@ impl BlobIndex for PgBlobIndex {
         if digests.is_empty() {
             return Ok(());
         }
-        let db = &self.database;
-        let client = db.client().await.map_err(unavailable)?;
         let (hashes, sizes) = columns(digests);
-        db.execute(
-            &client,
+        self.execute(
             "WITH locked AS (
-                 SELECT c.ctid FROM cas_blobs c
-                 JOIN unnest($1::bytea[], $2::int8[]) AS u(hash, size) USING (hash, size)
-                 WHERE c.last_access < now() - make_interval(secs => $3)
-                 ORDER BY c.hash, c.size FOR UPDATE OF c
-             )
-             UPDATE cas_blobs b SET last_access = now() FROM locked l WHERE b.ctid = l.ctid",
+             SELECT c.ctid FROM cas_blobs c
+             JOIN unnest($1::bytea[], $2::int8[]) AS u(hash, size) USING (hash, size)
+             WHERE c.last_access < now() - make_interval(secs => $3)
+             ORDER BY c.hash, c.size FOR UPDATE OF c
+         )
+         UPDATE cas_blobs b SET last_access = now() FROM locked l WHERE b.ctid = l.ctid",
             &[&hashes, &sizes, &self.renewal.as_secs_f64()],
         )
         .await
-        .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn prepare_write(&self, digest: &Digest) -> Result<bool, StoreError> {
-        let db = &self.database;
         let hash = digest.hash().as_slice();
         let size = digest.size() as i64;
         let deadline = tokio::time::Instant::now() + COLLECTION_WAIT;
         loop {
-            let client = db.client().await.map_err(unavailable)?;
-            let rows = db
+            let rows = self
                 .query(
-                    &client,
                     "WITH renewed AS (
                          UPDATE cas_blobs SET last_access = now()
                          WHERE hash = $1 AND size = $2 RETURNING 1
@@ -159,8 +169,7 @@ impl BlobIndex for PgBlobIndex {
                             EXISTS (SELECT 1 FROM cas_collecting WHERE hash = $1 AND size = $2)",
                     &[&hash, &size],
                 )
-                .await
-                .map_err(unavailable)?;
+                .await?;
             let row = rows.first().ok_or_else(|| {
                 StoreError::Unavailable("the database answered no row to a lookup".into())
             })?;
@@ -168,7 +177,6 @@ impl BlobIndex for PgBlobIndex {
             if listed || !collecting {
                 return Ok(listed);
             }
-            drop(client);
             if tokio::time::Instant::now() > deadline {
                 return Err(StoreError::Unavailable(format!(
                     "blob {digest} is being deleted by a collection that has not finished within {COLLECTION_WAIT:?}"
@@ -179,30 +187,20 @@ impl BlobIndex for PgBlobIndex {
     }
 
     async fn admit(&self, digest: &Digest) -> Result<(), StoreError> {
-        let db = &self.database;
-        let client = db.client().await.map_err(unavailable)?;
-        db.execute(
-            &client,
+        self.execute(
             "INSERT INTO cas_blobs (hash, size) VALUES ($1, $2)
-             ON CONFLICT (hash, size) DO UPDATE SET last_access = now()",
+         ON CONFLICT (hash, size) DO UPDATE SET last_access = now()",
             &[&digest.hash().as_slice(), &(digest.size() as i64)],
         )
         .await
-        .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn forget(&self, digest: &Digest) -> Result<(), StoreError> {
-        let db = &self.database;
-        let client = db.client().await.map_err(unavailable)?;
-        db.execute(
-            &client,
+        self.execute(
             "DELETE FROM cas_blobs WHERE hash = $1 AND size = $2",
             &[&digest.hash().as_slice(), &(digest.size() as i64)],
         )
         .await
-        .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn select_garbage(
@@ -279,17 +277,12 @@ impl BlobIndex for PgBlobIndex {
         if digests.is_empty() {
             return Ok(());
         }
-        let db = &self.database;
-        let client = db.client().await.map_err(unavailable)?;
         let (hashes, sizes) = columns(digests);
-        db.execute(
-            &client,
+        self.execute(
             "DELETE FROM cas_collecting c USING unnest($1::bytea[], $2::int8[]) AS g(hash, size)
-             WHERE c.hash = g.hash AND c.size = g.size",
+         WHERE c.hash = g.hash AND c.size = g.size",
             &[&hashes, &sizes],
         )
         .await
-        .map_err(unavailable)?;
-        Ok(())
     }
 }
