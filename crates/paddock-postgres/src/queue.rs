@@ -138,6 +138,31 @@ fn fingerprint(bytes: &[u8]) -> [u8; 16] {
     bytes.try_into().unwrap_or([0; 16])
 }
 
+/// The reports of one kind of progress, as the columns its statement takes.
+struct Reports<T> {
+    ids: Vec<ExecutionId>,
+    attempts: Vec<i32>,
+    values: Vec<T>,
+}
+
+impl<T> Default for Reports<T> {
+    fn default() -> Self {
+        Reports {
+            ids: Vec::new(),
+            attempts: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<T> Reports<T> {
+    fn push(&mut self, id: ExecutionId, attempt: i32, value: T) {
+        self.ids.push(id);
+        self.attempts.push(attempt);
+        self.values.push(value);
+    }
+}
+
 #[async_trait]
 impl SharedQueue for PgQueue {
     fn replica(&self) -> &str {
@@ -354,57 +379,47 @@ impl SharedQueue for PgQueue {
 
     async fn record(&self, progress: &[Progress]) -> Result<(), SharedError> {
         let db = &self.database;
-        let (mut started, mut done, mut released) = (
-            (Vec::new(), Vec::new(), Vec::new()),
-            (Vec::new(), Vec::new(), Vec::new()),
-            (Vec::new(), Vec::new(), Vec::new()),
-        );
+        let (mut started, mut done, mut released) =
+            (Reports::default(), Reports::default(), Reports::default());
         for p in progress {
             match p {
                 Progress::Started {
                     id,
                     attempt,
                     worker,
-                } => {
-                    started.0.push(*id);
-                    started.1.push(*attempt);
-                    started.2.push(worker.clone());
-                }
+                } => started.push(*id, *attempt, worker.clone()),
                 Progress::Done {
                     id,
                     attempt,
                     response,
-                } => {
-                    done.0.push(*id);
-                    done.1.push(*attempt);
-                    done.2.push(response.clone());
-                }
+                } => done.push(*id, *attempt, response.clone()),
                 Progress::Released {
                     id,
                     attempt,
                     worker,
-                } => {
-                    released.0.push(*id);
-                    released.1.push(*attempt);
-                    released.2.push(worker.clone());
-                }
+                } => released.push(*id, *attempt, worker.clone()),
             }
         }
         let mut client = self.client().await?;
         let tx = db.timed(client.transaction()).await.map_err(unavailable)?;
-        if !started.0.is_empty() {
+        if !started.ids.is_empty() {
             db.timed(tx.query(
                 "UPDATE executions e SET state = 'running', worker = u.worker
                  FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS u(id, attempt, worker)
                  WHERE e.id = u.id AND e.attempt = u.attempt AND e.replica = $4
                      AND e.state = 'claimed'
                  RETURNING pg_notify('paddock_execution', e.id::text)",
-                &[&started.0, &started.1, &started.2, &self.replica],
+                &[
+                    &started.ids,
+                    &started.attempts,
+                    &started.values,
+                    &self.replica,
+                ],
             ))
             .await
             .map_err(unavailable)?;
         }
-        if !done.0.is_empty() {
+        if !done.ids.is_empty() {
             db.timed(tx.query(
                 "UPDATE executions e SET state = 'done', response = u.response, done_at = now(),
                      replica = NULL, lease_until = NULL
@@ -412,12 +427,12 @@ impl SharedQueue for PgQueue {
                  WHERE e.id = u.id AND e.attempt = u.attempt AND e.replica = $4
                      AND e.state IN ('claimed', 'running')
                  RETURNING pg_notify('paddock_execution', e.id::text)",
-                &[&done.0, &done.1, &done.2, &self.replica],
+                &[&done.ids, &done.attempts, &done.values, &self.replica],
             ))
             .await
             .map_err(unavailable)?;
         }
-        if !released.0.is_empty() {
+        if !released.ids.is_empty() {
             db.timed(tx.query(
                 "UPDATE executions e SET state = 'queued', replica = NULL, lease_until = NULL,
                      worker = NULL, failures = e.failures + 1,
@@ -427,7 +442,12 @@ impl SharedQueue for PgQueue {
                      AND e.state IN ('claimed', 'running')
                  RETURNING pg_notify('paddock_execution', e.id::text),
                      pg_notify('paddock_queued', e.class)",
-                &[&released.0, &released.1, &released.2, &self.replica],
+                &[
+                    &released.ids,
+                    &released.attempts,
+                    &released.values,
+                    &self.replica,
+                ],
             ))
             .await
             .map_err(unavailable)?;
