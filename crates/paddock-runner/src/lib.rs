@@ -124,6 +124,11 @@ pub enum RunError {
     /// held against the worker.
     #[error("{0}")]
     Infrastructure(String),
+    /// Nobody's: this worker lacks what the action demands of it (a toolchain file
+    /// that differs from the action's manifest). Tried elsewhere, not held against the
+    /// worker; the message names what differs.
+    #[error("{0}")]
+    Mismatch(String),
     /// It was cancelled and has been stopped.
     #[error("cancelled")]
     Cancelled,

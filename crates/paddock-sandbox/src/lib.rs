@@ -17,12 +17,13 @@ mod rootfs;
 mod runner;
 pub mod seccomp;
 pub mod spec;
+pub mod toolchain;
 mod zygote;
 
 pub use rootfs::{
     prepare_mount_points, property_values, write_etc, BindMount, HostResolver, ResolveError,
     Rootfs, RootfsResolver, LOOPBACK_HOSTS,
 };
-pub use runner::{ContainerRunner, SandboxOptions};
+pub use runner::{ContainerRunner, SandboxOptions, INPUT_ROOT_PATH};
 pub use spec::Limits;
 pub use zygote::Zygote;

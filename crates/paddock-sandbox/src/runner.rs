@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::helper::{Request, Response, NOT_FOUND_MARKER};
 use crate::rootfs::{HostResolver, Rootfs, RootfsResolver};
 use crate::spec::{self, ContainerSpec, Limits};
+use crate::toolchain::{self, HashCache};
 use crate::zygote::Zygote;
 
 /// How a worker's containers are set up.
@@ -44,6 +45,7 @@ pub struct ContainerRunner {
     options: SandboxOptions,
     host: HostResolver,
     state_root: PathBuf,
+    toolchain_hashes: Arc<HashCache>,
 }
 
 impl ContainerRunner {
@@ -82,6 +84,7 @@ impl ContainerRunner {
             options,
             host,
             state_root,
+            toolchain_hashes: Arc::default(),
         })
     }
 
@@ -166,6 +169,85 @@ impl ContainerRunner {
     }
 }
 
+/// The platform property that mounts the input root at an absolute path of the
+/// action's choosing (rather than [`spec::WORK_DIR`]), so that paths compiled into
+/// outputs (`__FILE__`, debug info, dependency files) match the client's.
+pub const INPUT_ROOT_PATH: &str = "input-root-path";
+
+/// Top-level directories the input root may not be mounted in or over: the
+/// container's own and the toolchain's.
+const RESERVED: &[&str] = &[
+    "proc", "dev", "sys", "etc", "nix", "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32",
+    "opt", "run", "var",
+];
+
+/// The validated `input-root-path` of a platform, if it names one: absolute,
+/// normal, not in a reserved directory, and neither at, beneath nor above any of the
+/// root's bind mounts (nor `/tmp` itself, though beneath it is fine).
+fn input_root_path(
+    platform: &[(String, String)],
+    rootfs: &Rootfs,
+) -> Result<Option<PathBuf>, RunError> {
+    let values = crate::rootfs::property_values(platform, INPUT_ROOT_PATH);
+    let value = match values.as_slice() {
+        [] => return Ok(None),
+        [one] => *one,
+        _ => {
+            return Err(RunError::Action(format!(
+                "the platform names {INPUT_ROOT_PATH} more than once"
+            )))
+        }
+    };
+    let bad = |why: &str| RunError::Action(format!("{INPUT_ROOT_PATH}={value:?}: {why}"));
+    let path = PathBuf::from(value);
+    let names: Vec<&str> = value.split('/').skip(1).collect();
+    if !value.starts_with('/')
+        || value.len() > 1024
+        || names
+            .iter()
+            .any(|n| n.is_empty() || *n == "." || *n == "..")
+    {
+        return Err(bad("must be an absolute, normal path"));
+    }
+    if names.len() < 2 {
+        // One level deep would cover a whole top-level directory of the root.
+        return Err(bad("must be at least two levels deep"));
+    }
+    if RESERVED.contains(&names[0]) {
+        return Err(bad("lies in a directory the container reserves"));
+    }
+    let clashes = rootfs
+        .mounts
+        .iter()
+        .map(|m| m.destination.as_path())
+        .chain([Path::new("/proc"), Path::new("/dev"), Path::new("/tmp")])
+        .any(|d| d.starts_with(&path) || (path.starts_with(d) && d != Path::new("/tmp")));
+    if clashes {
+        return Err(bad("overlaps a mount of the container"));
+    }
+    Ok(Some(path))
+}
+
+/// Makes the mount point of a chosen input-root path in the container's root (not
+/// needed beneath `/tmp`, a fresh tmpfs where the sandbox makes it). The root belongs
+/// to the worker and no action writes it, and the directories are made one at a
+/// time without following symlinks.
+fn prepare_input_mount_point(rootfs: &Rootfs, path: &Path) -> Result<(), RunError> {
+    if path.starts_with("/tmp") {
+        return Ok(());
+    }
+    let root = paddock_fs::Dir::open(&rootfs.root)
+        .map_err(|e| RunError::Worker(format!("opening the container's root: {e}")))?;
+    let rel = path.strip_prefix("/").expect("validated as absolute");
+    root.create_dirs(rel, 0o755, None).map_err(|e| {
+        RunError::Worker(format!(
+            "making the mount point {} in the container's root: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(())
+}
+
 impl Drop for ContainerRunner {
     fn drop(&mut self) {
         // A helper may still be deleting its last container's cgroup (teardown follows
@@ -213,7 +295,27 @@ impl ContainerRunner {
                 run.working_directory
             )));
         }
-        let rootfs = self.rootfs(&run.platform).await?;
+        let mut rootfs = self.rootfs(&run.platform).await?;
+        if let Some(path) = input_root_path(&run.platform, &rootfs)? {
+            prepare_input_mount_point(&rootfs, &path)?;
+            rootfs.work_dir = path;
+        }
+        let (platform, input_root, root, mounts, hashes) = (
+            run.platform.clone(),
+            run.input_root.clone(),
+            rootfs.root.clone(),
+            rootfs.mounts.clone(),
+            self.toolchain_hashes.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let view = toolchain::View {
+                root: &root,
+                mounts: &mounts,
+            };
+            toolchain::check(&platform, &input_root, &view, &hashes)
+        })
+        .await
+        .map_err(|e| RunError::Worker(e.to_string()))??;
         let action_dir = run
             .stdout
             .parent()
@@ -364,4 +466,59 @@ async fn not_found_message(stderr: &Path) -> Option<String> {
             .unwrap_or("")
             .to_owned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::BindMount;
+
+    #[test]
+    fn an_input_root_path_must_stay_clear_of_the_containers_own_directories() {
+        let rootfs = Rootfs {
+            root: "/nonexistent".into(),
+            writable: false,
+            work_dir: spec::WORK_DIR.into(),
+            mounts: vec![BindMount {
+                source: "/srv/tools".into(),
+                destination: "/srv/tools".into(),
+            }],
+            environment: Vec::new(),
+            lease: None,
+        };
+        let asked = |value: &str| {
+            input_root_path(&[(INPUT_ROOT_PATH.to_owned(), value.to_owned())], &rootfs)
+        };
+        for good in ["/tmp/build/project", "/home/me/src", "/srv/project"] {
+            assert_eq!(asked(good).unwrap(), Some(PathBuf::from(good)), "{good}");
+        }
+        for bad in [
+            "/",
+            "/tmp",
+            "/home",
+            "relative/path",
+            "/home/me/../../etc",
+            "/home/./me",
+            "/home//me",
+            "/usr/src/x",
+            "/proc/self",
+            "/etc/x/y",
+            "/nix/store/x",
+            "/dev/shm/x",
+            "/srv/tools/x",
+            "/srv",
+            "/work/../usr/x",
+        ] {
+            assert!(
+                matches!(asked(bad), Err(RunError::Action(_))),
+                "{bad:?} was accepted"
+            );
+        }
+        let twice = [
+            (INPUT_ROOT_PATH.to_owned(), "/tmp/a/b".to_owned()),
+            (INPUT_ROOT_PATH.to_owned(), "/tmp/c/d".to_owned()),
+        ];
+        assert!(input_root_path(&twice, &rootfs).is_err());
+        assert_eq!(input_root_path(&[], &rootfs).unwrap(), None);
+    }
 }

@@ -40,6 +40,9 @@ enum Verdict {
     /// A shared service failed under the worker (the CAS, a registry): another
     /// attempt may do better, and the worker is not to blame.
     Retry(String),
+    /// The worker lacks what the action demands (its toolchain differs from the
+    /// action's manifest): another worker may match, and this one is not to blame.
+    Decline(String),
 }
 
 /// The most digests a worker's "inputs missing" report may name.
@@ -155,6 +158,7 @@ impl Inner {
                     ..Default::default()
                 }),
                 wire::Fault::Infrastructure => Verdict::Retry(failed.message),
+                wire::Fault::Mismatch => Verdict::Decline(failed.message),
                 wire::Fault::Worker | wire::Fault::Unspecified => {
                     Verdict::WorkerFault(failed.message)
                 }
@@ -214,6 +218,14 @@ impl Inner {
                     job_id,
                     &assignment,
                     &format!("on worker {worker}, a shared service failed: {reason}"),
+                );
+            }
+            Verdict::Decline(reason) => {
+                self.attempt_failed(
+                    &mut state,
+                    job_id,
+                    &assignment,
+                    &format!("worker {worker} declined it: {reason}"),
                 );
             }
             Verdict::Answer(response) => {

@@ -47,7 +47,14 @@ impl std::fmt::Display for Offer {
 
 /// Properties that name something a worker's root-filesystem resolver provides (not
 /// a property to match), and the worker property that says the worker has one.
-const RESOLVED: &[(&str, &str)] = &[("nix-store-paths", "nix"), ("container-image", "oci")];
+/// `sandbox` is what container workers offer: they mount the input root where the
+/// action asks and check its toolchain manifest.
+const RESOLVED: &[(&str, &str)] = &[
+    ("nix-store-paths", "nix"),
+    ("container-image", "oci"),
+    ("input-root-path", "sandbox"),
+    ("toolchain-manifest", "sandbox"),
+];
 
 /// The matching policy of every property name.
 #[derive(Debug, Clone)]

@@ -321,6 +321,7 @@ async fn run_assignment(
         Err(RunError::Infrastructure(e)) => {
             return failed(Code::Unavailable, e, Fault::Infrastructure)
         }
+        Err(RunError::Mismatch(e)) => return failed(Code::FailedPrecondition, e, Fault::Mismatch),
         Err(RunError::Cancelled) => return cancelled(),
     };
     metadata.execution_completed_timestamp = Some(timestamp(SystemTime::now()));

@@ -324,6 +324,7 @@ pub async fn worker_options(
         RunnerKind::Host => Arc::new(paddock_runner::ProcessRunner),
         RunnerKind::Container => {
             let zygote = zygote.context("the container runner needs the sandbox zygote")?;
+            properties.push(("sandbox".into(), "container".into()));
             let mut resolvers: Vec<Arc<dyn paddock_sandbox::RootfsResolver>> = Vec::new();
             if let Some((resolver, version)) = nix_resolver(config, &work_dir).await? {
                 resolvers.push(Arc::new(resolver));

@@ -502,9 +502,15 @@ enum BenchCommand {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
     // One TLS provider for the whole process: servers, clients and the registry client.
     paddock_tls::install_provider();
+    // `paddock cc ...`, `paddock-cc ...` and the compiler masquerade take their
+    // arguments raw (they are a compiler's), before anything else starts.
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(invocation) = paddock_cc::invocation(&arguments) {
+        std::process::exit(paddock_cc::main(invocation));
+    }
+    let cli = Cli::parse();
     // Logs go to a copy of stderr: in the containers that this process's zygote
     // forks, fd 2 becomes the action's stderr, and libcontainer logs from inside them.
     // libcgroups warns about every controller this kernel lacks; that is not news.
