@@ -469,3 +469,210 @@ fn cmake_and_ninja_build_through_the_launcher_and_cache_only_mode_shares_results
     assert_eq!(client.count("hits"), 6, "{}", client.stats());
     assert_eq!(client.count("remote"), 6, "nothing more ran on the farm");
 }
+
+/// A gcc in the Nix store, made here from the machine's own: its binaries, the shared
+/// libraries they load and the headers a small project needs in one store path, and
+/// in a second one (which refers to the first) a `gcc` that runs them through that
+/// path's dynamic loader. Nothing of `/usr` is used when it runs.
+fn nix_gcc(dir: &Path) -> String {
+    let run = |command: &mut Command| -> String {
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let host = |program: &str| -> PathBuf {
+        let named = run(Command::new("gcc").arg(format!("-print-prog-name={program}")));
+        let path = if named.contains('/') {
+            PathBuf::from(named)
+        } else {
+            PathBuf::from(run(
+                Command::new("sh").args(["-c", &format!("command -v {named}")])
+            ))
+        };
+        std::fs::canonicalize(path).unwrap()
+    };
+    let t = dir.join("gcc-parts");
+    for sub in ["bin", "lib", "libexec", "include", "gcc-include"] {
+        std::fs::create_dir_all(t.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", t.join("bin/busybox")).expect("busybox-static");
+    std::os::unix::fs::symlink("busybox", t.join("bin/sh")).unwrap();
+    let driver =
+        std::fs::canonicalize(run(Command::new("sh").args(["-c", "command -v gcc"]))).unwrap();
+    let cc1 = host("cc1");
+    let assembler = host("as");
+    std::fs::copy(&driver, t.join("bin/gcc")).unwrap();
+    std::fs::copy(&cc1, t.join("libexec/cc1")).unwrap();
+    std::fs::copy(&assembler, t.join("libexec/as")).unwrap();
+    let mut loader = String::new();
+    for binary in [&driver, &cc1, &assembler] {
+        for line in run(Command::new("ldd").arg(binary)).lines() {
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next().unwrap_or(""),
+                None => line.split_whitespace().next().unwrap_or(""),
+            };
+            if !path.starts_with('/') {
+                continue;
+            }
+            let name = Path::new(path)
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            if name.starts_with("ld-linux") {
+                loader = name.clone();
+            }
+            std::fs::copy(path, t.join("lib").join(&name)).unwrap();
+        }
+    }
+    assert!(!loader.is_empty(), "the dynamic loader was found");
+    let gcc_include = cc1.parent().unwrap().join("include");
+    run(Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", gcc_include.display()))
+        .arg(t.join("gcc-include")));
+    // The C library's headers the project reads, with the directories they pull in.
+    let probe = dir.join("probe.c");
+    std::fs::write(
+        &probe,
+        "#include <stdio.h>\n#include <string.h>\n#include <stdlib.h>\n",
+    )
+    .unwrap();
+    let deps = run(Command::new("gcc")
+        .args(["-O2", "-g", "-M", "-MT", "x"])
+        .arg(&probe));
+    let multiarch = run(Command::new("gcc").arg("-print-multiarch"));
+    for header in deps
+        .split_whitespace()
+        .filter(|w| w.starts_with("/usr/include/"))
+    {
+        let rel = header.strip_prefix("/usr/include/").unwrap();
+        let to = t.join("include").join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(header, to).unwrap();
+    }
+    for sub in ["bits", "gnu", "sys", "asm"] {
+        let from = Path::new("/usr/include").join(&multiarch).join(sub);
+        if from.is_dir() {
+            let to = t.join("include").join(&multiarch);
+            std::fs::create_dir_all(&to).unwrap();
+            run(Command::new("cp").arg("-r").arg(&from).arg(&to));
+        }
+    }
+    let parts = run(common::nix_command("nix-store").arg("--add").arg(&t));
+    let expression = dir.join("gcc.nix");
+    let script = format!(
+        "#!${{t}}/bin/sh\\nexec ${{t}}/lib/{loader} --library-path ${{t}}/lib ${{t}}/bin/gcc \
+         -wrapper ${{t}}/lib/{loader},--library-path,${{t}}/lib -B${{t}}/libexec/ -nostdinc \
+         -isystem ${{t}}/gcc-include -isystem ${{t}}/include/{multiarch} -isystem ${{t}}/include \\\"$@\\\"\\n"
+    );
+    std::fs::write(
+        &expression,
+        format!(
+            r#"let t = builtins.storePath "{parts}"; in
+derivation {{
+  name = "nix-gcc";
+  system = builtins.currentSystem;
+  builder = "${{t}}/bin/sh";
+  PATH = "${{t}}/bin";
+  args = [ "-c" "busybox mkdir -p $out/bin; printf '{script}' > $out/bin/gcc; busybox chmod +x $out/bin/gcc" ];
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let gcc = run(common::nix_command("nix-build")
+        .arg(&expression)
+        .arg("--no-out-link"));
+    format!("{gcc}/bin/gcc")
+}
+
+#[test]
+fn a_compiler_from_a_nix_store_path_runs_in_exactly_its_closure() {
+    let farm = Farm::start(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let gcc = nix_gcc(tmp.path());
+    let client = Client {
+        project: tmp.path().join("project"),
+        cache: tmp.path().join("cc-cache"),
+        remote: farm.url.clone(),
+    };
+    write_project(&client.project, 2);
+    let objects = [
+        "obj/shape.o",
+        "obj/greet.o",
+        "obj/main.o",
+        "obj/extra0.o",
+        "obj/extra1.o",
+    ];
+    let make = |cc: &str| {
+        let out = client
+            .command("make")
+            .envs(common::nix_env())
+            .args(["-j2", &format!("CC={cc}")])
+            .args(objects)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    make(&gcc);
+    let local = snapshot(&client.project, &["obj"]);
+    std::fs::remove_dir_all(client.project.join("obj")).unwrap();
+    make(&wrapper(&gcc));
+    assert_eq!(client.count("remote"), 5, "{}", client.stats());
+    assert_eq!(client.fallbacks(), 0, "{}", client.stats());
+    assert_eq!(snapshot(&client.project, &["obj"]), local);
+    std::fs::remove_dir_all(client.project.join("obj")).unwrap();
+    make(&wrapper(&gcc));
+    assert_eq!(client.count("hits"), 5, "{}", client.stats());
+    assert_eq!(snapshot(&client.project, &["obj"]), local);
+
+    // What it reads of the C library is its own, in the store, also on the farm.
+    let probe = [
+        "-Iinclude",
+        "-O2",
+        "-g",
+        "-MD",
+        "-c",
+        "src/greet.c",
+        "-o",
+        "probe.o",
+    ];
+    let compile = |program: &str, first: &[&str]| {
+        let out = client
+            .command(program)
+            .envs(common::nix_env())
+            .args(first)
+            .args(probe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = |name: &str| std::fs::read(client.project.join(name)).unwrap();
+        let outputs = (read("probe.o"), read("probe.d"));
+        std::fs::remove_file(client.project.join("probe.o")).unwrap();
+        std::fs::remove_file(client.project.join("probe.d")).unwrap();
+        outputs
+    };
+    let (object, dependencies) = compile(&gcc, &[]);
+    let listed = String::from_utf8_lossy(&dependencies).into_owned();
+    assert!(
+        listed.contains("/nix/store/") && !listed.contains("/usr/include"),
+        "{listed}"
+    );
+    let remote = compile(paddock_bin().to_str().unwrap(), &["cc", &gcc]);
+    assert_eq!(remote, (object, dependencies));
+    assert_eq!(client.count("remote"), 6, "{}", client.stats());
+}
