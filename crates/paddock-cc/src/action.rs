@@ -161,7 +161,7 @@ pub fn prepare(
         }
         None => {
             pinned.extend(toolchain::entries_for(compiler, hashes)?);
-            for helper in toolchain::helpers(compiler, search_path) {
+            for helper in toolchain::helpers(compiler, search_path, hashes.dir()) {
                 pinned.extend(toolchain::entries_for(&helper, hashes)?);
             }
         }

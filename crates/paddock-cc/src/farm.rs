@@ -134,6 +134,31 @@ async fn upload(
         .map_err(|e| failure(url, e))
 }
 
+/// The ActionCache's result for the compile, with its outputs and streams inline
+/// (objects are small: one round trip serves a hit), if it has one.
+async fn look_up(
+    remote: &Remote,
+    url: &str,
+    prepared: &Prepared,
+) -> Result<Option<ActionResult>, Failure> {
+    let looked_up = remote
+        .action_cache()
+        .get_action_result(GetActionResultRequest {
+            instance_name: remote.instance().to_owned(),
+            action_digest: Some(prepared.action.to_proto()),
+            inline_stdout: true,
+            inline_stderr: true,
+            inline_output_files: prepared.outputs.clone(),
+            ..Default::default()
+        })
+        .await;
+    match looked_up {
+        Ok(result) => Ok(Some(result.into_inner())),
+        Err(s) if s.code() == Code::NotFound => Ok(None),
+        Err(s) => Err(failure(url, s.into())),
+    }
+}
+
 async fn execute(
     remote: &Remote,
     url: &str,
@@ -141,6 +166,11 @@ async fn execute(
     cwd: &Path,
     delta: &mut Stats,
 ) -> Result<i32, Failure> {
+    // A hit needs neither uploads nor an operation: ask the cache first.
+    if let Some(result) = look_up(remote, url, prepared).await? {
+        delta.hits += 1;
+        return deliver(remote, url, &result, prepared, cwd, delta).await;
+    }
     let spec = exec::ExecSpec {
         invocation: invocation_id(),
         ..Default::default()
@@ -218,10 +248,15 @@ async fn deliver(
             if let Some(parent) = path.parent() {
                 let _ = tokio::fs::create_dir_all(parent).await;
             }
-            remote
-                .read_to_file(&digest, &path)
-                .await
-                .map_err(|e| failure(url, e))?;
+            if !file.contents.is_empty() || digest.size() == 0 {
+                write_inline(&path, &digest, &file.contents)
+                    .map_err(|e| Failure::Result(format!("{wanted}: {e}")))?;
+            } else {
+                remote
+                    .read_to_file(&digest, &path)
+                    .await
+                    .map_err(|e| failure(url, e))?;
+            }
             set_mode(&path);
             delta.bytes_downloaded += digest.size();
         }
@@ -234,6 +269,23 @@ async fn deliver(
     let _ = std::io::stdout().write_all(&stdout);
     let _ = std::io::stderr().write_all(&stderr);
     Ok(result.exit_code)
+}
+
+/// Writes an output the server sent inline, once it is checked against its digest,
+/// through a temporary file renamed into place.
+fn write_inline(path: &Path, digest: &Digest, contents: &[u8]) -> std::io::Result<()> {
+    if Digest::of(contents) != *digest {
+        return Err(std::io::Error::other(
+            "the inline contents do not match the digest",
+        ));
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".paddock-partial-{}", std::process::id()));
+    let written = std::fs::write(&partial, contents).and_then(|()| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 /// An output's permissions as the compiler would create it: 0666 less the umask.
@@ -279,23 +331,9 @@ async fn cache_only(
     delta: &mut Stats,
 ) -> Result<i32, Failure> {
     let url = config.remote.as_deref().unwrap_or_default();
-    let looked_up = remote
-        .action_cache()
-        .get_action_result(GetActionResultRequest {
-            instance_name: remote.instance().to_owned(),
-            action_digest: Some(prepared.action.to_proto()),
-            inline_stdout: true,
-            inline_stderr: true,
-            ..Default::default()
-        })
-        .await;
-    match looked_up {
-        Ok(result) => {
-            delta.hits += 1;
-            return deliver(remote, url, &result.into_inner(), prepared, cwd, delta).await;
-        }
-        Err(s) if s.code() == Code::NotFound => {}
-        Err(s) => return Err(failure(url, s.into())),
+    if let Some(result) = look_up(remote, url, prepared).await? {
+        delta.hits += 1;
+        return deliver(remote, url, &result, prepared, cwd, delta).await;
     }
     delta.misses += 1;
     // A miss: compile here, show what the compiler said, and share the result.

@@ -59,6 +59,11 @@ impl HashCache {
         HashCache { dir }
     }
 
+    /// Where it keeps what it knows (other per-version facts may sit beside).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The sha256 (hex) and size of the file at `path`.
     pub fn sha256(&self, path: &Path) -> Result<(String, u64), ToolchainError> {
         let mut file = std::fs::File::open(path).map_err(io(path))?;
@@ -168,7 +173,40 @@ pub fn manifest(entries: &BTreeSet<Entry>) -> Result<String, ToolchainError> {
 
 /// The helper programs a gcc-style driver runs for a compile (`cc1`, `cc1plus`,
 /// `as`), as absolute paths; a driver that names none (clang runs itself) adds none.
-pub fn helpers(compiler: &Path, search_path: &str) -> Vec<PathBuf> {
+/// Asked once per version of the driver, then remembered in `cache_dir`.
+pub fn helpers(compiler: &Path, search_path: &str, cache_dir: &Path) -> Vec<PathBuf> {
+    let key = std::fs::metadata(compiler).ok().map(|meta| {
+        let mut h = Sha256::new();
+        h.update(compiler.as_os_str().as_encoded_bytes());
+        h.update(search_path.as_bytes());
+        for n in [
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime() as u64,
+            meta.ctime_nsec() as u64,
+        ] {
+            h.update(n.to_le_bytes());
+        }
+        cache_dir.join(format!("helpers-{}", hex::encode(h.finalize())))
+    });
+    if let Some(known) = key.as_ref().and_then(|k| std::fs::read_to_string(k).ok()) {
+        return known.lines().map(PathBuf::from).collect();
+    }
+    let found = ask_helpers(compiler, search_path);
+    if let Some(key) = key {
+        let text: String = found.iter().map(|p| format!("{}\n", p.display())).collect();
+        if std::fs::create_dir_all(cache_dir).is_ok() {
+            let partial = key.with_extension(std::process::id().to_string());
+            if std::fs::write(&partial, text).is_ok() {
+                let _ = std::fs::rename(&partial, &key);
+            }
+        }
+    }
+    found
+}
+
+fn ask_helpers(compiler: &Path, search_path: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     for program in ["cc1", "cc1plus", "as"] {
         let Ok(out) = std::process::Command::new(compiler)

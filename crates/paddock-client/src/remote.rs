@@ -525,26 +525,35 @@ impl Remote {
     /// into place.
     pub async fn read_to_file(&self, digest: &Digest, path: &Path) -> Result<(), ClientError> {
         let partial = path.with_extension("paddock-partial");
-        let mut file = tokio::fs::File::create(&partial).await?;
+        let written = self.stream_to(digest, &partial).await;
+        if written.is_err() {
+            // Nothing half-written is left behind.
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        written?;
+        tokio::fs::rename(&partial, path).await?;
+        Ok(())
+    }
+
+    /// Streams a blob into `file`, checking it against its digest.
+    async fn stream_to(&self, digest: &Digest, file: &Path) -> Result<(), ClientError> {
+        let mut out = tokio::fs::File::create(file).await?;
         let mut hasher = DigestHasher::new();
         if !digest.is_empty_blob() {
             let mut stream = self.read_stream(digest, 0).await?;
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk?;
                 hasher.update(&chunk);
-                file.write_all(&chunk).await?;
+                out.write_all(&chunk).await?;
             }
         }
-        file.flush().await?;
-        drop(file);
+        out.flush().await?;
         let actual = hasher.finish();
         if actual != *digest {
-            let _ = tokio::fs::remove_file(&partial).await;
             return Err(ClientError::Protocol(format!(
                 "server sent {actual} for blob {digest}"
             )));
         }
-        tokio::fs::rename(&partial, path).await?;
         Ok(())
     }
 }
