@@ -288,6 +288,41 @@ fn compile_errors_and_warnings_come_back_exactly_as_a_local_compile_prints_them(
         "both ran on the farm: {}",
         client.stats()
     );
+
+    // Split debug info comes back beside the object, as gcc names it.
+    let split = [
+        "-g",
+        "-gsplit-dwarf",
+        "-O2",
+        "-Iinclude",
+        "-c",
+        "src/shape.c",
+        "-o",
+        "obj/split.o",
+    ];
+    let outputs = || {
+        let read = |name: &str| std::fs::read(client.project.join(name)).unwrap();
+        let both = (read("obj/split.o"), read("obj/split.dwo"));
+        std::fs::remove_file(client.project.join("obj/split.o")).unwrap();
+        std::fs::remove_file(client.project.join("obj/split.dwo")).unwrap();
+        both
+    };
+    assert!(client
+        .command("gcc")
+        .args(split)
+        .status()
+        .unwrap()
+        .success());
+    let local = outputs();
+    let remote = client
+        .command(paddock_bin().to_str().unwrap())
+        .args(["cc", "gcc"])
+        .args(split)
+        .status()
+        .unwrap();
+    assert!(remote.success());
+    assert_eq!(outputs(), local);
+    assert_eq!(client.count("remote"), 3, "{}", client.stats());
 }
 
 #[test]
@@ -421,7 +456,9 @@ fn cmake_and_ninja_build_through_the_launcher_and_cache_only_mode_shares_results
     )
     .unwrap();
     let build = |dir: &str, launcher: Option<&str>, mode: &str| {
+        // No PADDOCK_ROOT: the root is found from what the compiles read.
         let mut configure = client.command("cmake");
+        configure.env_remove("PADDOCK_ROOT");
         configure.args([
             "-G",
             "Ninja",
@@ -443,6 +480,7 @@ fn cmake_and_ninja_build_through_the_launcher_and_cache_only_mode_shares_results
         );
         let out = client
             .command("ninja")
+            .env_remove("PADDOCK_ROOT")
             .env("PADDOCK_MODE", mode)
             .args(["-C", dir])
             .output()

@@ -82,23 +82,73 @@ fn beneath(path: &Path, base: &Path) -> Option<String> {
     rel.to_str().map(str::to_owned)
 }
 
+/// Whether the farm can mount a project at `root`: at least two levels deep, and
+/// not in a directory the sandbox reserves.
+fn mountable(root: &Path) -> bool {
+    let Some(text) = root.to_str() else {
+        return false;
+    };
+    let names: Vec<&str> = text.split('/').skip(1).collect();
+    root.is_absolute()
+        && names.len() >= 2
+        && names.iter().all(|n| !n.is_empty())
+        && !RESERVED.contains(&names[0])
+}
+
+/// The deepest directory holding both `a` and `b`.
+fn common(a: &Path, b: &Path) -> PathBuf {
+    a.components()
+        .zip(b.components())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// Where the project is, when it is not configured: the deepest directory holding
+/// the working directory and every file the compile reads that is not the system's
+/// (beneath a reserved directory such as `/usr` or `/nix`, or in the compiler's own
+/// installation). If that is too shallow to mount, the deepest holding the working
+/// directory and the source; what lies outside is then the toolchain.
+fn discover_root(cwd: &Path, dependencies: &[PathBuf], source: &Path, compiler: &Path) -> PathBuf {
+    let installation = compiler
+        .parent()
+        .and_then(Path::parent)
+        .filter(|p| mountable(p));
+    let system = |p: &Path| !mountable(p) || installation.is_some_and(|i| p.starts_with(i));
+    let mut root = cwd.to_owned();
+    for dependency in dependencies.iter().filter(|d| !system(d)) {
+        root = common(&root, dependency.parent().unwrap_or(dependency));
+    }
+    if mountable(&root) {
+        return root;
+    }
+    common(cwd, source.parent().unwrap_or(source))
+}
+
 /// Builds the action for `compile`, run by `compiler` (absolute) in `cwd`, with the
-/// project at `root`.
+/// project at `configured_root`, or where [`discover_root`] finds it.
 pub fn prepare(
     compile: &Compile,
     compiler: &Path,
     cwd: &Path,
-    root: &Path,
+    configured_root: Option<&Path>,
     hashes: &HashCache,
 ) -> Result<Prepared, PrepareError> {
     let layout = |why: String| PrepareError::Layout(why);
-    let names: Vec<&str> = root
-        .to_str()
-        .ok_or_else(|| layout("the project root is not UTF-8".into()))?
-        .split('/')
-        .skip(1)
-        .collect();
-    if names.len() < 2 || names.iter().any(|n| n.is_empty()) || RESERVED.contains(&names[0]) {
+    let dependencies = crate::scan::dependencies(compiler, &compile.scan_args, cwd)?;
+    let canonical = std::fs::canonicalize(compiler)
+        .map_err(|e| layout(format!("{}: {e}", compiler.display())))?;
+    let root = match configured_root {
+        Some(root) => root.to_owned(),
+        None => discover_root(
+            cwd,
+            &dependencies,
+            &crate::scan::normal(&cwd.join(&compile.source)),
+            &canonical,
+        ),
+    };
+    let root = root.as_path();
+    if !mountable(root) {
         return Err(layout(format!(
             "the project root {} cannot be mounted on the farm (set PADDOCK_ROOT)",
             root.display()
@@ -133,9 +183,6 @@ pub fn prepare(
     outputs.sort();
     outputs.dedup();
 
-    let dependencies = crate::scan::dependencies(compiler, &compile.scan_args, cwd)?;
-    let canonical = std::fs::canonicalize(compiler)
-        .map_err(|e| layout(format!("{}: {e}", compiler.display())))?;
     let nix = toolchain::store_path_of(&canonical);
     let mut files: BTreeMap<String, (Digest, bool, Source)> = BTreeMap::new();
     let mut pinned: BTreeSet<Entry> = BTreeSet::new();
@@ -294,4 +341,45 @@ pub fn locate_compiler(compiler: &str, cwd: &Path) -> Option<PathBuf> {
         .and_then(|p| std::fs::canonicalize(p).ok());
     let search = std::env::var("PATH").unwrap_or_default();
     toolchain::find_in_path(compiler, &search, me.as_deref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_holds_the_project_and_not_the_system() {
+        let compiler = Path::new("/usr/bin/x86_64-linux-gnu-gcc-12");
+        let deps: Vec<PathBuf> = [
+            "/tmp/t/project/src/a.c",
+            "/tmp/t/project/include/a.h",
+            "/usr/include/stdio.h",
+            "/nix/store/abc-headers/include/x.h",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let cwd = Path::new("/tmp/t/project/build");
+        let source = Path::new("/tmp/t/project/src/a.c");
+        assert_eq!(
+            discover_root(cwd, &deps, source, compiler),
+            PathBuf::from("/tmp/t/project")
+        );
+        // A header elsewhere would make the root too shallow: it stays toolchain.
+        let mut far = deps.clone();
+        far.push("/home/me/include/far.h".into());
+        assert_eq!(
+            discover_root(cwd, &far, source, compiler),
+            PathBuf::from("/tmp/t/project")
+        );
+        // The compiler's own installation is the toolchain, wherever it is.
+        let mut own = deps.clone();
+        own.push("/tmp/t/gcc/lib/gcc/include/stddef.h".into());
+        let installed = Path::new("/tmp/t/gcc/bin/gcc");
+        assert_eq!(
+            discover_root(cwd, &own, source, installed),
+            PathBuf::from("/tmp/t/project")
+        );
+        assert!(!mountable(Path::new("/tmp")) && !mountable(Path::new("/usr/src/x")));
+    }
 }

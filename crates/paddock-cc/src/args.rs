@@ -25,9 +25,35 @@ pub struct Compile {
     pub scan_args: Vec<String>,
 }
 
-/// Why a command runs locally.
+/// Why a command runs locally, by kind, with the detail for `--verbose`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Local(pub String);
+pub enum Local {
+    /// A link, preprocessing, `-S`: not a compile to an object.
+    NotACompile(String),
+    /// A flag not on the list of understood ones.
+    UnknownFlag(String),
+    /// A compile with something the farm does not take (a response file, an
+    /// assembler source, a flag that writes files the command line does not name).
+    Unsupported(String),
+}
+
+impl Local {
+    /// A short name for statistics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Local::NotACompile(_) => "not a compile",
+            Local::UnknownFlag(_) => "an unknown flag",
+            Local::Unsupported(_) => "not for the farm",
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            Local::NotACompile(d) | Local::Unsupported(d) => d.clone(),
+            Local::UnknownFlag(flag) => format!("unknown flag {flag}"),
+        }
+    }
+}
 
 /// Flags that take their value as the next argument (or joined), kept as they are.
 const WITH_VALUE: &[&str] = &[
@@ -107,7 +133,7 @@ const SOURCE_SUFFIXES: &[&str] = &["c", "cc", "cpp", "cxx", "c++", "cp", "C", "C
 
 /// Reads `args` (those after the compiler's name).
 pub fn parse(args: &[String]) -> Result<Compile, Local> {
-    let local = |why: String| Err(Local(why));
+    let local = |why: String| Err(Local::Unsupported(why));
     let mut compile_only = false;
     let mut object: Option<PathBuf> = None;
     let mut sources: Vec<PathBuf> = Vec::new();
@@ -148,7 +174,9 @@ pub fn parse(args: &[String]) -> Result<Compile, Local> {
                 scan_args.push(arg.to_owned());
             }
             "-E" | "-S" | "-M" | "-MM" | "-fsyntax-only" => {
-                return local(format!("{arg}: not a compile to an object"))
+                return Err(Local::NotACompile(format!(
+                    "{arg}: not a compile to an object"
+                )))
             }
             "-v" | "-###" | "--version" | "--help" => return local(arg.to_string()),
             "-o" => {
@@ -205,12 +233,12 @@ pub fn parse(args: &[String]) -> Result<Compile, Local> {
             {
                 scan_args.push(arg.to_owned());
             }
-            _ => return local(format!("unknown flag {arg}")),
+            _ => return Err(Local::UnknownFlag(arg.to_owned())),
         }
         i += 1;
     }
     if !compile_only {
-        return local("not a compile (-c)".into());
+        return Err(Local::NotACompile("not a compile (-c)".into()));
     }
     if let Some(other) = others.first() {
         return local(format!("{other} is not a C or C++ source"));

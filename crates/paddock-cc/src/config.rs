@@ -44,8 +44,7 @@ pub struct Config {
     pub instance: String,
     pub mode: Mode,
     /// The project root: sources and headers beneath it are inputs; files outside it
-    /// are the toolchain. Unset: the work tree of the git repository holding the
-    /// working directory, or the working directory itself.
+    /// are the toolchain. Unset: found per compile (see `action::prepare`).
     pub root: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub token: Option<String>,
@@ -141,15 +140,11 @@ impl Config {
         })
     }
 
-    /// The project root for a compile in `cwd`.
-    pub fn root_for(&self, cwd: &Path) -> PathBuf {
-        if let Some(root) = &self.root {
-            return crate::scan::normal(&cwd.join(root));
-        }
-        cwd.ancestors()
-            .find(|d| d.join(".git").exists())
-            .unwrap_or(cwd)
-            .to_owned()
+    /// The configured project root, for a compile in `cwd`.
+    pub fn root_for(&self, cwd: &Path) -> Option<PathBuf> {
+        self.root
+            .as_ref()
+            .map(|root| crate::scan::normal(&cwd.join(root)))
     }
 }
 

@@ -33,6 +33,8 @@ pub enum Invocation {
     Compile {
         compiler: OsString,
         args: Vec<OsString>,
+        /// `--verbose`: say per file where it ran and why.
+        verbose: bool,
     },
     Stats,
     ZeroStats,
@@ -47,6 +49,7 @@ pub fn invocation(args: &[OsString]) -> Option<Invocation> {
         return Some(Invocation::Compile {
             compiler: name.into(),
             args: args[1..].to_vec(),
+            verbose: false,
         });
     }
     let rest = if name == "paddock-cc" {
@@ -56,6 +59,8 @@ pub fn invocation(args: &[OsString]) -> Option<Invocation> {
     } else {
         return None;
     };
+    let verbose = rest.first().is_some_and(|a| a == "--verbose");
+    let rest = if verbose { &rest[1..] } else { rest };
     Some(match rest.first().and_then(|a| a.to_str()) {
         None | Some("--help") | Some("-h") => Invocation::Help,
         Some("--stats") | Some("-s") => Invocation::Stats,
@@ -63,12 +68,13 @@ pub fn invocation(args: &[OsString]) -> Option<Invocation> {
         Some(_) => Invocation::Compile {
             compiler: rest[0].clone(),
             args: rest[1..].to_vec(),
+            verbose,
         },
     })
 }
 
 const HELP: &str = "\
-usage: paddock cc COMPILER ARGS...     compile on the farm (or from its cache)
+usage: paddock cc [--verbose] COMPILER ARGS...   compile on the farm (or from its cache)
        paddock cc --stats | --zero-stats
 
 Environment: PADDOCK_REMOTE (grpc://host:port), PADDOCK_INSTANCE, PADDOCK_MODE
@@ -106,9 +112,17 @@ pub fn main(invocation: Invocation) -> i32 {
                 1
             }
         },
-        Invocation::Compile { compiler, args } => {
+        Invocation::Compile {
+            compiler,
+            args,
+            verbose,
+        } => {
             let started = Instant::now();
             let mut delta = Stats::default();
+            let config = config.map(|mut c| {
+                c.verbose |= verbose;
+                c
+            });
             let code = compile(config, &compiler, &args, &mut delta);
             delta.seconds = started.elapsed().as_secs_f64();
             let _ = stats::record(&cache_dir, &delta);
@@ -180,16 +194,9 @@ fn compile(
     };
     let parsed = match args::parse(&text_args) {
         Ok(c) => c,
-        Err(args::Local(why)) => {
-            verbose(&format!("{why}: running locally"));
-            let kind = if why.starts_with("unknown flag") {
-                "an unknown flag"
-            } else if why.starts_with("not a compile") {
-                "not a compile"
-            } else {
-                "not for the farm"
-            };
-            return local(delta, kind);
+        Err(why) => {
+            verbose(&format!("{}: running locally", why.detail()));
+            return local(delta, why.kind());
         }
     };
     if let Some(variable) = action::LOCAL_ONLY
@@ -222,7 +229,7 @@ fn compile(
     }
     let root = config.root_for(&cwd);
     let hashes = toolchain::HashCache::new(config.cache_dir.join("hashes"));
-    let prepared = match action::prepare(&parsed, &compiler_path, &cwd, &root, &hashes) {
+    let prepared = match action::prepare(&parsed, &compiler_path, &cwd, root.as_deref(), &hashes) {
         Ok(p) => p,
         Err(e) => return fallback(delta, e.kind(), &e.to_string()),
     };
@@ -268,7 +275,7 @@ mod tests {
     fn invocations_are_recognised_by_name_and_first_argument() {
         assert!(matches!(
             invocation(&os(&["/x/bin/g++", "-c", "a.cc"])),
-            Some(Invocation::Compile { compiler, args }) if compiler == "g++" && args.len() == 2
+            Some(Invocation::Compile { compiler, args, verbose: false }) if compiler == "g++" && args.len() == 2
         ));
         assert!(matches!(
             invocation(&os(&["paddock", "cc", "gcc", "-c", "a.c"])),
@@ -277,6 +284,10 @@ mod tests {
         assert!(matches!(
             invocation(&os(&["paddock-cc", "--stats"])),
             Some(Invocation::Stats)
+        ));
+        assert!(matches!(
+            invocation(&os(&["paddock", "cc", "--verbose", "gcc", "-c", "a.c"])),
+            Some(Invocation::Compile { compiler, verbose: true, .. }) if compiler == "gcc"
         ));
         assert!(invocation(&os(&["paddock", "up"])).is_none());
     }

@@ -224,7 +224,7 @@ impl Inner {
             tracing::warn!(action = %job.key.action, failures = job.failures, %reason, "giving up on an action");
             metrics::counter!("paddock_executions_total", "outcome" => "lost").increment(1);
             let message = format!(
-                "the action failed on {} workers; last: {reason}",
+                "the action failed {} times (retried on another worker where one was free); last: {reason}",
                 job.failures
             );
             state.complete(
