@@ -172,7 +172,8 @@ pub fn manifest(entries: &BTreeSet<Entry>) -> Result<String, ToolchainError> {
 }
 
 /// The helper programs a gcc-style driver runs for a compile (`cc1`, `cc1plus`,
-/// `as`), as absolute paths; a driver that names none (clang runs itself) adds none.
+/// `as`; a driver that names none, as clang runs itself, adds none) and the shared
+/// libraries the driver and they load (as `ldd` lists them), as absolute paths.
 /// Asked once per version of the driver, then remembered in `cache_dir`.
 pub fn helpers(compiler: &Path, search_path: &str, cache_dir: &Path) -> Vec<PathBuf> {
     let key = std::fs::metadata(compiler).ok().map(|meta| {
@@ -228,7 +229,43 @@ fn ask_helpers(compiler: &Path, search_path: &str) -> Vec<PathBuf> {
             }
         }
     }
+    let programs: Vec<PathBuf> = std::iter::once(compiler.to_owned())
+        .chain(found.iter().cloned())
+        .collect();
+    for program in programs {
+        found.extend(shared_libraries(&program));
+    }
+    found.sort();
+    found.dedup();
     found
+}
+
+/// The shared libraries (and the dynamic loader) `program` loads, from `ldd`; none
+/// for a static program or where `ldd` is missing.
+fn shared_libraries(program: &Path) -> Vec<PathBuf> {
+    let Ok(out) = std::process::Command::new("ldd")
+        .arg(program)
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)`, or the loader
+            // on its own: `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            let path = Path::new(path);
+            (path.is_absolute() && path.is_file()).then(|| path.to_owned())
+        })
+        .collect()
 }
 
 /// The first executable `name` in `search_path`, skipping `skip` (this program, when
