@@ -105,6 +105,15 @@ struct Client {
 }
 
 impl Client {
+    /// A project directory and a `paddock cc` cache under `dir`, for `farm`.
+    fn new(dir: &Path, farm: &Farm) -> Client {
+        Client {
+            project: dir.join("project"),
+            cache: dir.join("cc-cache"),
+            remote: farm.url.clone(),
+        }
+    }
+
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
         command
@@ -157,11 +166,7 @@ fn wrapper(compiler: &str) -> String {
 fn make_builds_on_the_farm_match_local_builds_and_hit_the_cache_after_clean() {
     let farm = Farm::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let client = Client {
-        project: tmp.path().join("project"),
-        cache: tmp.path().join("cc-cache"),
-        remote: farm.url.clone(),
-    };
+    let client = Client::new(tmp.path(), &farm);
     write_project(&client.project, 4);
     // The reference: a plain local build in the same directory.
     client.make(&[], "gcc", "g++");
@@ -235,11 +240,7 @@ fn make_builds_on_the_farm_match_local_builds_and_hit_the_cache_after_clean() {
 fn compile_errors_and_warnings_come_back_exactly_as_a_local_compile_prints_them() {
     let farm = Farm::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let client = Client {
-        project: tmp.path().join("project"),
-        cache: tmp.path().join("cc-cache"),
-        remote: farm.url.clone(),
-    };
+    let client = Client::new(tmp.path(), &farm);
     write_project(&client.project, 0);
     std::fs::write(
         client.project.join("src/broken.c"),
@@ -329,11 +330,7 @@ fn compile_errors_and_warnings_come_back_exactly_as_a_local_compile_prints_them(
 fn a_worker_whose_toolchain_differs_never_serves_and_the_compile_runs_locally() {
     let farm = Farm::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let client = Client {
-        project: tmp.path().join("project"),
-        cache: tmp.path().join("cc-cache"),
-        remote: farm.url.clone(),
-    };
+    let client = Client::new(tmp.path(), &farm);
     write_project(&client.project, 0);
     // A system header outside the project that the worker does not have: it is part
     // of the toolchain, which the worker checks before running.
@@ -394,11 +391,7 @@ fn a_worker_whose_toolchain_differs_never_serves_and_the_compile_runs_locally() 
 fn the_farm_stopped_mid_build_the_build_finishes_locally_and_says_so_once() {
     let mut farm = Farm::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let client = Client {
-        project: tmp.path().join("project"),
-        cache: tmp.path().join("cc-cache"),
-        remote: farm.url.clone(),
-    };
+    let client = Client::new(tmp.path(), &farm);
     write_project(&client.project, 24);
     client.make(&[], "gcc", "g++");
     let local = snapshot(&client.project, &["obj", "bin"]);
@@ -440,11 +433,7 @@ fn the_farm_stopped_mid_build_the_build_finishes_locally_and_says_so_once() {
 fn cmake_and_ninja_build_through_the_launcher_and_cache_only_mode_shares_results() {
     let farm = Farm::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
-    let client = Client {
-        project: tmp.path().join("project"),
-        cache: tmp.path().join("cc-cache"),
-        remote: farm.url.clone(),
-    };
+    let client = Client::new(tmp.path(), &farm);
     write_project(&client.project, 2);
     std::fs::write(
         client.project.join("CMakeLists.txt"),
@@ -649,11 +638,7 @@ fn a_compiler_from_a_nix_store_path_runs_in_exactly_its_closure() {
     let farm = Farm::start(&[]);
     let tmp = tempfile::tempdir().unwrap();
     let gcc = nix_gcc(tmp.path());
-    let client = Client {
-        project: tmp.path().join("project"),
-        cache: tmp.path().join("cc-cache"),
-        remote: farm.url.clone(),
-    };
+    let client = Client::new(tmp.path(), &farm);
     write_project(&client.project, 2);
     let objects = [
         "obj/shape.o",

@@ -98,6 +98,12 @@ pub async fn serve(
 ) -> Result<i32, Failure> {
     let url = config.remote.clone().unwrap_or_default();
     let remote = connect(config).await?;
+    // Either mode starts by asking the cache: a hit needs neither uploads, an
+    // operation nor a compile.
+    if let Some(result) = look_up(&remote, &url, prepared).await? {
+        delta.hits += 1;
+        return deliver(&remote, &url, &result, prepared, cwd, delta).await;
+    }
     match config.mode {
         Mode::CacheOnly => cache_only(config, &remote, prepared, cwd, compiler, args, delta).await,
         _ => execute(&remote, &url, prepared, cwd, delta).await,
@@ -110,28 +116,15 @@ async fn upload(
     blobs: &[(Digest, Source)],
     delta: &mut Stats,
 ) -> Result<(), Failure> {
-    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
-    let missing = tokio::time::timeout(
+    let sent = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        remote.find_missing(&digests),
+        remote.upload_missing(blobs.to_vec()),
     )
     .await
-    .map_err(|_| Failure::Unreachable(url.to_owned(), "FindMissingBlobs timed out".into()))?
+    .map_err(|_| Failure::Unreachable(url.to_owned(), "uploading the inputs timed out".into()))?
     .map_err(|e| failure(url, e))?;
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let wanted: std::collections::HashSet<Digest> = missing.into_iter().collect();
-    let sending: Vec<(Digest, Source)> = blobs
-        .iter()
-        .filter(|(d, _)| wanted.contains(d))
-        .cloned()
-        .collect();
-    delta.bytes_uploaded += sending.iter().map(|(d, _)| d.size()).sum::<u64>();
-    remote
-        .upload_missing(sending)
-        .await
-        .map_err(|e| failure(url, e))
+    delta.bytes_uploaded += sent;
+    Ok(())
 }
 
 /// The ActionCache's result for the compile, with its outputs and streams inline
@@ -166,11 +159,6 @@ async fn execute(
     cwd: &Path,
     delta: &mut Stats,
 ) -> Result<i32, Failure> {
-    // A hit needs neither uploads nor an operation: ask the cache first.
-    if let Some(result) = look_up(remote, url, prepared).await? {
-        delta.hits += 1;
-        return deliver(remote, url, &result, prepared, cwd, delta).await;
-    }
     let spec = exec::ExecSpec {
         invocation: invocation_id(),
         ..Default::default()
@@ -331,10 +319,6 @@ async fn cache_only(
     delta: &mut Stats,
 ) -> Result<i32, Failure> {
     let url = config.remote.as_deref().unwrap_or_default();
-    if let Some(result) = look_up(remote, url, prepared).await? {
-        delta.hits += 1;
-        return deliver(remote, url, &result, prepared, cwd, delta).await;
-    }
     delta.misses += 1;
     // A miss: compile here, show what the compiler said, and share the result.
     let output = std::process::Command::new(compiler)

@@ -190,10 +190,12 @@ impl Remote {
 
     /// Uploads whichever of `blobs` the server lacks: small ones in batches, large ones
     /// streamed through ByteStream (from their files, without holding them in memory).
-    pub async fn upload_missing(&self, blobs: Vec<(Digest, Source)>) -> Result<(), ClientError> {
+    /// Returns how many bytes it sent.
+    pub async fn upload_missing(&self, blobs: Vec<(Digest, Source)>) -> Result<u64, ClientError> {
         let mut unique: std::collections::HashMap<Digest, Source> = blobs.into_iter().collect();
         let digests: Vec<Digest> = unique.keys().copied().collect();
         let missing = self.find_missing(&digests).await?;
+        let sent = missing.iter().map(Digest::size).sum();
         let budget = self.batch_budget();
         let mut small = Vec::new();
         for digest in missing {
@@ -212,7 +214,8 @@ impl Remote {
                 }
             }
         }
-        self.upload(small).await
+        self.upload(small).await?;
+        Ok(sent)
     }
 
     /// Uploads `blobs` without asking what the server has.

@@ -394,7 +394,7 @@ async fn run_assignment(
                 Fault::Infrastructure,
             )
         }
-        Ok(()) => {}
+        Ok(_) => {}
     }
     metadata.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
     adopt_outputs(&ctx.cache, staging_path, collected.files).await;
