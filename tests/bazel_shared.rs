@@ -105,7 +105,17 @@ async fn bazel_keeping_outputs_remote_builds_again_after_a_collection() {
         args.extend(flags.iter().map(String::as_str));
         ws.bazel(&args)
     };
-    let first = tokio::task::block_in_place(|| build(&ws, &flags));
+    let mut first = tokio::task::block_in_place(|| build(&ws, &flags));
+    if !first.success
+        && first.output.contains("(Exit 34)")
+        && first.output.contains("No such file or directory")
+    {
+        // Bazel 4.2.3's builds without the bytes now and then look for an input it
+        // never downloaded on disk (seen twice in five runs, in this first build,
+        // before any collection, with nothing wrong in the server's log). This build
+        // only sets the stage; once more, and it must succeed.
+        first = tokio::task::block_in_place(|| build(&ws, &flags));
+    }
     assert!(first.success, "{}\n{}", first.output, storage.log());
     assert!(
         !ws.dir().join("bazel-bin/app/calc").exists(),
