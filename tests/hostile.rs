@@ -745,6 +745,7 @@ async fn a_scheduler_cannot_choose_where_the_worker_writes() {
     let storage = paddock_server::Storage {
         cas,
         action_cache: Arc::new(paddock_cas::MemoryActionCache::new(16)),
+        history: Arc::new(paddock_history::History::new(Default::default())),
     };
     let routes = paddock_server::cache_routes(
         &storage,

@@ -25,6 +25,34 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub auth: AuthConfig,
     pub state: StateConfig,
+    pub history: HistoryConfig,
+}
+
+/// What the server remembers of recent builds for its web pages: invocations, the
+/// actions each served, and the build events Bazel sent. Kept in the server's memory;
+/// the oldest go first when a bound is reached.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Invocations kept at most.
+    pub max_invocations: usize,
+    /// Actions recorded per invocation at most; later ones are counted, not kept.
+    pub max_actions_per_invocation: usize,
+    /// Targets and tests recorded per invocation at most, from build events.
+    pub max_targets_per_invocation: usize,
+    /// An invocation not heard of for this long is forgotten.
+    pub max_age: Span,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_invocations: 500,
+            max_actions_per_invocation: 100_000,
+            max_targets_per_invocation: 20_000,
+            max_age: Span::secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// Where the scheduler's lasting state (the workers' records) and the ActionCache
@@ -1043,6 +1071,11 @@ impl Config {
             self.state.backend == StateBackend::Postgres && self.state.url.is_none(),
             "state.url",
             "is needed with state.backend = \"postgres\"",
+        );
+        problem(
+            self.history.max_invocations == 0,
+            "history.max_invocations",
+            "must be at least 1",
         );
         let scaling = &self.scheduler.autoscaling;
         problem(

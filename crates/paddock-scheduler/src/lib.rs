@@ -159,6 +159,8 @@ pub struct WorkerReport {
     pub connected: bool,
     pub capacity: usize,
     pub running: usize,
+    /// The platform properties its connected sessions offer.
+    pub properties: Vec<(String, String)>,
     /// Over the health window, and since the scheduler started.
     pub recent: Counts,
     pub totals: Counts,
@@ -749,6 +751,13 @@ impl Scheduler {
                     connected: !sessions.is_empty(),
                     capacity: sessions.iter().map(|w| w.capacity).sum(),
                     running: sessions.iter().map(|w| w.running().len()).sum(),
+                    properties: sessions
+                        .iter()
+                        .flat_map(|w| w.offer.pairs())
+                        .map(|(n, v)| (n.clone(), v.clone()))
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
                     recent: record.recent(),
                     totals: record.totals,
                 }

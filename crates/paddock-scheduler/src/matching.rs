@@ -24,6 +24,13 @@ impl Offer {
     pub fn values(&self, name: &str) -> impl Iterator<Item = &String> {
         self.0.get(name).into_iter().flatten()
     }
+
+    /// Every property offered, as (name, value) pairs in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0
+            .iter()
+            .flat_map(|(name, values)| values.iter().map(move |v| (name, v)))
+    }
 }
 
 impl std::fmt::Display for Offer {

@@ -1,5 +1,7 @@
 //! ActionCache: cached ActionResults, per instance name.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use paddock_cas::{read_all, ActionKey};
 use paddock_reapi::digest::check_digest_function;
@@ -13,7 +15,9 @@ use tonic::{Request, Response, Status};
 use paddock_config::Permission;
 
 use crate::auth::authorize;
+use crate::history::{asker, request_metadata};
 use crate::{invalid, Storage};
+use paddock_history::Outcome;
 
 /// The most bytes inlined into one GetActionResult answer; REAPI lets servers inline
 /// less than asked, and must when a message would grow too large.
@@ -135,11 +139,12 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        authorize(
+        let caller = authorize(
             &request,
             Permission::AcRead,
             &request.get_ref().instance_name,
         )?;
+        let sent = request_metadata(request.metadata());
         let request = request.into_inner();
         check_digest_function(request.digest_function).map_err(invalid)?;
         let action = Digest::from_proto(request.action_digest.as_ref())
@@ -156,6 +161,14 @@ impl ActionCache for ActionCacheService {
             )));
         };
         metrics::counter!("paddock_action_cache_requests_total", "outcome" => "hit").increment(1);
+        // Only clients' lookups are noted (they send RequestMetadata); workers' are not.
+        if let Some(sent) = sent {
+            let asker = asker(caller.name(), &key.instance, sent);
+            let kept = Arc::new(result.clone());
+            self.storage
+                .history
+                .action(&asker, action, Outcome::Cached, Some(kept));
+        }
         inline_outputs(
             &self.storage,
             &mut result,

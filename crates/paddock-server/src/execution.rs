@@ -23,12 +23,10 @@ use paddock_config::Permission;
 
 use crate::action_cache::inline_outputs;
 use crate::auth::{authorize, method, principal, require};
+use crate::history::{asker, request_metadata};
 use crate::Storage;
-use prost::Message;
+use paddock_history::{Asker, History, Outcome};
 use tonic::{Request, Response, Status};
-
-/// The header REAPI clients attach their RequestMetadata to.
-const REQUEST_METADATA: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 
 pub struct ExecutionService {
     scheduler: Scheduler,
@@ -83,13 +81,49 @@ pub fn operation(snapshot: &Snapshot) -> Operation {
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
+/// Where an Execute call's outcome is noted once it completes.
+struct Noted {
+    history: Arc<History>,
+    asker: Asker,
+}
+
+impl Noted {
+    fn completed(&self, snapshot: &Snapshot) {
+        let Some(response) = &snapshot.response else {
+            return;
+        };
+        let status = response.status.clone().unwrap_or_default();
+        let outcome = if status.code != 0 {
+            Outcome::Failed {
+                code: tonic::Code::from_i32(status.code).description().to_owned(),
+                message: status.message,
+            }
+        } else if response.cached_result {
+            Outcome::Cached
+        } else {
+            Outcome::Executed {
+                exit_code: response.result.as_ref().map_or(0, |r| r.exit_code),
+            }
+        };
+        let result = response.result.clone().map(Arc::new);
+        self.history
+            .action(&self.asker, snapshot.action_digest, outcome, result);
+    }
+}
+
 /// Streams an operation: where it stands now, then every change, ending with the
 /// completed operation. The watch (and so the client's claim on the execution) lives
 /// as long as the stream. If the server shuts down first, the stream ends with
 /// UNAVAILABLE, which tells clients to retry.
-fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> OperationStream {
+fn operation_stream(
+    watch: OperationWatch,
+    storage: Storage,
+    inline: Inline,
+    noted: Option<Noted>,
+) -> OperationStream {
+    let noted = noted.map(Arc::new);
     let stream = futures::stream::unfold(Some((watch, true)), move |state| {
-        let (storage, inline) = (storage.clone(), inline.clone());
+        let (storage, inline, noted) = (storage.clone(), inline.clone(), noted.clone());
         async move {
             let (mut watch, first) = state?;
             if *watch.closing.borrow() {
@@ -113,6 +147,9 @@ fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> 
             }
             let mut snapshot = watch.updates.borrow_and_update().clone();
             let done = snapshot.stage == Stage::Completed;
+            if let Some(noted) = noted.as_ref().filter(|_| done) {
+                noted.completed(&snapshot);
+            }
             let inlining = inline.stdout || inline.stderr || !inline.files.is_empty();
             if let Some(shared) = snapshot.response.as_mut().filter(|_| inlining) {
                 // This caller's own copy: what it asked to have inlined is its alone.
@@ -139,16 +176,11 @@ fn operation_stream(watch: OperationWatch, storage: Storage, inline: Inline) -> 
 /// Who is asking: `identity`, and from the client's RequestMetadata its tool
 /// invocation (for fair queueing) and the action's mnemonic (for spotting
 /// stragglers); empty when unsent.
-fn requester(identity: &str, metadata: &tonic::metadata::MetadataMap) -> Requester {
-    let sent = metadata
-        .get_bin(REQUEST_METADATA)
-        .and_then(|v| v.to_bytes().ok())
-        .and_then(|bytes| RequestMetadata::decode(bytes).ok())
-        .unwrap_or_default();
+fn requester(identity: &str, sent: &RequestMetadata) -> Requester {
     Requester {
         identity: identity.to_owned(),
-        invocation: sent.tool_invocation_id,
-        mnemonic: sent.action_mnemonic,
+        invocation: sent.tool_invocation_id.clone(),
+        mnemonic: sent.action_mnemonic.clone(),
     }
 }
 
@@ -192,8 +224,13 @@ impl Execution for ExecutionService {
             Permission::Execute,
             &request.get_ref().instance_name,
         )?;
-        let requester = requester(caller.name(), request.metadata());
+        let sent = request_metadata(request.metadata()).unwrap_or_default();
+        let requester = requester(caller.name(), &sent);
         let mut request = request.into_inner();
+        let noted = Noted {
+            history: self.storage.history.clone(),
+            asker: asker(caller.name(), &request.instance_name, sent),
+        };
         // A cached result is the ActionCache's to give: without `ac.read` the action
         // runs (and its result is still cached for those who may read it).
         if !caller.may(Permission::AcRead, &request.instance_name) {
@@ -209,6 +246,7 @@ impl Execution for ExecutionService {
             watch,
             self.storage.clone(),
             inline,
+            Some(noted),
         )))
     }
 
@@ -227,6 +265,7 @@ impl Execution for ExecutionService {
             watch,
             self.storage.clone(),
             Inline::default(),
+            None,
         )))
     }
 }
@@ -329,6 +368,8 @@ impl Operations for OperationsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::REQUEST_METADATA;
+    use prost::Message;
 
     #[test]
     fn reads_the_requester_from_request_metadata() {
@@ -342,12 +383,13 @@ mod tests {
             REQUEST_METADATA,
             tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
         );
-        let found = requester("someone", &map);
+        let found = requester("someone", &request_metadata(&map).unwrap_or_default());
         assert_eq!(
             (found.invocation.as_str(), found.mnemonic.as_str()),
             ("inv-1", "CppCompile")
         );
-        let none = requester("someone", &tonic::metadata::MetadataMap::new());
+        let empty = tonic::metadata::MetadataMap::new();
+        let none = requester("someone", &request_metadata(&empty).unwrap_or_default());
         assert_eq!((none.invocation.as_str(), none.mnemonic.as_str()), ("", ""));
     }
 }

@@ -12,10 +12,12 @@
 mod action_cache;
 mod admin;
 mod auth;
+mod bes;
 mod bytestream;
 mod capabilities;
 mod cas;
 mod execution;
+mod history;
 mod rpc_metrics;
 mod workers;
 
@@ -35,6 +37,7 @@ use tonic::transport::server::Connected;
 
 pub use action_cache::ActionCacheService;
 pub use admin::AdminService;
+pub use bes::BuildEventService;
 pub use bytestream::ByteStreamService;
 pub use capabilities::CapabilitiesService;
 pub use cas::CasService;
@@ -43,11 +46,13 @@ pub use workers::WorkerService;
 
 pub use auth::{Audience, Callers};
 
-/// The stores behind the cache services.
+/// The stores behind the cache services, and the history where the actions they
+/// serve are noted for people to look at.
 #[derive(Clone)]
 pub struct Storage {
     pub cas: Arc<dyn BlobStore>,
     pub action_cache: Arc<dyn ActionCache>,
+    pub history: Arc<paddock_history::History>,
 }
 
 /// Limits the server advertises and enforces.
@@ -128,6 +133,11 @@ pub fn client_routes(
         .add_service(paddock_proto::admin::v1::admin_server::AdminServer::new(
             AdminService::new(scheduler.clone(), storage.clone()),
         ))
+        .add_service(
+            paddock_proto::google::devtools::build::v1::publish_build_event_server::PublishBuildEventServer::new(
+                BuildEventService::new(storage.history.clone()),
+            ),
+        )
 }
 
 /// What workers use: `cache` (for their actions' inputs and outputs) and the worker

@@ -50,6 +50,8 @@ const RPCS: &[&str] = &[
     "Admin/ListWorkers",
     "Admin/CommandWorker",
     "Admin/InvalidateActionResults",
+    "PublishBuildEvent/PublishLifecycleEvent",
+    "PublishBuildEvent/PublishBuildToolEventStream",
 ];
 
 /// `/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs` →

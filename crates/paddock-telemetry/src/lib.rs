@@ -1,22 +1,13 @@
 //! Logs and metrics for every Paddock process.
 //!
 //! Logs go through `tracing` (plain or JSON lines, filtered by `RUST_LOG`). Metrics go
-//! through the `metrics` facade into one process-wide Prometheus recorder, which
-//! [`serve_metrics`] exposes as `GET /metrics` on its own HTTP port (HTTPS when the
-//! server has TLS).
+//! through the `metrics` facade into one process-wide Prometheus recorder, which the
+//! server's HTTP port (`paddock-web`) renders as `GET /metrics`.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::io::IsTerminal;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use paddock_tls::{Protocol, ServerTls};
-use tokio::net::TcpListener;
 
 /// Latency buckets in seconds, from 50 µs to 10 minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -61,52 +52,4 @@ pub fn metrics() -> &'static PrometheusHandle {
         }
         handle
     })
-}
-
-/// Serves `GET /metrics` in the Prometheus text format until `shutdown` resolves.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    tls: Option<Arc<ServerTls>>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let handle = metrics();
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener failed to accept");
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return,
-        };
-        let service = service_fn(
-            move |request: hyper::Request<hyper::body::Incoming>| async move {
-                let response = if request.uri().path() == "/metrics" {
-                    handle.run_upkeep();
-                    http::Response::builder()
-                        .header("content-type", "text/plain; version=0.0.4")
-                        .body(Full::new(Bytes::from(handle.render())))
-                } else {
-                    http::Response::builder()
-                        .status(http::StatusCode::NOT_FOUND)
-                        .body(Full::new(Bytes::from_static(b"try /metrics\n")))
-                };
-                Ok::<_, Infallible>(response.expect("static response parts are valid"))
-            },
-        );
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let http = hyper::server::conn::http1::Builder::new();
-            let _ = match tls {
-                Some(tls) => match tls.accept(stream, Protocol::Http1).await {
-                    Some(stream) => http.serve_connection(TokioIo::new(stream), service).await,
-                    None => return,
-                },
-                None => http.serve_connection(TokioIo::new(stream), service).await,
-            };
-        });
-    }
 }

@@ -13,6 +13,7 @@ use paddock_client::LocalServer;
 use paddock_config::{
     Config, RunnerKind, SandboxConfig, StateBackend, StorageBackend, WorkerConfig,
 };
+use paddock_history::History;
 use paddock_objstore::ObjectStoreBlobs;
 use paddock_postgres::{Database, PgActionCache, PgBlobIndex, PgQueue, PgRecords, QueueSettings};
 use paddock_sandbox::Zygote;
@@ -21,6 +22,7 @@ use paddock_scheduler::{
 };
 use paddock_server::{Access, Audience, Callers, Limits, Storage};
 use paddock_tls::ServerTls;
+use paddock_web::Web;
 use paddock_worker::{SchedulerAddress, WorkerOptions};
 use tokio::io::DuplexStream;
 use tokio::net::TcpListener;
@@ -92,6 +94,8 @@ struct Farm {
     client_routes: Routes,
     worker_routes: Routes,
     scheduler: Scheduler,
+    /// The pages on the metrics port.
+    web: Arc<Web>,
     /// Connections of workers in this process, when there are any.
     local: Option<mpsc::Receiver<DuplexStream>>,
 }
@@ -166,7 +170,12 @@ impl Farm {
             },
         )
         .await?;
-        let storage = Storage { cas, action_cache };
+        let history = Arc::new(History::new(config.history.clone()));
+        let storage = Storage {
+            cas,
+            action_cache,
+            history: history.clone(),
+        };
         let limits = Limits {
             max_batch_size: config.storage.max_batch_size.bytes(),
             max_batch_blobs: config.storage.max_batch_blobs,
@@ -181,6 +190,16 @@ impl Farm {
         let worker_listener = bind(config.server.worker_address()).await?;
         let metrics_listener = bind(config.server.metrics_listen).await?;
         let cache = paddock_server::cache_routes(&storage, limits, quotas, true);
+        let authenticator = Arc::new(authenticator);
+        let secure = if tls.is_some() { "s" } else { "" };
+        let web = Arc::new(Web::new(
+            history,
+            scheduler.clone(),
+            storage.cas.clone(),
+            authenticator.clone(),
+            config.auth.allow_anonymous,
+            format!("grpc{secure}://{}", listener.local_addr()?),
+        ));
         Ok(Farm {
             listener,
             worker_listener,
@@ -191,7 +210,8 @@ impl Farm {
                 .tls
                 .as_ref()
                 .map_or(Duration::from_secs(5), |t| t.reload_interval.get()),
-            callers: Callers::Authenticated(Arc::new(authenticator)),
+            callers: Callers::Authenticated(authenticator),
+            web,
             client_routes: paddock_server::client_routes(cache.clone(), &storage, &scheduler),
             worker_routes: paddock_server::worker_routes(cache, &scheduler),
             scheduler,
@@ -238,9 +258,15 @@ impl Farm {
     ) -> Result<()> {
         let stop = CancellationToken::new();
         let tls_watch = self.tls.as_ref().map(|tls| tls.watch(self.tls_reload));
-        let metrics = tokio::spawn(paddock_telemetry::serve_metrics(
+        let pages = tokio::spawn(paddock_web::serve(
             self.metrics_listener,
             self.tls.clone(),
+            self.web.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        let watching = tokio::spawn(paddock_web::watch(
+            self.web.history(),
+            self.scheduler.clone(),
             stop.clone().cancelled_owned(),
         ));
         let timers = tokio::spawn(self.scheduler.clone().run());
@@ -293,7 +319,8 @@ impl Farm {
         if let Some(watch) = tls_watch {
             watch.abort();
         }
-        let _ = metrics.await;
+        let _ = pages.await;
+        let _ = watching.await;
         served.context("serving gRPC to clients")?;
         workers_served.context("serving gRPC to workers")
     }
@@ -584,6 +611,8 @@ impl ShutdownSignal {
 /// local workers, for benchmarks.
 pub struct Embedded {
     url: String,
+    /// The web pages (`http://host:port`).
+    pages_url: String,
     /// Where workers in this process reach its scheduler.
     scheduler: SchedulerAddress,
     stop: Option<oneshot::Sender<()>>,
@@ -616,6 +645,7 @@ impl Embedded {
         config.server.metrics_listen = "127.0.0.1:0".parse()?;
         let mut farm = Farm::build(&config, data_dir.path().to_owned()).await?;
         let url = farm.url();
+        let pages_url = farm.address(&farm.metrics_listener, "http");
         let scheduler = farm.local_scheduler();
         let (stop, stopped) = oneshot::channel::<()>();
         let stop_workers = CancellationToken::new();
@@ -639,6 +669,7 @@ impl Embedded {
         }
         Ok(Embedded {
             url,
+            pages_url,
             scheduler,
             stop: Some(stop),
             stop_workers,
@@ -652,6 +683,10 @@ impl Embedded {
 
     pub fn scheduler(&self) -> SchedulerAddress {
         self.scheduler.clone()
+    }
+
+    pub fn pages_url(&self) -> String {
+        self.pages_url.clone()
     }
 }
 

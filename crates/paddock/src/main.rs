@@ -2,6 +2,7 @@
 //! the benchmarks (`bench`).
 
 mod bench_scheduler;
+mod bench_web;
 mod farm;
 mod operate;
 mod stragglers;
@@ -458,6 +459,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         replicas: usize,
     },
+    /// The web pages of an invocation of many actions: they are recorded through the
+    /// public protocol (results uploaded, then looked up with the invocation's
+    /// RequestMetadata), then each page is fetched again and again.
+    Web {
+        /// Actions in the invocation.
+        #[arg(long, default_value_t = 10_000)]
+        actions: usize,
+        /// Fetches of each page.
+        #[arg(long, default_value_t = 30)]
+        fetches: usize,
+    },
     /// A build with one slow worker, with and without speculative execution.
     Stragglers {
         /// Actions in the build, all submitted at once.
@@ -776,6 +788,7 @@ async fn run(command: Command, zygote: Option<Zygote>) -> Result<()> {
                 })
                 .await
             }
+            BenchCommand::Web { actions, fetches } => bench_web::run(actions, fetches).await,
             BenchCommand::Stragglers {
                 actions,
                 workers,

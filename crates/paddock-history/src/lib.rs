@@ -1,0 +1,725 @@
+//! What the farm remembers of recent builds, for people to look at: invocations (a
+//! tool's run, named by RequestMetadata's `tool_invocation_id`), the actions each was
+//! served and how (run on a worker, or from the cache), the targets and tests Bazel
+//! reported through its build events, throughput by minute, queue depth by pool, and
+//! the fleet's changes of standing.
+//!
+//! Everything is bounded ([`HistoryConfig`]): invocations by count and by age (the
+//! least recently heard of go first), actions and targets per invocation by count
+//! (later ones are counted, not kept), and the time series to a day of minutes. The
+//! history lives in the server's memory; it is a view for people, never an input to
+//! a decision about caching or scheduling.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use paddock_config::HistoryConfig;
+use paddock_reapi::proto::re::{ActionResult, RequestMetadata};
+use paddock_reapi::Digest;
+use parking_lot::Mutex;
+
+/// The minutes of throughput and queue depth kept: a day.
+const MINUTES_KEPT: usize = 24 * 60;
+/// Changes of standing kept.
+const STANDING_CHANGES_KEPT: usize = 1000;
+/// Samples of each worker's health kept (one a minute): an hour.
+const HEALTH_SAMPLES_KEPT: usize = 60;
+/// Executions remembered per instance and mnemonic as candidates for "the same
+/// action, earlier".
+const EXECUTIONS_KEPT_PER_MNEMONIC: usize = 10_000;
+
+/// How an action was served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Run on a worker; the command exited with this code.
+    Executed { exit_code: i32 },
+    /// Answered from the ActionCache.
+    Cached,
+    /// Not run to completion: the gRPC status the client was given.
+    Failed { code: String, message: String },
+}
+
+impl Outcome {
+    /// A short word for pages and filters.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Outcome::Executed { exit_code: 0 } => "executed",
+            Outcome::Executed { .. } => "exited non-zero",
+            Outcome::Cached => "cached",
+            Outcome::Failed { .. } => "failed",
+        }
+    }
+
+    fn failed(&self) -> bool {
+        !matches!(self, Outcome::Executed { exit_code: 0 } | Outcome::Cached)
+    }
+}
+
+/// Who asked for an action, and what their client said about it.
+#[derive(Debug, Clone, Default)]
+pub struct Asker {
+    pub instance: String,
+    pub identity: String,
+    pub metadata: RequestMetadata,
+}
+
+/// One action served within an invocation.
+#[derive(Debug, Clone)]
+pub struct ActionRecord {
+    /// Increases with every record the history takes: later is larger.
+    pub seq: u64,
+    pub digest: Digest,
+    pub instance: String,
+    pub identity: String,
+    pub invocation: String,
+    pub mnemonic: String,
+    pub target: String,
+    pub outcome: Outcome,
+    pub at: SystemTime,
+    /// What the worker or the cache answered, when there was an answer.
+    pub result: Option<Arc<ActionResult>>,
+}
+
+/// A target Bazel reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetState {
+    pub kind: String,
+    /// `None` until Bazel says whether it built.
+    pub success: Option<bool>,
+}
+
+/// A test Bazel reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestState {
+    /// Bazel's word: `PASSED`, `FAILED`, `FLAKY`, `TIMEOUT`, …
+    pub status: String,
+    pub attempts: u32,
+    pub duration: Option<Duration>,
+    pub cached: bool,
+    /// Each log Bazel named (`test.log`, `test.xml`, …) with its URI
+    /// (`bytestream://…/blobs/HASH/SIZE` when the farm holds it).
+    pub logs: Vec<(String, String)>,
+}
+
+/// What Bazel's build events told of an invocation.
+#[derive(Debug, Clone, Default)]
+pub struct BuildReport {
+    pub command: String,
+    pub patterns: Vec<String>,
+    pub tool_version: String,
+    pub started: Option<SystemTime>,
+    pub finished: Option<SystemTime>,
+    /// Bazel's exit code name (`SUCCESS`, `BUILD_FAILURE`, …) once finished.
+    pub exit: Option<String>,
+    pub targets: BTreeMap<String, TargetState>,
+    pub tests: BTreeMap<String, TestState>,
+    /// Targets and tests not kept because of the bound.
+    pub dropped: u64,
+}
+
+/// One invocation, as much of it as is kept.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    pub id: String,
+    pub identity: String,
+    pub instance: String,
+    pub tool: String,
+    pub first_seen: Option<SystemTime>,
+    pub last_seen: Option<SystemTime>,
+    pub executed: u64,
+    pub cached: u64,
+    pub failed: u64,
+    /// Actions served but not kept because of the bound.
+    pub dropped: u64,
+    pub actions: Vec<ActionRecord>,
+    pub build: Option<BuildReport>,
+}
+
+impl Invocation {
+    /// From the first action or event to the last heard of.
+    pub fn duration(&self) -> Duration {
+        let start = [self.first_seen, self.build.as_ref().and_then(|b| b.started)]
+            .into_iter()
+            .flatten()
+            .min();
+        let end = [self.last_seen, self.build.as_ref().and_then(|b| b.finished)]
+            .into_iter()
+            .flatten()
+            .max();
+        match (start, end) {
+            (Some(s), Some(e)) => e.duration_since(s).unwrap_or_default(),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Who may see it: the identity that ran it (as the build events or the first
+    /// action named it).
+    pub fn owner(&self) -> &str {
+        &self.identity
+    }
+}
+
+/// An invocation's summary for lists.
+#[derive(Debug, Clone)]
+pub struct InvocationSummary {
+    pub id: String,
+    pub identity: String,
+    pub instance: String,
+    pub tool: String,
+    pub first_seen: Option<SystemTime>,
+    pub duration: Duration,
+    pub executed: u64,
+    pub cached: u64,
+    pub failed: u64,
+    /// Bazel's exit name, when build events said it.
+    pub exit: Option<String>,
+}
+
+/// Throughput and queue depth in one minute.
+#[derive(Debug, Clone, Default)]
+pub struct Minute {
+    /// Whole minutes since the Unix epoch.
+    pub minute: u64,
+    pub executed: u64,
+    pub cached: u64,
+    pub failed: u64,
+    /// The deepest queue seen in the minute, by pool.
+    pub queued: BTreeMap<String, u64>,
+}
+
+/// A worker's change of standing.
+#[derive(Debug, Clone)]
+pub struct StandingChange {
+    pub worker: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub at: SystemTime,
+}
+
+/// One sample of a worker's health window: outcomes and failures in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthSample {
+    pub outcomes: u64,
+    pub failures: u64,
+}
+
+/// The history. Cheap to share; every method takes the lock briefly.
+pub struct History {
+    config: HistoryConfig,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    seq: u64,
+    invocations: HashMap<String, Invocation>,
+    /// Where each action digest was recorded: (invocation, index in its actions).
+    by_action: HashMap<Digest, Vec<(String, usize)>>,
+    /// Executed actions by (instance, mnemonic), oldest first: (invocation, index).
+    executions: HashMap<(String, String), VecDeque<(String, usize)>>,
+    minutes: VecDeque<Minute>,
+    standing: VecDeque<StandingChange>,
+    health: BTreeMap<String, VecDeque<HealthSample>>,
+}
+
+fn unix_minute(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / 60
+}
+
+impl Inner {
+    fn minute(&mut self, at: SystemTime) -> &mut Minute {
+        let minute = unix_minute(at);
+        if self.minutes.back().is_none_or(|m| m.minute < minute) {
+            self.minutes.push_back(Minute {
+                minute,
+                ..Minute::default()
+            });
+            while self.minutes.len() > MINUTES_KEPT {
+                self.minutes.pop_front();
+            }
+        }
+        // A clock stepping back lands in the latest minute rather than reordering.
+        self.minutes.back_mut().expect("a minute was just ensured")
+    }
+
+    fn forget(&mut self, id: &str) {
+        let Some(gone) = self.invocations.remove(id) else {
+            return;
+        };
+        for action in &gone.actions {
+            if let Some(places) = self.by_action.get_mut(&action.digest) {
+                places.retain(|(invocation, _)| invocation != id);
+                if places.is_empty() {
+                    self.by_action.remove(&action.digest);
+                }
+            }
+        }
+    }
+
+    /// Drops invocations past the bounds: too old, then the least recently heard of.
+    fn trim(&mut self, config: &HistoryConfig, now: SystemTime, keep: &str) {
+        let too_old = |i: &Invocation| {
+            i.last_seen
+                .and_then(|seen| now.duration_since(seen).ok())
+                .is_some_and(|age| age > config.max_age.get())
+        };
+        let old: Vec<String> = self
+            .invocations
+            .values()
+            .filter(|i| i.id != keep && too_old(i))
+            .map(|i| i.id.clone())
+            .collect();
+        for id in old {
+            self.forget(&id);
+        }
+        while self.invocations.len() > config.max_invocations.max(1) {
+            let Some(oldest) = self
+                .invocations
+                .values()
+                .filter(|i| i.id != keep)
+                .min_by_key(|i| i.last_seen)
+                .map(|i| i.id.clone())
+            else {
+                break;
+            };
+            self.forget(&oldest);
+        }
+    }
+
+    fn invocation(&mut self, config: &HistoryConfig, id: &str, now: SystemTime) -> &mut Invocation {
+        if !self.invocations.contains_key(id) {
+            self.invocations.insert(
+                id.to_owned(),
+                Invocation {
+                    id: id.to_owned(),
+                    first_seen: Some(now),
+                    ..Invocation::default()
+                },
+            );
+            self.trim(config, now, id);
+        }
+        let invocation = self
+            .invocations
+            .get_mut(id)
+            .expect("the invocation was just ensured");
+        invocation.last_seen = Some(now);
+        invocation
+    }
+}
+
+/// The invocation an asker's actions belong to: its tool's invocation id, or one per
+/// identity and instance for clients that send none.
+fn invocation_id(asker: &Asker) -> String {
+    match asker.metadata.tool_invocation_id.trim() {
+        "" => format!("unnamed:{}:{}", asker.identity, asker.instance),
+        id => id.to_owned(),
+    }
+}
+
+impl History {
+    pub fn new(config: HistoryConfig) -> History {
+        History {
+            config,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Records an action served to `asker`.
+    pub fn action(
+        &self,
+        asker: &Asker,
+        digest: Digest,
+        outcome: Outcome,
+        result: Option<Arc<ActionResult>>,
+    ) {
+        let now = SystemTime::now();
+        let mut id = invocation_id(asker);
+        let mut inner = self.inner.lock();
+        // Another identity's actions under the same invocation id are kept apart,
+        // so that nobody can add to someone else's build.
+        if inner
+            .invocations
+            .get(&id)
+            .is_some_and(|i| !i.identity.is_empty() && i.identity != asker.identity)
+        {
+            id = format!("{id}@{}", asker.identity);
+        }
+        inner.seq += 1;
+        let seq = inner.seq;
+        let minute = inner.minute(now);
+        match &outcome {
+            Outcome::Cached => minute.cached += 1,
+            o if o.failed() => minute.failed += 1,
+            _ => minute.executed += 1,
+        }
+        let max_actions = self.config.max_actions_per_invocation;
+        let invocation = inner.invocation(&self.config, &id, now);
+        if invocation.identity.is_empty() {
+            invocation.identity = asker.identity.clone();
+        }
+        if invocation.instance.is_empty() {
+            invocation.instance = asker.instance.clone();
+        }
+        if invocation.tool.is_empty() {
+            if let Some(tool) = &asker.metadata.tool_details {
+                invocation.tool = format!("{} {}", tool.tool_name, tool.tool_version)
+                    .trim()
+                    .to_owned();
+            }
+        }
+        match &outcome {
+            Outcome::Cached => invocation.cached += 1,
+            o if o.failed() => invocation.failed += 1,
+            _ => invocation.executed += 1,
+        }
+        if invocation.actions.len() >= max_actions {
+            invocation.dropped += 1;
+            return;
+        }
+        let index = invocation.actions.len();
+        invocation.actions.push(ActionRecord {
+            seq,
+            digest,
+            instance: asker.instance.clone(),
+            identity: asker.identity.clone(),
+            invocation: id.clone(),
+            mnemonic: asker.metadata.action_mnemonic.clone(),
+            target: asker.metadata.target_id.clone(),
+            outcome: outcome.clone(),
+            at: now,
+            result,
+        });
+        if let Outcome::Executed { .. } = outcome {
+            let key = (
+                asker.instance.clone(),
+                asker.metadata.action_mnemonic.clone(),
+            );
+            let executions = inner.executions.entry(key).or_default();
+            executions.push_back((id.clone(), index));
+            if executions.len() > EXECUTIONS_KEPT_PER_MNEMONIC {
+                executions.pop_front();
+            }
+        }
+        inner.by_action.entry(digest).or_default().push((id, index));
+    }
+
+    /// Applies what a build event says to `invocation`'s report, on behalf of
+    /// `identity` (who sent the events). False, and nothing changed, if the
+    /// invocation belongs to another identity.
+    pub fn build_event(
+        &self,
+        invocation: &str,
+        identity: &str,
+        change: impl FnOnce(&mut BuildReport),
+    ) -> bool {
+        let now = SystemTime::now();
+        let mut inner = self.inner.lock();
+        if inner
+            .invocations
+            .get(invocation)
+            .is_some_and(|i| !i.identity.is_empty() && i.identity != identity)
+        {
+            return false;
+        }
+        let max_targets = self.config.max_targets_per_invocation;
+        let entry = inner.invocation(&self.config, invocation, now);
+        if entry.identity.is_empty() {
+            entry.identity = identity.to_owned();
+        }
+        let report = entry.build.get_or_insert_with(BuildReport::default);
+        change(report);
+        while report.targets.len() + report.tests.len() > max_targets {
+            // Keep the first ones reported: later additions are the ones dropped.
+            let last_target = report.targets.keys().next_back().cloned();
+            let removed = match last_target {
+                Some(label) if report.targets.len() >= report.tests.len() => {
+                    report.targets.remove(&label).is_some()
+                }
+                _ => report.tests.pop_last().is_some(),
+            };
+            if !removed {
+                break;
+            }
+            report.dropped += 1;
+        }
+        // Bazel's build events name its version; its RequestMetadata may not.
+        if !report.tool_version.is_empty() && !entry.tool.contains(&report.tool_version) {
+            entry.tool = format!("bazel {}", report.tool_version);
+        }
+        true
+    }
+
+    /// The invocations, most recently started first, `offset` and `limit` for pages;
+    /// and how many there are in all.
+    pub fn invocations(
+        &self,
+        visible: impl Fn(&str, &str) -> bool,
+        offset: usize,
+        limit: usize,
+    ) -> (Vec<InvocationSummary>, usize) {
+        let inner = self.inner.lock();
+        let mut all: Vec<&Invocation> = inner
+            .invocations
+            .values()
+            .filter(|i| visible(&i.identity, &i.instance))
+            .collect();
+        all.sort_by(|a, b| b.first_seen.cmp(&a.first_seen).then(a.id.cmp(&b.id)));
+        let total = all.len();
+        let page = all
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|i| InvocationSummary {
+                id: i.id.clone(),
+                identity: i.identity.clone(),
+                instance: i.instance.clone(),
+                tool: i.tool.clone(),
+                first_seen: i.first_seen,
+                duration: i.duration(),
+                executed: i.executed,
+                cached: i.cached,
+                failed: i.failed,
+                exit: i.build.as_ref().and_then(|b| b.exit.clone()),
+            })
+            .collect();
+        (page, total)
+    }
+
+    /// A copy of one invocation.
+    pub fn invocation(&self, id: &str) -> Option<Invocation> {
+        self.inner.lock().invocations.get(id).cloned()
+    }
+
+    /// Applies `read` to one invocation without copying it (for large ones).
+    pub fn with_invocation<T>(&self, id: &str, read: impl FnOnce(&Invocation) -> T) -> Option<T> {
+        self.inner.lock().invocations.get(id).map(read)
+    }
+
+    /// Every kept record of an action digest, most recent last.
+    pub fn action_records(&self, digest: &Digest) -> Vec<ActionRecord> {
+        let inner = self.inner.lock();
+        let mut records: Vec<ActionRecord> = inner
+            .by_action
+            .get(digest)
+            .into_iter()
+            .flatten()
+            .filter_map(|(id, index)| inner.invocations.get(id)?.actions.get(*index).cloned())
+            .collect();
+        records.sort_by_key(|r| r.seq);
+        records
+    }
+
+    /// Executed actions recorded before `before`, most recent first, with
+    /// `mnemonic` on `instance` (the candidates for "the same action, earlier"),
+    /// at most `limit`.
+    pub fn earlier_executions(
+        &self,
+        instance: &str,
+        mnemonic: &str,
+        before: u64,
+        limit: usize,
+    ) -> Vec<ActionRecord> {
+        let inner = self.inner.lock();
+        let key = (instance.to_owned(), mnemonic.to_owned());
+        let Some(executions) = inner.executions.get(&key) else {
+            return Vec::new();
+        };
+        // Places of forgotten invocations are skipped here rather than hunted down
+        // when they go.
+        executions
+            .iter()
+            .rev()
+            .filter_map(|(id, index)| inner.invocations.get(id)?.actions.get(*index))
+            .filter(|a| {
+                a.seq < before
+                    && a.instance == instance
+                    && a.mnemonic == mnemonic
+                    && matches!(a.outcome, Outcome::Executed { .. })
+            })
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// The queue depth each pool had, noted once in a while by whoever watches the
+    /// scheduler; the deepest in a minute is kept.
+    pub fn queue_depth(&self, pool: &str, queued: u64) {
+        let mut inner = self.inner.lock();
+        let minute = inner.minute(SystemTime::now());
+        let deepest = minute.queued.entry(pool.to_owned()).or_default();
+        *deepest = (*deepest).max(queued);
+    }
+
+    /// The last `count` minutes, oldest first.
+    pub fn minutes(&self, count: usize) -> Vec<Minute> {
+        let inner = self.inner.lock();
+        let skip = inner.minutes.len().saturating_sub(count);
+        inner.minutes.iter().skip(skip).cloned().collect()
+    }
+
+    /// Notes a worker's change of standing.
+    pub fn standing_changed(&self, change: StandingChange) {
+        let mut inner = self.inner.lock();
+        inner.standing.push_back(change);
+        while inner.standing.len() > STANDING_CHANGES_KEPT {
+            inner.standing.pop_front();
+        }
+    }
+
+    /// Changes of standing, most recent first, for `worker` or for all.
+    pub fn standing_changes(&self, worker: Option<&str>, limit: usize) -> Vec<StandingChange> {
+        let inner = self.inner.lock();
+        inner
+            .standing
+            .iter()
+            .rev()
+            .filter(|c| worker.is_none_or(|w| c.worker == w))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Notes a sample of a worker's health window.
+    pub fn health_sample(&self, worker: &str, sample: HealthSample) {
+        let mut inner = self.inner.lock();
+        let samples = inner.health.entry(worker.to_owned()).or_default();
+        samples.push_back(sample);
+        while samples.len() > HEALTH_SAMPLES_KEPT {
+            samples.pop_front();
+        }
+    }
+
+    /// A worker's health samples, oldest first.
+    pub fn health(&self, worker: &str) -> Vec<HealthSample> {
+        let inner = self.inner.lock();
+        inner
+            .health
+            .get(worker)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use paddock_config::Span;
+
+    fn asker(invocation: &str) -> Asker {
+        Asker {
+            instance: "main".into(),
+            identity: "alice".into(),
+            metadata: RequestMetadata {
+                tool_invocation_id: invocation.into(),
+                action_mnemonic: "CppCompile".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn digest(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    #[test]
+    fn invocations_are_bounded_by_count_and_forget_their_actions() {
+        let history = History::new(HistoryConfig {
+            max_invocations: 2,
+            ..HistoryConfig::default()
+        });
+        for (n, id) in ["a", "b", "c"].iter().enumerate() {
+            history.action(&asker(id), digest(n as u8), Outcome::Cached, None);
+        }
+        let (list, total) = history.invocations(|_, _| true, 0, 10);
+        assert_eq!(total, 2);
+        assert_eq!(list[0].id, "c");
+        assert!(history.invocation("a").is_none());
+        assert!(history.action_records(&digest(0)).is_empty());
+        assert_eq!(history.action_records(&digest(2)).len(), 1);
+    }
+
+    #[test]
+    fn old_invocations_are_forgotten() {
+        let history = History::new(HistoryConfig {
+            max_age: Span::millis(1),
+            ..HistoryConfig::default()
+        });
+        history.action(&asker("old"), digest(1), Outcome::Cached, None);
+        std::thread::sleep(Duration::from_millis(20));
+        history.action(&asker("new"), digest(2), Outcome::Cached, None);
+        assert!(history.invocation("old").is_none());
+        assert!(history.invocation("new").is_some());
+    }
+
+    #[test]
+    fn actions_past_the_bound_are_counted_not_kept() {
+        let history = History::new(HistoryConfig {
+            max_actions_per_invocation: 2,
+            ..HistoryConfig::default()
+        });
+        for n in 0..5 {
+            let outcome = if n == 4 {
+                Outcome::Failed {
+                    code: "UNAVAILABLE".into(),
+                    message: "gone".into(),
+                }
+            } else {
+                Outcome::Executed { exit_code: 0 }
+            };
+            history.action(&asker("i"), digest(n), outcome, None);
+        }
+        let i = history.invocation("i").unwrap();
+        assert_eq!((i.executed, i.failed, i.dropped), (4, 1, 3));
+        assert_eq!(i.actions.len(), 2);
+        let minutes = history.minutes(1);
+        assert_eq!(minutes[0].executed, 4);
+    }
+
+    #[test]
+    fn earlier_executions_are_the_same_mnemonic_most_recent_first() {
+        let history = History::new(HistoryConfig::default());
+        history.action(
+            &asker("i"),
+            digest(1),
+            Outcome::Executed { exit_code: 0 },
+            None,
+        );
+        history.action(&asker("j"), digest(2), Outcome::Cached, None);
+        history.action(
+            &asker("j"),
+            digest(3),
+            Outcome::Executed { exit_code: 0 },
+            None,
+        );
+        let later = history.action_records(&digest(3))[0].seq;
+        let earlier = history.earlier_executions("main", "CppCompile", later, 10);
+        assert_eq!(earlier.len(), 1);
+        assert_eq!(earlier[0].digest, digest(1));
+    }
+
+    #[test]
+    fn build_events_are_bounded() {
+        let history = History::new(HistoryConfig {
+            max_targets_per_invocation: 3,
+            ..HistoryConfig::default()
+        });
+        assert!(history.build_event("b", "alice", |report| {
+            for n in 0..5 {
+                report
+                    .targets
+                    .insert(format!("//:t{n}"), TargetState::default());
+            }
+        }));
+        assert!(!history.build_event("b", "mallory", |report| {
+            report.exit = Some("SUCCESS".into())
+        }));
+        let report = history.invocation("b").unwrap().build.unwrap();
+        assert_eq!(report.targets.len(), 3);
+        assert_eq!(report.dropped, 2);
+    }
+}

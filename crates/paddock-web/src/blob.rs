@@ -1,0 +1,395 @@
+//! Reading the CAS for pages: messages decoded within a size bound, what kind of
+//! REAPI message a blob looks like, and the differences between two input trees
+//! (walked together, never descending where both sides hold the same directory).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use paddock_cas::{read_all, BlobStore, StoreError};
+use paddock_reapi::proto::re::{Action, ActionResult, Command, Directory, Tree};
+use paddock_reapi::{validate, Digest};
+use prost::Message;
+
+/// The largest blob a page decodes or shows in full.
+pub const MAX_SHOWN: u64 = 4 << 20;
+/// The largest blob offered as a download through the pages (bigger ones are for
+/// `paddock cas get`).
+pub const MAX_DOWNLOAD: u64 = 256 << 20;
+/// The most directories a comparison of two input trees reads.
+const MAX_DIRECTORIES_COMPARED: usize = 20_000;
+
+/// Why a blob could not be shown.
+#[derive(Debug)]
+pub enum BlobError {
+    Missing(Digest),
+    TooLarge {
+        digest: Digest,
+        limit: u64,
+    },
+    Undecodable {
+        digest: Digest,
+        kind: &'static str,
+    },
+    Store(StoreError),
+    /// A comparison that would read more than it may.
+    TooBig(String),
+}
+
+impl std::fmt::Display for BlobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlobError::Missing(d) => write!(f, "blob {d} is not in the CAS (any more)"),
+            BlobError::TooLarge { digest, limit } => {
+                write!(f, "blob {digest} is larger than the {limit} bytes a page shows; use `paddock cas get {digest}`")
+            }
+            BlobError::Undecodable { digest, kind } => {
+                write!(f, "blob {digest} is not a {kind}")
+            }
+            BlobError::Store(e) => write!(f, "the CAS failed: {e}"),
+            BlobError::TooBig(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+/// A blob's bytes, if it is at most `limit` long.
+pub async fn bytes(cas: &dyn BlobStore, digest: &Digest, limit: u64) -> Result<Bytes, BlobError> {
+    if digest.size() > limit {
+        return Err(BlobError::TooLarge {
+            digest: *digest,
+            limit,
+        });
+    }
+    read_all(cas, digest)
+        .await
+        .map_err(BlobError::Store)?
+        .ok_or(BlobError::Missing(*digest))
+}
+
+/// A blob decoded as `M`.
+pub async fn message<M: Message + Default>(
+    cas: &dyn BlobStore,
+    digest: &Digest,
+    kind: &'static str,
+) -> Result<M, BlobError> {
+    let bytes = bytes(cas, digest, MAX_SHOWN).await?;
+    M::decode(bytes).map_err(|_| BlobError::Undecodable {
+        digest: *digest,
+        kind,
+    })
+}
+
+/// The kinds of REAPI message a page decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Action,
+    Command,
+    Directory,
+    Tree,
+    ActionResult,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Action,
+        Kind::Command,
+        Kind::Directory,
+        Kind::Tree,
+        Kind::ActionResult,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Action => "Action",
+            Kind::Command => "Command",
+            Kind::Directory => "Directory",
+            Kind::Tree => "Tree",
+            Kind::ActionResult => "ActionResult",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(word))
+    }
+}
+
+fn digest_ok(d: Option<&paddock_reapi::proto::re::Digest>) -> bool {
+    Digest::from_proto(d).is_ok()
+}
+
+/// What a blob most likely is: the first kind it decodes as and that passes that
+/// kind's checks. Protobuf decodes almost anything as something, so the checks are
+/// what tell.
+pub fn guess(bytes: &[u8]) -> Option<Kind> {
+    if bytes.is_empty() {
+        return None;
+    }
+    if let Ok(action) = Action::decode(bytes) {
+        if digest_ok(action.command_digest.as_ref()) && digest_ok(action.input_root_digest.as_ref())
+        {
+            return Some(Kind::Action);
+        }
+    }
+    if let Ok(tree) = Tree::decode(bytes) {
+        if tree
+            .root
+            .as_ref()
+            .is_some_and(|root| validate::directory(root, "").is_ok())
+            && tree
+                .children
+                .iter()
+                .all(|d| validate::directory(d, "").is_ok())
+            && tree.root.as_ref().is_some_and(|r| {
+                !(r.files.is_empty() && r.directories.is_empty() && r.symlinks.is_empty())
+            })
+        {
+            return Some(Kind::Tree);
+        }
+    }
+    if let Ok(directory) = Directory::decode(bytes) {
+        let some = !(directory.files.is_empty()
+            && directory.directories.is_empty()
+            && directory.symlinks.is_empty());
+        if some && validate::directory(&directory, "").is_ok() {
+            return Some(Kind::Directory);
+        }
+    }
+    if let Ok(command) = Command::decode(bytes) {
+        // Arguments are text: the bytes of nested messages are not.
+        let printable = |s: &String| !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t');
+        if !command.arguments.is_empty()
+            && command.arguments.iter().all(printable)
+            && validate::command(&command).is_ok()
+        {
+            return Some(Kind::Command);
+        }
+    }
+    if let Ok(result) = ActionResult::decode(bytes) {
+        if result.execution_metadata.is_some() && validate::action_result(&result).is_ok() {
+            return Some(Kind::ActionResult);
+        }
+    }
+    None
+}
+
+/// One difference between two input trees, by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputChange {
+    Added(String),
+    Removed(String),
+    /// The file's contents (or executable bit, or link target) differ.
+    Changed(String),
+}
+
+impl InputChange {
+    pub fn path(&self) -> &str {
+        match self {
+            InputChange::Added(p) | InputChange::Removed(p) | InputChange::Changed(p) => p,
+        }
+    }
+}
+
+/// An entry of a directory, as far as comparing goes.
+#[derive(PartialEq, Eq)]
+enum Entry {
+    File(Digest, bool),
+    Link(String),
+    Dir(Digest),
+}
+
+fn entries(directory: &Directory) -> BTreeMap<String, Entry> {
+    let mut entries = BTreeMap::new();
+    for f in &directory.files {
+        if let Ok(d) = Digest::from_proto(f.digest.as_ref()) {
+            entries.insert(f.name.clone(), Entry::File(d, f.is_executable));
+        }
+    }
+    for l in &directory.symlinks {
+        entries.insert(l.name.clone(), Entry::Link(l.target.clone()));
+    }
+    for d in &directory.directories {
+        if let Ok(digest) = Digest::from_proto(d.digest.as_ref()) {
+            entries.insert(d.name.clone(), Entry::Dir(digest));
+        }
+    }
+    entries
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}/{name}")
+    }
+}
+
+/// Every path under a directory (for a subtree one side lacks), within the budget.
+async fn all_paths(
+    cas: &dyn BlobStore,
+    root: Digest,
+    prefix: String,
+    budget: &mut usize,
+    out: &mut Vec<String>,
+) -> Result<(), BlobError> {
+    let mut pending = vec![(root, prefix)];
+    while let Some((digest, prefix)) = pending.pop() {
+        *budget = budget.checked_sub(1).ok_or_else(too_big)?;
+        let directory: Directory = message(cas, &digest, "Directory").await?;
+        for (name, entry) in entries(&directory) {
+            match entry {
+                Entry::Dir(d) => pending.push((d, join(&prefix, &name))),
+                _ => out.push(join(&prefix, &name)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn too_big() -> BlobError {
+    BlobError::TooBig(format!(
+        "the input trees differ in more than {MAX_DIRECTORIES_COMPARED} directories; not compared"
+    ))
+}
+
+/// The files and links that differ between two input roots, by path, in order.
+pub async fn diff_trees(
+    cas: &dyn BlobStore,
+    old: Digest,
+    new: Digest,
+) -> Result<Vec<InputChange>, BlobError> {
+    let mut changes = Vec::new();
+    let mut budget = MAX_DIRECTORIES_COMPARED;
+    let mut pending = vec![(old, new, String::new())];
+    while let Some((old, new, prefix)) = pending.pop() {
+        if old == new {
+            continue;
+        }
+        budget = budget.checked_sub(2).ok_or_else(too_big)?;
+        let before = entries(&message::<Directory>(cas, &old, "Directory").await?);
+        let after = entries(&message::<Directory>(cas, &new, "Directory").await?);
+        for (name, was) in &before {
+            let path = join(&prefix, name);
+            match (was, after.get(name)) {
+                (Entry::Dir(a), Some(Entry::Dir(b))) => pending.push((*a, *b, path)),
+                (Entry::Dir(a), _) => {
+                    let mut gone = Vec::new();
+                    all_paths(cas, *a, path.clone(), &mut budget, &mut gone).await?;
+                    changes.extend(gone.into_iter().map(InputChange::Removed));
+                    if after.contains_key(name) {
+                        changes.push(InputChange::Added(path));
+                    }
+                }
+                (_, Some(Entry::Dir(b))) => {
+                    changes.push(InputChange::Removed(path.clone()));
+                    let mut came = Vec::new();
+                    all_paths(cas, *b, path, &mut budget, &mut came).await?;
+                    changes.extend(came.into_iter().map(InputChange::Added));
+                }
+                (was, Some(is)) if was != is => changes.push(InputChange::Changed(path)),
+                (_, Some(_)) => {}
+                (_, None) => changes.push(InputChange::Removed(path)),
+            }
+        }
+        for (name, is) in &after {
+            if before.contains_key(name) {
+                continue;
+            }
+            let path = join(&prefix, name);
+            match is {
+                Entry::Dir(b) => {
+                    let mut came = Vec::new();
+                    all_paths(cas, *b, path, &mut budget, &mut came).await?;
+                    changes.extend(came.into_iter().map(InputChange::Added));
+                }
+                _ => changes.push(InputChange::Added(path)),
+            }
+        }
+    }
+    changes.sort_by(|a, b| a.path().cmp(b.path()));
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use paddock_cas::MemoryStore;
+    use paddock_reapi::proto::re::{DirectoryNode, FileNode};
+
+    async fn put(cas: &MemoryStore, message: &impl Message) -> Digest {
+        let (digest, bytes) = Digest::of_message(message);
+        cas.put(&digest, Bytes::from(bytes)).await.unwrap();
+        digest
+    }
+
+    fn file(name: &str, contents: &[u8]) -> FileNode {
+        FileNode {
+            name: name.into(),
+            digest: Some(Digest::of(contents).to_proto()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_deep_in_the_tree_is_named_by_its_path() {
+        let cas = MemoryStore::new();
+        let lib_a = put(
+            &cas,
+            &Directory {
+                files: vec![file("x.c", b"1"), file("y.c", b"2")],
+                ..Default::default()
+            },
+        )
+        .await;
+        let lib_b = put(
+            &cas,
+            &Directory {
+                files: vec![file("x.c", b"1"), file("y.c", b"3")],
+                ..Default::default()
+            },
+        )
+        .await;
+        let same = put(
+            &cas,
+            &Directory {
+                files: vec![file("z.h", b"z")],
+                ..Default::default()
+            },
+        )
+        .await;
+        let root = |lib: Digest, extra: Option<FileNode>| Directory {
+            files: extra.into_iter().collect(),
+            directories: vec![
+                DirectoryNode {
+                    name: "inc".into(),
+                    digest: Some(same.to_proto()),
+                },
+                DirectoryNode {
+                    name: "lib".into(),
+                    digest: Some(lib.to_proto()),
+                },
+            ],
+            ..Default::default()
+        };
+        let old = put(&cas, &root(lib_a, None)).await;
+        let new = put(&cas, &root(lib_b, Some(file("BUILD", b"b")))).await;
+        let changes = diff_trees(&cas, old, new).await.unwrap();
+        assert_eq!(
+            changes,
+            vec![
+                InputChange::Added("BUILD".into()),
+                InputChange::Changed("lib/y.c".into()),
+            ]
+        );
+        assert_eq!(
+            guess(
+                &Directory {
+                    files: vec![file("a", b"a")],
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            ),
+            Some(Kind::Directory)
+        );
+    }
+}
