@@ -520,3 +520,146 @@ async fn the_pages_show_builds_actions_and_workers_and_only_admins_give_orders()
     assert!(hidden.contains("no invocation"), "{hidden}");
     browser.close().await.unwrap();
 }
+
+/// Fetches `path` from `address` with this `Host` header; the whole answer.
+fn get_with_host(address: &str, host: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_on_loopback() {
+    use paddock_proto::build_event_stream as bep;
+    use paddock_proto::google::devtools::build::v1::{
+        build_event::Event, publish_build_event_client::PublishBuildEventClient, BuildEvent,
+        OrderedBuildEvent, PublishBuildToolEventStreamRequest, StreamId,
+    };
+    use prost::Message;
+
+    let farm = Farm::start(&[]);
+    let remote = Remote::connect(&farm.url, "").await.unwrap();
+    let mut bes = PublishBuildEventClient::new(remote.channel());
+    let event = |invocation: &str, sequence: i64, payload: bep::BuildEvent| {
+        PublishBuildToolEventStreamRequest {
+            ordered_build_event: Some(OrderedBuildEvent {
+                stream_id: Some(StreamId {
+                    build_id: "b".into(),
+                    invocation_id: invocation.into(),
+                    component: 3,
+                }),
+                sequence_number: sequence,
+                event: Some(BuildEvent {
+                    event_time: None,
+                    event: Some(Event::BazelEvent(prost_types::Any {
+                        type_url: format!("type.googleapis.com/{}", bep::BUILD_EVENT),
+                        value: payload.encode_to_vec(),
+                    })),
+                }),
+            }),
+            ..Default::default()
+        }
+    };
+    let started = bep::BuildEvent {
+        payload: Some(bep::build_event::Payload::Started(bep::BuildStarted {
+            command: "test".into(),
+            build_tool_version: "4.2.3".into(),
+            start_time_millis: 1_700_000_000_000,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let finished = bep::BuildEvent {
+        payload: Some(bep::build_event::Payload::Finished(bep::BuildFinished {
+            exit_code: Some(bep::build_finished::ExitCode {
+                name: "TESTS_FAILED".into(),
+                code: 3,
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+
+    // Each event is acknowledged by its sequence number.
+    let requests = vec![
+        event("inv-web-1", 1, started.clone()),
+        event("inv-web-1", 2, finished),
+    ];
+    let mut acks = bes
+        .publish_build_tool_event_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut numbers = Vec::new();
+    while let Some(ack) = acks.message().await.unwrap() {
+        numbers.push(ack.sequence_number);
+    }
+    assert_eq!(numbers, vec![1, 2]);
+
+    // An event without an invocation id, or one that does not decode, ends the stream
+    // with INVALID_ARGUMENT.
+    let mut bad = event("", 1, started.clone());
+    let refused = bes
+        .publish_build_tool_event_stream(futures::stream::iter(vec![bad.clone()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    if let Some(Event::BazelEvent(any)) = bad
+        .ordered_build_event
+        .as_mut()
+        .and_then(|o| o.event.as_mut())
+        .and_then(|e| e.event.as_mut())
+    {
+        any.value = vec![0xff, 0xff, 0xff];
+    }
+    bad.ordered_build_event
+        .as_mut()
+        .unwrap()
+        .stream_id
+        .as_mut()
+        .unwrap()
+        .invocation_id = "inv-web-2".into();
+    let refused = bes
+        .publish_build_tool_event_stream(futures::stream::iter(vec![bad]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // With no [auth], the pages are open on loopback, and show what the events said.
+    let address = farm
+        .metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let page = get_with_host(&address, &address, "/invocation/inv-web-1");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("TESTS_FAILED") && page.contains("bazel 4.2.3"),
+        "{page}"
+    );
+    assert!(
+        page.contains("default-src 'none'"),
+        "every page carries the CSP"
+    );
+    // A page asked for under another site's name (DNS rebinding) is refused.
+    let rebound = get_with_host(&address, "evil.example:8981", "/invocation/inv-web-1");
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    assert!(!rebound.contains("TESTS_FAILED"));
+    // /metrics stays where it was.
+    assert!(get_with_host(&address, &address, "/metrics").contains("paddock_"));
+}

@@ -18,6 +18,7 @@ use paddock_config::HistoryConfig;
 use paddock_reapi::proto::re::{ActionResult, RequestMetadata};
 use paddock_reapi::Digest;
 use parking_lot::Mutex;
+use prost::Message;
 
 /// The minutes of throughput and queue depth kept: a day.
 const MINUTES_KEPT: usize = 24 * 60;
@@ -28,6 +29,14 @@ const HEALTH_SAMPLES_KEPT: usize = 60;
 /// Executions remembered per instance and mnemonic as candidates for "the same
 /// action, earlier".
 const EXECUTIONS_KEPT_PER_MNEMONIC: usize = 10_000;
+/// Distinct (instance, mnemonic) lists kept before unused ones are dropped.
+const MNEMONICS_KEPT: usize = 10_000;
+/// Longest invocation id, mnemonic or tool name kept, in bytes.
+pub const MAX_NAME: usize = 256;
+/// Longest label, target or message kept, in bytes.
+pub const MAX_TEXT: usize = 4096;
+/// Largest ActionResult kept whole (encoded); larger ones are kept in part.
+const MAX_RESULT_KEPT: usize = 64 << 10;
 
 /// How an action was served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,12 +161,6 @@ impl Invocation {
             _ => Duration::ZERO,
         }
     }
-
-    /// Who may see it: the identity that ran it (as the build events or the first
-    /// action named it).
-    pub fn owner(&self) -> &str {
-        &self.identity
-    }
 }
 
 /// An invocation's summary for lists.
@@ -211,14 +214,18 @@ pub struct History {
     inner: Mutex<Inner>,
 }
 
+/// An invocation as the history keys it: its identity, then its id. Two identities
+/// using the same id have two invocations, so nobody can add to another's.
+type Key = (String, String);
+
 #[derive(Default)]
 struct Inner {
     seq: u64,
-    invocations: HashMap<String, Invocation>,
-    /// Where each action digest was recorded: (invocation, index in its actions).
-    by_action: HashMap<Digest, Vec<(String, usize)>>,
+    invocations: HashMap<Key, Invocation>,
+    /// Where each action digest was recorded: by invocation, indexes in its actions.
+    by_action: HashMap<Digest, HashMap<Key, Vec<usize>>>,
     /// Executed actions by (instance, mnemonic), oldest first: (invocation, index).
-    executions: HashMap<(String, String), VecDeque<(String, usize)>>,
+    executions: HashMap<(String, String), VecDeque<(Key, usize)>>,
     minutes: VecDeque<Minute>,
     standing: VecDeque<StandingChange>,
     health: BTreeMap<String, VecDeque<HealthSample>>,
@@ -229,6 +236,39 @@ fn unix_minute(at: SystemTime) -> u64 {
         .unwrap_or_default()
         .as_secs()
         / 60
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// What is kept of a result: all of it when small; otherwise what the pages need
+/// most (exit code, timings and worker, the streams' digests).
+fn kept(result: Arc<ActionResult>) -> Arc<ActionResult> {
+    let mut result = result;
+    if !result.stdout_raw.is_empty() || !result.stderr_raw.is_empty() {
+        let r = Arc::make_mut(&mut result);
+        r.stdout_raw.clear();
+        r.stderr_raw.clear();
+    }
+    if result.encoded_len() <= MAX_RESULT_KEPT {
+        return result;
+    }
+    Arc::new(ActionResult {
+        exit_code: result.exit_code,
+        stdout_digest: result.stdout_digest.clone(),
+        stderr_digest: result.stderr_digest.clone(),
+        execution_metadata: result.execution_metadata.clone(),
+        ..ActionResult::default()
+    })
 }
 
 impl Inner {
@@ -247,43 +287,50 @@ impl Inner {
         self.minutes.back_mut().expect("a minute was just ensured")
     }
 
-    fn forget(&mut self, id: &str) {
-        let Some(gone) = self.invocations.remove(id) else {
+    fn forget(&mut self, key: &Key) {
+        let Some(gone) = self.invocations.remove(key) else {
             return;
         };
         for action in &gone.actions {
             if let Some(places) = self.by_action.get_mut(&action.digest) {
-                places.retain(|(invocation, _)| invocation != id);
+                places.remove(key);
                 if places.is_empty() {
                     self.by_action.remove(&action.digest);
                 }
             }
         }
+        // Executions of forgotten invocations are skipped when read; the lists of
+        // mnemonics nobody uses any more go once there are too many.
+        if self.executions.len() > MNEMONICS_KEPT {
+            let invocations = &self.invocations;
+            self.executions
+                .retain(|_, places| places.iter().any(|(k, _)| invocations.contains_key(k)));
+        }
     }
 
     /// Drops invocations past the bounds: too old, then the least recently heard of.
-    fn trim(&mut self, config: &HistoryConfig, now: SystemTime, keep: &str) {
+    fn trim(&mut self, config: &HistoryConfig, now: SystemTime, keep: &Key) {
         let too_old = |i: &Invocation| {
             i.last_seen
                 .and_then(|seen| now.duration_since(seen).ok())
                 .is_some_and(|age| age > config.max_age.get())
         };
-        let old: Vec<String> = self
+        let old: Vec<Key> = self
             .invocations
-            .values()
-            .filter(|i| i.id != keep && too_old(i))
-            .map(|i| i.id.clone())
+            .iter()
+            .filter(|(k, i)| *k != keep && too_old(i))
+            .map(|(k, _)| k.clone())
             .collect();
-        for id in old {
-            self.forget(&id);
+        for key in old {
+            self.forget(&key);
         }
         while self.invocations.len() > config.max_invocations.max(1) {
             let Some(oldest) = self
                 .invocations
-                .values()
-                .filter(|i| i.id != keep)
-                .min_by_key(|i| i.last_seen)
-                .map(|i| i.id.clone())
+                .iter()
+                .filter(|(k, _)| *k != keep)
+                .min_by_key(|(_, i)| i.last_seen)
+                .map(|(k, _)| k.clone())
             else {
                 break;
             };
@@ -291,34 +338,45 @@ impl Inner {
         }
     }
 
-    fn invocation(&mut self, config: &HistoryConfig, id: &str, now: SystemTime) -> &mut Invocation {
-        if !self.invocations.contains_key(id) {
+    fn invocation(
+        &mut self,
+        config: &HistoryConfig,
+        key: &Key,
+        now: SystemTime,
+    ) -> &mut Invocation {
+        if !self.invocations.contains_key(key) {
             self.invocations.insert(
-                id.to_owned(),
+                key.clone(),
                 Invocation {
-                    id: id.to_owned(),
+                    id: key.1.clone(),
+                    identity: key.0.clone(),
                     first_seen: Some(now),
                     ..Invocation::default()
                 },
             );
-            self.trim(config, now, id);
+            self.trim(config, now, key);
         }
         let invocation = self
             .invocations
-            .get_mut(id)
+            .get_mut(key)
             .expect("the invocation was just ensured");
         invocation.last_seen = Some(now);
         invocation
     }
+
+    fn record(&self, (key, index): &(Key, usize)) -> Option<&ActionRecord> {
+        self.invocations.get(key)?.actions.get(*index)
+    }
 }
 
 /// The invocation an asker's actions belong to: its tool's invocation id, or one per
-/// identity and instance for clients that send none.
-fn invocation_id(asker: &Asker) -> String {
-    match asker.metadata.tool_invocation_id.trim() {
-        "" => format!("unnamed:{}:{}", asker.identity, asker.instance),
-        id => id.to_owned(),
-    }
+/// instance for clients that send none.
+fn invocation_key(asker: &Asker) -> Key {
+    let id = match asker.metadata.tool_invocation_id.trim() {
+        "" => format!("unnamed:{}", clip(&asker.instance, MAX_NAME)),
+        id => clip(id, MAX_NAME),
+    };
+    (asker.identity.clone(), id)
 }
 
 impl History {
@@ -338,17 +396,17 @@ impl History {
         result: Option<Arc<ActionResult>>,
     ) {
         let now = SystemTime::now();
-        let mut id = invocation_id(asker);
+        let key = invocation_key(asker);
+        let result = result.map(kept);
+        let outcome = match outcome {
+            Outcome::Failed { code, message } => Outcome::Failed {
+                code,
+                message: clip(&message, MAX_TEXT),
+            },
+            other => other,
+        };
+        let mnemonic = clip(&asker.metadata.action_mnemonic, MAX_NAME);
         let mut inner = self.inner.lock();
-        // Another identity's actions under the same invocation id are kept apart,
-        // so that nobody can add to someone else's build.
-        if inner
-            .invocations
-            .get(&id)
-            .is_some_and(|i| !i.identity.is_empty() && i.identity != asker.identity)
-        {
-            id = format!("{id}@{}", asker.identity);
-        }
         inner.seq += 1;
         let seq = inner.seq;
         let minute = inner.minute(now);
@@ -358,18 +416,14 @@ impl History {
             _ => minute.executed += 1,
         }
         let max_actions = self.config.max_actions_per_invocation;
-        let invocation = inner.invocation(&self.config, &id, now);
-        if invocation.identity.is_empty() {
-            invocation.identity = asker.identity.clone();
-        }
+        let invocation = inner.invocation(&self.config, &key, now);
         if invocation.instance.is_empty() {
             invocation.instance = asker.instance.clone();
         }
         if invocation.tool.is_empty() {
             if let Some(tool) = &asker.metadata.tool_details {
-                invocation.tool = format!("{} {}", tool.tool_name, tool.tool_version)
-                    .trim()
-                    .to_owned();
+                let tool = format!("{} {}", tool.tool_name, tool.tool_version);
+                invocation.tool = clip(tool.trim(), MAX_NAME);
             }
         }
         match &outcome {
@@ -387,50 +441,46 @@ impl History {
             digest,
             instance: asker.instance.clone(),
             identity: asker.identity.clone(),
-            invocation: id.clone(),
-            mnemonic: asker.metadata.action_mnemonic.clone(),
-            target: asker.metadata.target_id.clone(),
+            invocation: key.1.clone(),
+            mnemonic: mnemonic.clone(),
+            target: clip(&asker.metadata.target_id, MAX_TEXT),
             outcome: outcome.clone(),
             at: now,
             result,
         });
         if let Outcome::Executed { .. } = outcome {
-            let key = (
-                asker.instance.clone(),
-                asker.metadata.action_mnemonic.clone(),
-            );
-            let executions = inner.executions.entry(key).or_default();
-            executions.push_back((id.clone(), index));
+            let executions = inner
+                .executions
+                .entry((asker.instance.clone(), mnemonic))
+                .or_default();
+            executions.push_back((key.clone(), index));
             if executions.len() > EXECUTIONS_KEPT_PER_MNEMONIC {
                 executions.pop_front();
             }
         }
-        inner.by_action.entry(digest).or_default().push((id, index));
+        inner
+            .by_action
+            .entry(digest)
+            .or_default()
+            .entry(key)
+            .or_default()
+            .push(index);
     }
 
-    /// Applies what a build event says to `invocation`'s report, on behalf of
-    /// `identity` (who sent the events). False, and nothing changed, if the
-    /// invocation belongs to another identity.
+    /// Applies what a build event says to `identity`'s invocation `invocation`.
+    /// Reports are bounded: past `max_targets_per_invocation` targets and tests,
+    /// later ones are counted, not kept.
     pub fn build_event(
         &self,
         invocation: &str,
         identity: &str,
         change: impl FnOnce(&mut BuildReport),
-    ) -> bool {
+    ) {
         let now = SystemTime::now();
+        let key = (identity.to_owned(), clip(invocation, MAX_NAME));
         let mut inner = self.inner.lock();
-        if inner
-            .invocations
-            .get(invocation)
-            .is_some_and(|i| !i.identity.is_empty() && i.identity != identity)
-        {
-            return false;
-        }
         let max_targets = self.config.max_targets_per_invocation;
-        let entry = inner.invocation(&self.config, invocation, now);
-        if entry.identity.is_empty() {
-            entry.identity = identity.to_owned();
-        }
+        let entry = inner.invocation(&self.config, &key, now);
         let report = entry.build.get_or_insert_with(BuildReport::default);
         change(report);
         while report.targets.len() + report.tests.len() > max_targets {
@@ -449,13 +499,12 @@ impl History {
         }
         // Bazel's build events name its version; its RequestMetadata may not.
         if !report.tool_version.is_empty() && !entry.tool.contains(&report.tool_version) {
-            entry.tool = format!("bazel {}", report.tool_version);
+            entry.tool = format!("bazel {}", clip(&report.tool_version, MAX_NAME));
         }
-        true
     }
 
-    /// The invocations, most recently started first, `offset` and `limit` for pages;
-    /// and how many there are in all.
+    /// The invocations `visible` lets through (given identity and instance), most
+    /// recently started first, `offset` and `limit` for pages; and how many there are.
     pub fn invocations(
         &self,
         visible: impl Fn(&str, &str) -> bool,
@@ -468,7 +517,12 @@ impl History {
             .values()
             .filter(|i| visible(&i.identity, &i.instance))
             .collect();
-        all.sort_by(|a, b| b.first_seen.cmp(&a.first_seen).then(a.id.cmp(&b.id)));
+        all.sort_by(|a, b| {
+            b.first_seen
+                .cmp(&a.first_seen)
+                .then(a.id.cmp(&b.id))
+                .then(a.identity.cmp(&b.identity))
+        });
         let total = all.len();
         let page = all
             .into_iter()
@@ -490,38 +544,55 @@ impl History {
         (page, total)
     }
 
-    /// A copy of one invocation.
-    pub fn invocation(&self, id: &str) -> Option<Invocation> {
-        self.inner.lock().invocations.get(id).cloned()
-    }
-
-    /// Applies `read` to one invocation without copying it (for large ones).
-    pub fn with_invocation<T>(&self, id: &str, read: impl FnOnce(&Invocation) -> T) -> Option<T> {
-        self.inner.lock().invocations.get(id).map(read)
-    }
-
-    /// Every kept record of an action digest, most recent last.
-    pub fn action_records(&self, digest: &Digest) -> Vec<ActionRecord> {
+    /// Applies `read` to the invocation with this id that `visible` lets through
+    /// (given identity and instance): `preferred`'s own if it has one.
+    pub fn with_invocation<T>(
+        &self,
+        id: &str,
+        preferred: &str,
+        visible: impl Fn(&str, &str) -> bool,
+        read: impl FnOnce(&Invocation) -> T,
+    ) -> Option<T> {
         let inner = self.inner.lock();
-        let mut records: Vec<ActionRecord> = inner
+        let own = inner
+            .invocations
+            .get(&(preferred.to_owned(), id.to_owned()));
+        let found = own.or_else(|| {
+            inner
+                .invocations
+                .values()
+                .filter(|i| i.id == id && visible(&i.identity, &i.instance))
+                .min_by(|a, b| a.identity.cmp(&b.identity))
+        })?;
+        visible(&found.identity, &found.instance).then(|| read(found))
+    }
+
+    /// The most recent records (at most `limit`) of an action digest, oldest first.
+    pub fn action_records(&self, digest: &Digest, limit: usize) -> Vec<ActionRecord> {
+        let inner = self.inner.lock();
+        let mut records: Vec<&ActionRecord> = inner
             .by_action
             .get(digest)
             .into_iter()
-            .flatten()
-            .filter_map(|(id, index)| inner.invocations.get(id)?.actions.get(*index).cloned())
+            .flat_map(|places| places.iter())
+            .flat_map(|(key, indexes)| indexes.iter().map(move |i| (key.clone(), *i)))
+            .filter_map(|place| inner.record(&place))
             .collect();
-        records.sort_by_key(|r| r.seq);
+        records.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let mut records: Vec<ActionRecord> = records.into_iter().take(limit).cloned().collect();
+        records.reverse();
         records
     }
 
     /// Executed actions recorded before `before`, most recent first, with
-    /// `mnemonic` on `instance` (the candidates for "the same action, earlier"),
-    /// at most `limit`.
+    /// `mnemonic` on `instance` and that `visible` lets through (given identity and
+    /// instance): the candidates for "the same action, earlier"; at most `limit`.
     pub fn earlier_executions(
         &self,
         instance: &str,
         mnemonic: &str,
         before: u64,
+        visible: impl Fn(&str, &str) -> bool,
         limit: usize,
     ) -> Vec<ActionRecord> {
         let inner = self.inner.lock();
@@ -534,12 +605,13 @@ impl History {
         executions
             .iter()
             .rev()
-            .filter_map(|(id, index)| inner.invocations.get(id)?.actions.get(*index))
+            .filter_map(|place| inner.record(place))
             .filter(|a| {
                 a.seq < before
                     && a.instance == instance
                     && a.mnemonic == mnemonic
                     && matches!(a.outcome, Outcome::Executed { .. })
+                    && visible(&a.identity, &a.instance)
             })
             .take(limit)
             .cloned()
@@ -626,6 +698,10 @@ mod tests {
         Digest::of(&[n])
     }
 
+    fn get(history: &History, id: &str) -> Option<Invocation> {
+        history.with_invocation(id, "alice", |_, _| true, Invocation::clone)
+    }
+
     #[test]
     fn invocations_are_bounded_by_count_and_forget_their_actions() {
         let history = History::new(HistoryConfig {
@@ -638,9 +714,9 @@ mod tests {
         let (list, total) = history.invocations(|_, _| true, 0, 10);
         assert_eq!(total, 2);
         assert_eq!(list[0].id, "c");
-        assert!(history.invocation("a").is_none());
-        assert!(history.action_records(&digest(0)).is_empty());
-        assert_eq!(history.action_records(&digest(2)).len(), 1);
+        assert!(get(&history, "a").is_none());
+        assert!(history.action_records(&digest(0), 10).is_empty());
+        assert_eq!(history.action_records(&digest(2), 10).len(), 1);
     }
 
     #[test]
@@ -652,8 +728,8 @@ mod tests {
         history.action(&asker("old"), digest(1), Outcome::Cached, None);
         std::thread::sleep(Duration::from_millis(20));
         history.action(&asker("new"), digest(2), Outcome::Cached, None);
-        assert!(history.invocation("old").is_none());
-        assert!(history.invocation("new").is_some());
+        assert!(get(&history, "old").is_none());
+        assert!(get(&history, "new").is_some());
     }
 
     #[test]
@@ -673,7 +749,7 @@ mod tests {
             };
             history.action(&asker("i"), digest(n), outcome, None);
         }
-        let i = history.invocation("i").unwrap();
+        let i = get(&history, "i").unwrap();
         assert_eq!((i.executed, i.failed, i.dropped), (4, 1, 3));
         assert_eq!(i.actions.len(), 2);
         let minutes = history.minutes(1);
@@ -696,8 +772,8 @@ mod tests {
             Outcome::Executed { exit_code: 0 },
             None,
         );
-        let later = history.action_records(&digest(3))[0].seq;
-        let earlier = history.earlier_executions("main", "CppCompile", later, 10);
+        let later = history.action_records(&digest(3), 10)[0].seq;
+        let earlier = history.earlier_executions("main", "CppCompile", later, |_, _| true, 10);
         assert_eq!(earlier.len(), 1);
         assert_eq!(earlier[0].digest, digest(1));
     }
@@ -708,17 +784,21 @@ mod tests {
             max_targets_per_invocation: 3,
             ..HistoryConfig::default()
         });
-        assert!(history.build_event("b", "alice", |report| {
+        history.build_event("b", "alice", |report| {
             for n in 0..5 {
                 report
                     .targets
                     .insert(format!("//:t{n}"), TargetState::default());
             }
-        }));
-        assert!(!history.build_event("b", "mallory", |report| {
+        });
+        // Another identity's events under the same id make an invocation of its own.
+        history.build_event("b", "mallory", |report| {
             report.exit = Some("SUCCESS".into())
-        }));
-        let report = history.invocation("b").unwrap().build.unwrap();
+        });
+        let mallorys = history.with_invocation("b", "mallory", |_, _| true, Invocation::clone);
+        assert_eq!(mallorys.unwrap().identity, "mallory");
+        let report = get(&history, "b").unwrap().build.unwrap();
+        assert_eq!(report.exit, None);
         assert_eq!(report.targets.len(), 3);
         assert_eq!(report.dropped, 2);
     }

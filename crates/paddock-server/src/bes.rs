@@ -3,9 +3,11 @@
 //! tests and the build's outcome goes into the farm's history under the invocation's
 //! id, the same id Bazel sends with its remote calls.
 //!
-//! Publishing needs `execute` on some instance. An invocation belongs to the
-//! identity that first sent anything for it; events for another identity's
-//! invocation are refused, so nobody can rewrite someone else's build.
+//! Publishing needs `execute` on some instance. The history keeps each identity's
+//! invocations apart, so events under someone else's invocation id make an
+//! invocation of the sender's own and never change another's build. What one
+//! invocation's events may hold is bounded (patterns, label and URI lengths, logs per
+//! test, and the history's count of targets and tests).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
 use paddock_config::Permission;
-use paddock_history::{BuildReport, History};
+use paddock_history::{clip, BuildReport, History, MAX_NAME, MAX_TEXT};
 use paddock_proto::build_event_stream::{
     self as bep, build_event::Payload, build_event_id::Id, BUILD_EVENT,
 };
@@ -30,6 +32,10 @@ use crate::invalid;
 
 /// The longest invocation id accepted (Bazel's are UUIDs).
 const MAX_INVOCATION_ID: usize = 256;
+/// Target patterns kept per invocation.
+const MAX_PATTERNS: usize = 100;
+/// Logs kept per test.
+const MAX_LOGS: usize = 10;
 
 pub struct BuildEventService {
     history: Arc<History>,
@@ -64,25 +70,31 @@ fn invocation_id(event: &OrderedBuildEvent) -> Result<String, Status> {
     Ok(id.to_owned())
 }
 
+/// The longest time span a build event may give (more is taken as nonsense).
+const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A span from seconds and nanoseconds (or milliseconds), if it is sensible.
+fn span(seconds: i64, nanos: i32, millis: i64) -> Option<Duration> {
+    let span = if seconds > 0 || nanos > 0 {
+        let nanos = u64::try_from(nanos).ok()?.min(999_999_999);
+        Duration::from_secs(u64::try_from(seconds).ok()?)
+            .checked_add(Duration::from_nanos(nanos))?
+    } else if millis > 0 {
+        Duration::from_millis(millis as u64)
+    } else {
+        return None;
+    };
+    (span <= MAX_SPAN).then_some(span)
+}
+
 fn time(timestamp: Option<&prost_types::Timestamp>, millis: i64) -> Option<SystemTime> {
-    match timestamp {
-        Some(t) if t.seconds > 0 => {
-            Some(SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32))
-        }
-        _ if millis > 0 => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(millis as u64)),
-        _ => None,
-    }
+    let (seconds, nanos) = timestamp.map_or((0, 0), |t| (t.seconds, t.nanos));
+    SystemTime::UNIX_EPOCH.checked_add(span(seconds, nanos, millis)?)
 }
 
 fn duration(d: Option<&prost_types::Duration>, millis: i64) -> Option<Duration> {
-    match d {
-        Some(d) if d.seconds > 0 || d.nanos > 0 => Some(Duration::new(
-            d.seconds.max(0) as u64,
-            d.nanos.max(0) as u32,
-        )),
-        _ if millis > 0 => Some(Duration::from_millis(millis as u64)),
-        _ => None,
-    }
+    let (seconds, nanos) = d.map_or((0, 0), |d| (d.seconds, d.nanos));
+    span(seconds, nanos, millis)
 }
 
 fn status_word(status: i32) -> String {
@@ -96,20 +108,28 @@ fn apply(event: bep::BuildEvent, report: &mut BuildReport) {
     let id = event.id.and_then(|id| id.id);
     match (id, event.payload) {
         (_, Some(Payload::Started(started))) => {
-            report.command = started.command;
-            report.tool_version = started.build_tool_version;
+            report.command = clip(&started.command, MAX_NAME);
+            report.tool_version = clip(&started.build_tool_version, MAX_NAME);
             report.started = time(started.start_time.as_ref(), started.start_time_millis);
         }
-        (Some(Id::Pattern(pattern)), _) => report.patterns.extend(pattern.pattern),
+        (Some(Id::Pattern(pattern)), _) => {
+            let room = MAX_PATTERNS.saturating_sub(report.patterns.len());
+            let patterns = pattern.pattern.iter().take(room);
+            report.patterns.extend(patterns.map(|p| clip(p, MAX_TEXT)));
+        }
         (Some(Id::TargetConfigured(id)), Some(Payload::Configured(configured))) => {
-            report.targets.entry(id.label).or_default().kind = configured.target_kind;
+            report
+                .targets
+                .entry(clip(&id.label, MAX_TEXT))
+                .or_default()
+                .kind = clip(&configured.target_kind, MAX_NAME);
         }
         (Some(Id::TargetCompleted(id)), Some(Payload::Completed(completed))) => {
-            let target = report.targets.entry(id.label).or_default();
+            let target = report.targets.entry(clip(&id.label, MAX_TEXT)).or_default();
             target.success = Some(completed.success);
         }
         (Some(Id::TestResult(id)), Some(Payload::TestResult(result))) => {
-            let test = report.tests.entry(id.label).or_default();
+            let test = report.tests.entry(clip(&id.label, MAX_TEXT)).or_default();
             test.status = status_word(result.status);
             test.attempts = test.attempts.max(id.attempt.max(1) as u32);
             test.cached = result.cached_locally;
@@ -121,13 +141,16 @@ fn apply(event: bep::BuildEvent, report: &mut BuildReport) {
                 .test_action_output
                 .into_iter()
                 .filter_map(|file| match file.file {
-                    Some(bep::file::File::Uri(uri)) => Some((file.name, uri)),
+                    Some(bep::file::File::Uri(uri)) => {
+                        Some((clip(&file.name, MAX_NAME), clip(&uri, MAX_TEXT)))
+                    }
                     _ => None,
                 })
+                .take(MAX_LOGS)
                 .collect();
         }
         (Some(Id::TestSummary(id)), Some(Payload::TestSummary(summary))) => {
-            let test = report.tests.entry(id.label).or_default();
+            let test = report.tests.entry(clip(&id.label, MAX_TEXT)).or_default();
             test.status = status_word(summary.overall_status);
             test.attempts = test.attempts.max(summary.attempt_count.max(0) as u32);
             if let Some(total) = duration(
@@ -140,7 +163,7 @@ fn apply(event: bep::BuildEvent, report: &mut BuildReport) {
         (_, Some(Payload::Finished(finished))) => {
             report.finished = time(finished.finish_time.as_ref(), finished.finish_time_millis);
             report.exit = Some(match finished.exit_code {
-                Some(exit) if !exit.name.is_empty() => exit.name,
+                Some(exit) if !exit.name.is_empty() => clip(&exit.name, MAX_NAME),
                 _ if finished.overall_success => "SUCCESS".to_owned(),
                 _ => "FAILED".to_owned(),
             });
@@ -167,15 +190,9 @@ impl BuildEventService {
             ),
             _ => None,
         };
-        let taken = self.history.build_event(&invocation, identity, |report| {
-            if let Some(event) = bazel_event {
-                apply(event, report);
-            }
-        });
-        if !taken {
-            return Err(Status::permission_denied(format!(
-                "invocation {invocation:?} belongs to another identity"
-            )));
+        if let Some(event) = bazel_event {
+            self.history
+                .build_event(&invocation, identity, |report| apply(event, report));
         }
         Ok(PublishBuildToolEventStreamResponse {
             stream_id: ordered.stream_id,
@@ -213,7 +230,7 @@ impl PublishBuildEvent for BuildEventService {
                 };
                 event.and_then(|event| service.take(&identity, event))
             })
-            // The first refusal ends the stream: Bazel retries or reports it.
+            // The first bad event ends the stream: Bazel retries or reports it.
             .scan(false, |failed, ack| {
                 if *failed {
                     return futures::future::ready(None);
@@ -236,6 +253,18 @@ mod tests {
             payload: Some(payload),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn nonsense_times_are_dropped_not_panicked_on() {
+        let huge = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 2_000_000_000,
+        };
+        assert_eq!(time(Some(&huge), 0), None);
+        assert_eq!(time(None, i64::MAX), None);
+        assert_eq!(duration(None, -5), None);
+        assert_eq!(duration(None, 1500), Some(Duration::from_millis(1500)));
     }
 
     #[test]

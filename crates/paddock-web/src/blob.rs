@@ -14,7 +14,9 @@ use prost::Message;
 pub const MAX_SHOWN: u64 = 4 << 20;
 /// The largest blob offered as a download through the pages (bigger ones are for
 /// `paddock cas get`).
-pub const MAX_DOWNLOAD: u64 = 256 << 20;
+pub const MAX_DOWNLOAD: u64 = 64 << 20;
+/// The most differences between two input trees listed.
+pub const MAX_CHANGES: usize = 1000;
 /// The most directories a comparison of two input trees reads.
 const MAX_DIRECTORIES_COMPARED: usize = 20_000;
 
@@ -71,7 +73,17 @@ pub async fn message<M: Message + Default>(
     digest: &Digest,
     kind: &'static str,
 ) -> Result<M, BlobError> {
-    let bytes = bytes(cas, digest, MAX_SHOWN).await?;
+    message_within(cas, digest, kind, MAX_SHOWN).await
+}
+
+/// A blob of at most `limit` bytes decoded as `M`.
+pub async fn message_within<M: Message + Default>(
+    cas: &dyn BlobStore,
+    digest: &Digest,
+    kind: &'static str,
+    limit: u64,
+) -> Result<M, BlobError> {
+    let bytes = bytes(cas, digest, limit).await?;
     M::decode(bytes).map_err(|_| BlobError::Undecodable {
         digest: *digest,
         kind,
@@ -234,6 +246,9 @@ async fn all_paths(
 ) -> Result<(), BlobError> {
     let mut pending = vec![(root, prefix)];
     while let Some((digest, prefix)) = pending.pop() {
+        if out.len() >= MAX_CHANGES {
+            return Ok(());
+        }
         *budget = budget.checked_sub(1).ok_or_else(too_big)?;
         let directory: Directory = message(cas, &digest, "Directory").await?;
         for (name, entry) in entries(&directory) {
@@ -264,6 +279,9 @@ pub async fn diff_trees(
     while let Some((old, new, prefix)) = pending.pop() {
         if old == new {
             continue;
+        }
+        if changes.len() >= MAX_CHANGES {
+            break;
         }
         budget = budget.checked_sub(2).ok_or_else(too_big)?;
         let before = entries(&message::<Directory>(cas, &old, "Directory").await?);
@@ -307,6 +325,7 @@ pub async fn diff_trees(
         }
     }
     changes.sort_by(|a, b| a.path().cmp(b.path()));
+    changes.truncate(MAX_CHANGES);
     Ok(changes)
 }
 

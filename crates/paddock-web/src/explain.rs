@@ -13,7 +13,9 @@ use paddock_reapi::Digest;
 use crate::blob::{self, BlobError, InputChange};
 
 /// Earlier executions looked at, at most.
-const CANDIDATES: usize = 200;
+const CANDIDATES: usize = 20;
+/// The largest Action or Command of a candidate read.
+const MAX_CANDIDATE_BLOB: u64 = 256 << 10;
 
 /// An action and its command, as read from the CAS.
 pub struct Loaded {
@@ -23,13 +25,21 @@ pub struct Loaded {
 }
 
 pub async fn load(cas: &dyn BlobStore, digest: &Digest) -> Result<Loaded, BlobError> {
-    let action: Action = blob::message(cas, digest, "Action").await?;
+    load_within(cas, digest, blob::MAX_SHOWN).await
+}
+
+async fn load_within(
+    cas: &dyn BlobStore,
+    digest: &Digest,
+    limit: u64,
+) -> Result<Loaded, BlobError> {
+    let action: Action = blob::message_within(cas, digest, "Action", limit).await?;
     let command_digest =
         Digest::from_proto(action.command_digest.as_ref()).map_err(|_| BlobError::Undecodable {
             digest: *digest,
             kind: "Action with a command",
         })?;
-    let command: Command = blob::message(cas, &command_digest, "Command").await?;
+    let command: Command = blob::message_within(cas, &command_digest, "Command", limit).await?;
     let input_root = Digest::from_proto(action.input_root_digest.as_ref()).ok();
     Ok(Loaded {
         action,
@@ -160,22 +170,29 @@ fn compare(
     (arguments, environment, platform, other)
 }
 
-/// The nearest earlier execution of the same action as `record`, and what differs;
-/// `None` when the history holds none.
+/// The nearest earlier execution of the same action as `record` that `visible`
+/// lets the caller see (given identity and instance), and what differs; `None` when
+/// the history holds none.
 pub async fn explain(
     history: &History,
     cas: &dyn BlobStore,
     record: &ActionRecord,
     this: &Loaded,
+    visible: &(dyn Fn(&str, &str) -> bool + Sync),
 ) -> Option<Explanation> {
     let wanted = outputs(&this.command);
-    let candidates =
-        history.earlier_executions(&record.instance, &record.mnemonic, record.seq, CANDIDATES);
+    let candidates = history.earlier_executions(
+        &record.instance,
+        &record.mnemonic,
+        record.seq,
+        visible,
+        CANDIDATES,
+    );
     for candidate in candidates {
         if candidate.digest == record.digest {
             continue;
         }
-        let Ok(earlier) = load(cas, &candidate.digest).await else {
+        let Ok(earlier) = load_within(cas, &candidate.digest, MAX_CANDIDATE_BLOB).await else {
             continue;
         };
         if outputs(&earlier.command) != wanted {

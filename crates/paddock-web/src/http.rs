@@ -24,10 +24,34 @@ use tokio::net::TcpListener;
 use crate::pages::{self, Page, PageError};
 use crate::Web;
 
-/// The cookie a signed-in browser's token is kept in.
+/// The cookie a signed-in browser's token is kept in (over TLS, with the `__Host-`
+/// prefix, so that no other port or subdomain can set it).
 const TOKEN_COOKIE: &str = "paddock_token";
 /// The cookie the forms' anti-forgery tokens are bound to.
 const FORM_COOKIE: &str = "paddock_form";
+
+/// A cookie's name as this connection uses it.
+fn cookie_name(name: &str, secure: bool) -> String {
+    if secure {
+        format!("__Host-{name}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// Whether a `Host` header names this machine's loopback interface, as a page
+/// served anonymously to loopback callers requires: a name that merely resolves
+/// there (DNS rebinding) is another site.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 /// The largest form body read.
 const MAX_FORM_BYTES: usize = 16 << 10;
 
@@ -133,7 +157,13 @@ impl Web {
         request: &Request<Incoming>,
     ) -> Result<Arc<Principal>, Refusal> {
         if self.authenticator.is_open() {
-            let loopback = connection.peer.is_some_and(|p| p.ip().is_loopback());
+            let host = request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let loopback =
+                connection.peer.is_some_and(|p| p.ip().is_loopback()) && loopback_host(host);
             if loopback || self.anonymous_anywhere {
                 return self
                     .authenticator
@@ -149,26 +179,36 @@ impl Web {
         let header_value = request
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let bearer = cookies
-            .get(TOKEN_COOKIE)
+            .and_then(|v| v.to_str().ok());
+        let cookie = cookies
+            .get(&cookie_name(TOKEN_COOKIE, connection.secure))
             .filter(|t| !t.is_empty())
-            .map(|token| format!("Bearer {token}"))
-            .or(header_value);
-        if bearer.is_none() && connection.certificate.is_none() {
+            .map(|token| format!("Bearer {token}"));
+        let certificate = connection.certificate.as_deref();
+        if cookie.is_none() && header_value.is_none() && certificate.is_none() {
             return Err(Refusal::SignIn);
         }
-        self.authenticator
-            .authenticate(bearer.as_deref(), connection.certificate.as_deref())
-            .map_err(|_| Refusal::SignIn)
+        // A stale cookie does not hide a valid header or certificate.
+        let found = [cookie.as_deref(), header_value]
+            .into_iter()
+            .flatten()
+            .find_map(|bearer| {
+                self.authenticator
+                    .authenticate(Some(bearer), certificate)
+                    .ok()
+            })
+            .or_else(|| self.authenticator.authenticate(None, certificate).ok());
+        found.ok_or(Refusal::SignIn)
     }
 
-    /// The anti-forgery token forms carry, bound to the browser's form cookie.
-    fn form_token(&self, cookie: &str) -> String {
+    /// The anti-forgery token forms carry, bound to the browser's form cookie and
+    /// to who is signed in (nobody, for the sign-in form).
+    fn form_token(&self, cookie: &str, identity: &str) -> String {
         let mut hasher = Sha256::new();
         hasher.update(self.secret);
         hasher.update(cookie.as_bytes());
+        hasher.update([0]);
+        hasher.update(identity.as_bytes());
         hex::encode(hasher.finalize())
     }
 }
@@ -271,18 +311,19 @@ async fn answer(
     let cookies = cookies(&request);
     // Every browser gets a form cookie, so that any page can carry forms.
     let mut set_cookies = Vec::new();
-    let form_cookie = match cookies.get(FORM_COOKIE).filter(|c| c.len() == 64) {
+    let form_cookie_name = cookie_name(FORM_COOKIE, connection.secure);
+    let form_cookie = match cookies.get(&form_cookie_name).filter(|c| c.len() == 64) {
         Some(c) => c.clone(),
         None => {
             let fresh = hex::encode(rand::random::<[u8; 32]>());
-            set_cookies.push(cookie(FORM_COOKIE, &fresh, connection.secure, None));
+            set_cookies.push(cookie(&form_cookie_name, &fresh, connection.secure, None));
             fresh
         }
     };
-    let form_token = web.form_token(&form_cookie);
     let method = request.method().clone();
 
     if path == "/signin" {
+        let form_token = web.form_token(&form_cookie, "");
         return Ok(sign_in(&web, &connection, request, &form_token, set_cookies).await);
     }
     let caller = match web.caller(&connection, &cookies, &request) {
@@ -300,6 +341,7 @@ async fn answer(
             ));
         }
     };
+    let form_token = web.form_token(&form_cookie, caller.name());
     if !(caller.may_somewhere(Permission::Execute)
         || caller.may_somewhere(Permission::CasRead)
         || caller.may_somewhere(Permission::Admin))
@@ -348,7 +390,8 @@ async fn answer(
                     } else {
                         match segments.as_slice() {
                             ["signout"] => {
-                                let cleared = cookie(TOKEN_COOKIE, "", connection.secure, Some(0));
+                                let name = cookie_name(TOKEN_COOKIE, connection.secure);
+                                let cleared = cookie(&name, "", connection.secure, Some(0));
                                 set_cookies.push(cleared);
                                 return Ok(redirect("/signin", &set_cookies));
                             }
@@ -432,6 +475,15 @@ fn percent_decode(segment: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether `next` is a path on this site: browsers take `//host` and `/\host` as
+/// other sites, so neither may follow the sign-in.
+fn is_local_path(next: &str) -> bool {
+    next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && !next.chars().any(char::is_control)
+}
+
 /// `GET /signin`: the form; `POST /signin`: checks the token and keeps it in the
 /// cookie.
 async fn sign_in(
@@ -443,7 +495,7 @@ async fn sign_in(
 ) -> Response<Full<Bytes>> {
     let next = query(&request)
         .get("next")
-        .filter(|n| n.starts_with('/') && !n.starts_with("//"))
+        .filter(|n| is_local_path(n))
         .cloned()
         .unwrap_or_else(|| "/".to_owned());
     if request.method() != Method::POST {
@@ -498,7 +550,8 @@ async fn sign_in(
             &set_cookies,
         );
     }
-    set_cookies.push(cookie(TOKEN_COOKIE, token, connection.secure, None));
+    let name = cookie_name(TOKEN_COOKIE, connection.secure);
+    set_cookies.push(cookie(&name, token, connection.secure, None));
     redirect(&next, &set_cookies)
 }
 
@@ -511,6 +564,37 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb"), "a/b");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn only_loopback_names_are_loopback_hosts() {
+        for host in [
+            "localhost:8981",
+            "127.0.0.1:8981",
+            "[::1]:8981",
+            "127.0.0.2",
+            "LOCALHOST",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:8981",
+            "10.0.0.1:8981",
+            "",
+            "[::2]:1",
+            "localhost.evil.example",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn sign_in_leads_only_to_this_site() {
+        assert!(is_local_path("/invocation/abc?page=2"));
+        assert!(!is_local_path("//evil.example/"));
+        assert!(!is_local_path("/\\evil.example/"));
+        assert!(!is_local_path("https://evil.example/"));
+        assert!(!is_local_path("/\tx"));
     }
 
     #[test]

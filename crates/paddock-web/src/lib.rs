@@ -26,6 +26,7 @@ use paddock_auth::Authenticator;
 use paddock_cas::BlobStore;
 use paddock_history::History;
 use paddock_scheduler::Scheduler;
+use tokio::sync::Semaphore;
 
 pub use http::serve;
 pub use watch::watch;
@@ -42,6 +43,10 @@ pub struct Web {
     grpc_url: String,
     /// Binds the forms' anti-forgery tokens to this process.
     secret: [u8; 32],
+    /// Cache-miss explanations computed at once (each reads the CAS).
+    explaining: Semaphore,
+    /// Blob downloads served at once (each held in memory whole).
+    downloading: Semaphore,
 }
 
 impl Web {
@@ -61,6 +66,8 @@ impl Web {
             anonymous_anywhere,
             grpc_url,
             secret: rand::random(),
+            explaining: Semaphore::new(2),
+            downloading: Semaphore::new(4),
         }
     }
 

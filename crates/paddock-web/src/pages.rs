@@ -29,6 +29,8 @@ use crate::Web;
 
 /// Rows per page of a long list.
 const PER_PAGE: usize = 100;
+/// Records of one action digest an action page considers.
+const RECORDS_SHOWN: usize = 50;
 /// Minutes the overview's charts cover.
 const CHART_MINUTES: usize = 180;
 /// Bars an invocation's timeline draws at most (the longest actions).
@@ -601,16 +603,26 @@ struct InvocationView {
     total: usize,
 }
 
-fn view_invocation(invocation: &Invocation, page: usize) -> InvocationView {
-    let actions = &invocation.actions;
+fn view_invocation(
+    invocation: &Invocation,
+    page: usize,
+    visible: &dyn Fn(&str, &str) -> bool,
+) -> InvocationView {
+    // An admin of one instance sees only that instance's actions of an invocation.
+    let actions: Vec<&ActionRecord> = invocation
+        .actions
+        .iter()
+        .filter(|a| visible(&a.identity, &a.instance))
+        .collect();
     let page_records: Vec<ActionRecord> = actions
         .iter()
         .skip(page * PER_PAGE)
         .take(PER_PAGE)
-        .cloned()
+        .map(|a| (*a).clone())
         .collect();
     let mut timed: Vec<(&ActionRecord, SystemTime, SystemTime)> = actions
         .iter()
+        .copied()
         .filter(|a| matches!(a.outcome, Outcome::Executed { .. }))
         .filter_map(|a| {
             let m = a.result.as_ref()?.execution_metadata.as_ref()?;
@@ -690,7 +702,7 @@ fn view_invocation(invocation: &Invocation, page: usize) -> InvocationView {
                 )
             })
             .take(50)
-            .cloned()
+            .map(|a| (*a).clone())
             .collect(),
         lanes,
         span,
@@ -767,14 +779,13 @@ impl Page<'_> {
                 "no invocation {id:?} is kept (it may be older than the history's bounds)"
             ))
         };
+        let visible = |identity: &str, instance: &str| self.may_see(identity, instance);
         let view = self
             .web
             .history
-            .with_invocation(id, |i| {
-                self.may_see(&i.identity, &i.instance)
-                    .then(|| view_invocation(i, page))
+            .with_invocation(id, self.caller.name(), visible, |i| {
+                view_invocation(i, page, &visible)
             })
-            .flatten()
             .ok_or_else(not_found)?;
         let i = &view.invocation;
         let build = i.build.as_ref();
@@ -1036,6 +1047,9 @@ fn explanation(e: &Explanation) -> Markup {
             Ok(_) => {}
             Err(why) => p { "The input trees could not be compared: " (why) }
         }
+        @if e.inputs.as_ref().is_ok_and(|i| i.len() >= blob::MAX_CHANGES) {
+            p { "Only the first " (blob::MAX_CHANGES) " differences are listed." }
+        }
         @if !(e.arguments.is_empty() && e.environment.is_empty() && e.platform.is_empty() && e.other.is_empty()) {
             h3 { "Command and action" }
             table {
@@ -1066,7 +1080,7 @@ impl Page<'_> {
         let records: Vec<ActionRecord> = self
             .web
             .history
-            .action_records(&digest)
+            .action_records(&digest, RECORDS_SHOWN)
             .into_iter()
             .filter(|r| self.may_see(&r.identity, &r.instance))
             .collect();
@@ -1120,7 +1134,11 @@ impl Page<'_> {
         };
         let explained = match &record {
             Some(r) if matches!(r.outcome, Outcome::Executed { .. }) => {
-                Some(explain::explain(&self.web.history, self.web.cas.as_ref(), r, &loaded).await)
+                // Explanations read the CAS: a few at a time, whoever asks.
+                let _turn = self.web.explaining.acquire().await;
+                let visible = |identity: &str, instance: &str| self.may_see(identity, instance);
+                let cas = self.web.cas.as_ref();
+                Some(explain::explain(&self.web.history, cas, r, &loaded, &visible).await)
             }
             _ => None,
         };
@@ -1424,6 +1442,8 @@ impl Page<'_> {
         self.need_cas(&instance)?;
         let view = query.get("view").map(String::as_str).unwrap_or("auto");
         if view == "raw" {
+            // Downloads are held in memory whole: a few at a time.
+            let _turn = self.web.downloading.acquire().await;
             let bytes = blob::bytes(self.web.cas.as_ref(), &digest, blob::MAX_DOWNLOAD).await?;
             let name: String = query
                 .get("name")
