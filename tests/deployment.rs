@@ -178,6 +178,7 @@ fn the_readme_configuration_example_is_valid() {
         "[worker.credentials]",
         "[auth.quotas]",
         "[state]",
+        "[history]",
         "[scheduler.autoscaling]",
     ] {
         assert!(example.contains(key), "the example lacks {key}");

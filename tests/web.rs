@@ -662,4 +662,58 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
     assert!(!rebound.contains("TESTS_FAILED"));
     // /metrics stays where it was.
     assert!(get_with_host(&address, &address, "/metrics").contains("paddock_"));
+
+    // What an action wrote is never rendered in the farm's origin: a blob of HTML is
+    // shown escaped, and downloaded as an attachment.
+    use paddock_reapi::proto::re::{Directory, FileNode};
+    let html = bytes::Bytes::from_static(b"<script>alert(1)</script>");
+    let html_digest = paddock_reapi::Digest::of(&html);
+    let (dir_digest, dir) = paddock_reapi::Digest::of_message(&Directory {
+        files: vec![FileNode {
+            name: "page.html".into(),
+            digest: Some(html_digest.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    remote
+        .upload(vec![(html_digest, html.clone()), (dir_digest, dir.into())])
+        .await
+        .unwrap();
+    let blob = |view: &str| {
+        format!(
+            "/blob/{}/{}?instance=&view={view}",
+            html_digest.hash_hex(),
+            html_digest.size()
+        )
+    };
+    let shown = get_with_host(&address, &address, &blob("text"));
+    assert!(shown.starts_with("HTTP/1.1 200"), "{shown}");
+    assert!(
+        !shown.contains("<script>alert") && shown.contains("&lt;script&gt;"),
+        "{shown}"
+    );
+    let raw = get_with_host(&address, &address, &blob("raw")).to_ascii_lowercase();
+    assert!(
+        raw.contains("content-type: application/octet-stream"),
+        "{raw}"
+    );
+    assert!(raw.contains("content-disposition: attachment"), "{raw}");
+    // A directory downloads as a tar archive holding the file.
+    let archive = get_with_host(
+        &address,
+        &address,
+        &format!(
+            "/tree/{}/{}/archive?instance=",
+            dir_digest.hash_hex(),
+            dir_digest.size()
+        ),
+    );
+    assert!(archive
+        .to_ascii_lowercase()
+        .contains("content-disposition: attachment"));
+    assert!(
+        archive.contains("/page.html") && archive.contains("ustar"),
+        "{archive}"
+    );
 }

@@ -141,7 +141,8 @@ pub struct Invocation {
     pub failed: u64,
     /// Actions served but not kept because of the bound.
     pub dropped: u64,
-    pub actions: Vec<ActionRecord>,
+    /// Shared, so that a page copies the list without copying the records.
+    pub actions: Vec<Arc<ActionRecord>>,
     pub build: Option<BuildReport>,
 }
 
@@ -365,7 +366,11 @@ impl Inner {
     }
 
     fn record(&self, (key, index): &(Key, usize)) -> Option<&ActionRecord> {
-        self.invocations.get(key)?.actions.get(*index)
+        self.invocations
+            .get(key)?
+            .actions
+            .get(*index)
+            .map(Arc::as_ref)
     }
 }
 
@@ -436,7 +441,7 @@ impl History {
             return;
         }
         let index = invocation.actions.len();
-        invocation.actions.push(ActionRecord {
+        invocation.actions.push(Arc::new(ActionRecord {
             seq,
             digest,
             instance: asker.instance.clone(),
@@ -447,7 +452,7 @@ impl History {
             outcome: outcome.clone(),
             at: now,
             result,
-        });
+        }));
         if let Outcome::Executed { .. } = outcome {
             let executions = inner
                 .executions

@@ -329,6 +329,112 @@ pub async fn diff_trees(
     Ok(changes)
 }
 
+/// The most entries a tree archive holds.
+const MAX_ARCHIVE_ENTRIES: usize = 100_000;
+
+/// One 512-byte ustar header.
+fn tar_header(path: &str, kind: u8, mode: u32, size: u64, link: &str) -> Result<[u8; 512], String> {
+    let mut header = [0u8; 512];
+    // Paths longer than the name field go into the prefix field, split at a `/`.
+    let (prefix, name) = if path.len() <= 100 {
+        ("", path)
+    } else {
+        let split = path[..path.len().min(156)]
+            .rfind('/')
+            .filter(|&at| at <= 155 && path.len() - at - 1 <= 100)
+            .ok_or_else(|| format!("{path:?} is too long for a tar archive"))?;
+        (&path[..split], &path[split + 1..])
+    };
+    if link.len() > 100 {
+        return Err(format!(
+            "the target of {path:?} is too long for a tar archive"
+        ));
+    }
+    let put = |header: &mut [u8; 512], at: usize, value: &[u8]| {
+        header[at..at + value.len()].copy_from_slice(value);
+    };
+    put(&mut header, 0, name.as_bytes());
+    put(&mut header, 100, format!("{mode:07o}\0").as_bytes());
+    put(&mut header, 108, b"0000000\0");
+    put(&mut header, 116, b"0000000\0");
+    put(&mut header, 124, format!("{size:011o}\0").as_bytes());
+    put(&mut header, 136, b"00000000000\0");
+    put(&mut header, 148, b"        ");
+    header[156] = kind;
+    put(&mut header, 157, link.as_bytes());
+    put(&mut header, 257, b"ustar\0");
+    put(&mut header, 263, b"00");
+    put(&mut header, 345, prefix.as_bytes());
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    put(&mut header, 148, format!("{sum:06o}\0 ").as_bytes());
+    Ok(header)
+}
+
+/// The tree under a Directory as a tar archive (ustar): directories, files with
+/// their executable bit, and symlinks, all under `top/`; at most `limit` bytes of
+/// file contents and 100,000 entries.
+pub async fn tree_archive(
+    cas: &dyn BlobStore,
+    root: Digest,
+    top: &str,
+    limit: u64,
+) -> Result<Bytes, BlobError> {
+    let mut out = Vec::new();
+    let mut contents: u64 = 0;
+    let mut entries = 0usize;
+    let mut pending = vec![(root, top.to_owned())];
+    let too_big = |what: String| BlobError::TooBig(what);
+    while let Some((digest, prefix)) = pending.pop() {
+        let directory: Directory = message(cas, &digest, "Directory").await?;
+        // Names must be plain and unique, so that no entry of the archive can lead
+        // through a symlink or out of `top` when it is unpacked.
+        validate::directory(&directory, &prefix)
+            .map_err(|e| too_big(format!("not archived: {e}")))?;
+        entries +=
+            1 + directory.files.len() + directory.directories.len() + directory.symlinks.len();
+        if entries > MAX_ARCHIVE_ENTRIES {
+            return Err(too_big(format!(
+                "the tree holds more than {MAX_ARCHIVE_ENTRIES} entries; use `paddock cas get`"
+            )));
+        }
+        out.extend_from_slice(
+            &tar_header(&format!("{prefix}/"), b'5', 0o755, 0, "").map_err(too_big)?,
+        );
+        for file in &directory.files {
+            let Ok(blob) = Digest::from_proto(file.digest.as_ref()) else {
+                continue;
+            };
+            contents += blob.size();
+            if contents > limit {
+                return Err(too_big(format!(
+                    "the tree's files hold more than the {limit} bytes an archive may; use `paddock cas get`"
+                )));
+            }
+            let mode = if file.is_executable { 0o755 } else { 0o644 };
+            let path = join(&prefix, &file.name);
+            out.extend_from_slice(
+                &tar_header(&path, b'0', mode, blob.size(), "").map_err(too_big)?,
+            );
+            let data = bytes(cas, &blob, limit).await?;
+            out.extend_from_slice(&data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        for link in &directory.symlinks {
+            let path = join(&prefix, &link.name);
+            out.extend_from_slice(
+                &tar_header(&path, b'2', 0o777, 0, &link.target).map_err(too_big)?,
+            );
+        }
+        for child in &directory.directories {
+            if let Ok(d) = Digest::from_proto(child.digest.as_ref()) {
+                pending.push((d, join(&prefix, &child.name)));
+            }
+        }
+    }
+    out.resize(out.len() + 1024, 0);
+    Ok(Bytes::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -412,6 +412,7 @@ async fn answer(
             ["invocation", id] => page.invocation(id, &query).map(Answer::Html),
             ["action", hash, size] => page.action(hash, size, &query).await.map(Answer::Html),
             ["tree", hash, size] => page.tree(hash, size, &query).await.map(Answer::Html),
+            ["tree", hash, size, "archive"] => page.tree_archive(hash, size, &query).await,
             ["blob", hash, size] => page.blob(hash, size, &query).await,
             ["cas"] => page.cas_form(&query),
             ["workers"] => page.workers().map(Answer::Html),

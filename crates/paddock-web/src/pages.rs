@@ -612,6 +612,7 @@ fn view_invocation(
     let actions: Vec<&ActionRecord> = invocation
         .actions
         .iter()
+        .map(Arc::as_ref)
         .filter(|a| visible(&a.identity, &a.instance))
         .collect();
     let page_records: Vec<ActionRecord> = actions
@@ -780,13 +781,14 @@ impl Page<'_> {
             ))
         };
         let visible = |identity: &str, instance: &str| self.may_see(identity, instance);
-        let view = self
+        // The invocation is copied out (its records are shared, not copied) and its
+        // view computed without holding the history, which every action served takes.
+        let invocation = self
             .web
             .history
-            .with_invocation(id, self.caller.name(), visible, |i| {
-                view_invocation(i, page, &visible)
-            })
+            .with_invocation(id, self.caller.name(), visible, Invocation::clone)
             .ok_or_else(not_found)?;
+        let view = view_invocation(&invocation, page, &visible);
         let i = &view.invocation;
         let build = i.build.as_ref();
         let base = format!("/invocation/{}", path_enc(id));
@@ -1240,7 +1242,11 @@ impl Page<'_> {
                     h2 #inputs { "Input tree" }
                     @match &root {
                         Some((digest, Ok(directory))) => {
-                            p { a href=(tree_href(digest, instance_ref, "")) { "Browse the whole input tree" } " (" code { (digest) } ")" }
+                            p {
+                                a href=(tree_href(digest, instance_ref, "")) { "Browse the whole input tree" }
+                                " (" code { (digest) } "), or "
+                                a href={ "/tree/" (digest.hash_hex()) "/" (digest.size()) "/archive?instance=" (enc(instance_ref)) } { "download it (tar)" }
+                            }
                             (directory_listing(directory, instance_ref, ""))
                         }
                         Some((_, Err(e))) => p.bad { (e.to_string()) },
@@ -1421,13 +1427,44 @@ impl Page<'_> {
         } else {
             format!("/{path}")
         };
+        let archive = format!(
+            "/tree/{}/{}/archive?instance={}",
+            digest.hash_hex(),
+            digest.size(),
+            enc(&instance)
+        );
         Ok(self.layout(
             &format!("Input tree {title}"),
             html! {
-                p { "Directory " code { (digest) } " on instance " code { (instance) } "." }
+                p {
+                    "Directory " code { (digest) } " on instance " code { (instance) } ". "
+                    a href=(archive) { "Download this tree (tar)" }
+                }
                 (directory_listing(&directory, &instance, &path))
             },
         ))
+    }
+
+    /// A directory and everything under it, as a tar archive.
+    pub async fn tree_archive(
+        &self,
+        hash: &str,
+        size: &str,
+        query: &HashMap<String, String>,
+    ) -> Result<Answer, PageError> {
+        let digest = Digest::parse_parts(hash, size)
+            .map_err(|e| PageError::BadRequest(format!("the directory digest: {e}")))?;
+        let instance = query.get("instance").cloned().unwrap_or_default();
+        self.need_cas(&instance)?;
+        // Archives are built in memory whole: a few at a time, as downloads are.
+        let _turn = self.web.downloading.acquire().await;
+        let top = format!("tree-{}", &digest.hash_hex()[..12]);
+        let bytes =
+            blob::tree_archive(self.web.cas.as_ref(), digest, &top, blob::MAX_DOWNLOAD).await?;
+        Ok(Answer::Download {
+            bytes,
+            filename: format!("{top}.tar"),
+        })
     }
 
     pub async fn blob(
