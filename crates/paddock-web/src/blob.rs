@@ -517,4 +517,58 @@ mod tests {
             Some(Kind::Directory)
         );
     }
+
+    #[tokio::test]
+    async fn a_tree_archive_is_a_tar_that_tar_reads() {
+        let cas = MemoryStore::new();
+        for contents in [&b"int main() {}\n"[..], b"#!/bin/sh\n"] {
+            let digest = Digest::of(contents);
+            cas.put(&digest, Bytes::copy_from_slice(contents))
+                .await
+                .unwrap();
+        }
+        let tools = Directory {
+            files: vec![FileNode {
+                is_executable: true,
+                ..file("run.sh", b"#!/bin/sh\n")
+            }],
+            ..Default::default()
+        };
+        let tools = put(&cas, &tools).await;
+        let root = Directory {
+            files: vec![file("main.c", b"int main() {}\n")],
+            directories: vec![DirectoryNode {
+                name: "tools".into(),
+                digest: Some(tools.to_proto()),
+            }],
+            symlinks: vec![paddock_reapi::proto::re::SymlinkNode {
+                name: "link".into(),
+                target: "main.c".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let root = put(&cas, &root).await;
+        let archive = tree_archive(&cas, root, "input", 1 << 20).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar");
+        std::fs::write(&path, &archive).unwrap();
+        let listed = std::process::Command::new("tar")
+            .arg("-tvf")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(listed.status.success(), "{listed:?}");
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        for expected in [
+            "input/main.c",
+            "input/tools/run.sh",
+            "input/link -> main.c",
+            "rwxr-xr-x",
+        ] {
+            assert!(listed.contains(expected), "{expected} in:\n{listed}");
+        }
+        let too_small = tree_archive(&cas, root, "input", 4).await;
+        assert!(matches!(too_small, Err(BlobError::TooBig(_))));
+    }
 }
