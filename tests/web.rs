@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,10 +30,13 @@ impl Driver {
     fn start() -> Driver {
         let address = free_address();
         let port = address.rsplit(':').next().unwrap().to_owned();
+        // Its own process group, so that the browsers it starts go with it even when
+        // a failing test never ends its session.
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("starting chromedriver (apt-get install chromium-driver)");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -69,7 +73,8 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill(2) with a process group id we created; no memory is involved.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
