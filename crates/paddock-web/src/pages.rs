@@ -1110,30 +1110,8 @@ impl Page<'_> {
         let result: Option<ActionResult> =
             record.as_ref().and_then(|r| r.result.as_deref().cloned());
         let metadata = result.as_ref().and_then(|r| r.execution_metadata.clone());
-        let stdout = match result
-            .as_ref()
-            .and_then(|r| proto_digest(r.stdout_digest.as_ref()))
-        {
-            Some(d) => Some((
-                d,
-                blob::bytes(self.web.cas.as_ref(), &d, TEXT_SHOWN as u64)
-                    .await
-                    .ok(),
-            )),
-            None => None,
-        };
-        let stderr = match result
-            .as_ref()
-            .and_then(|r| proto_digest(r.stderr_digest.as_ref()))
-        {
-            Some(d) => Some((
-                d,
-                blob::bytes(self.web.cas.as_ref(), &d, TEXT_SHOWN as u64)
-                    .await
-                    .ok(),
-            )),
-            None => None,
-        };
+        let stdout = self.stream(result.as_ref().map(|r| &r.stdout_digest)).await;
+        let stderr = self.stream(result.as_ref().map(|r| &r.stderr_digest)).await;
         let explained = match &record {
             Some(r) if matches!(r.outcome, Outcome::Executed { .. }) => {
                 // Explanations read the CAS: a few at a time, whoever asks.
@@ -1299,6 +1277,18 @@ impl Page<'_> {
                 }
             },
         ))
+    }
+}
+
+impl Page<'_> {
+    /// A result's stdout or stderr: its digest, and its text if short enough to show.
+    async fn stream(
+        &self,
+        digest: Option<&Option<paddock_reapi::proto::re::Digest>>,
+    ) -> Option<(Digest, Option<bytes::Bytes>)> {
+        let digest = proto_digest(digest?.as_ref())?;
+        let text = blob::bytes(self.web.cas.as_ref(), &digest, TEXT_SHOWN as u64).await;
+        Some((digest, text.ok()))
     }
 }
 
@@ -1496,7 +1486,6 @@ impl Page<'_> {
                 filename: name,
             });
         }
-        let shown = digest.size().min(blob::MAX_SHOWN);
         let bytes = match blob::bytes(self.web.cas.as_ref(), &digest, blob::MAX_SHOWN).await {
             Ok(bytes) => bytes,
             Err(BlobError::TooLarge { .. }) => bytes::Bytes::new(),
@@ -1535,7 +1524,6 @@ impl Page<'_> {
                 pre { (hex_dump(&bytes[..bytes.len().min(HEX_SHOWN)])) }
             },
         };
-        let _ = shown;
         Ok(Answer::Html(self.layout(
             &format!("Blob {}", &digest.hash_hex()[..12]),
             html! {
