@@ -132,7 +132,10 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
         "roaming",
         &["--runner", "host", "--capacity", "1"],
     );
-    let spec = echo("shared");
+    let spec = ExecSpec {
+        invocation: "inv-shared".into(),
+        ..echo("shared")
+    };
     let ran = execute(&on_a, &spec).await.unwrap();
     assert_eq!(ran.status.unwrap_or_default().code, 0);
     assert!(!ran.cached_result);
@@ -143,6 +146,25 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
         .unwrap();
     let response = execute(&on_b, &spec).await.unwrap();
     assert!(response.cached_result, "{response:?}");
+
+    // Each server's pages show the invocation as both served it: run through A,
+    // then a cache hit through B.
+    for farm in [&a, &b] {
+        let page = farm
+            .metrics_url
+            .replace("/metrics", "/invocation/inv-shared");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let shown = common::http_get(&page);
+            if shown.contains("1 executed, 1 cached") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{page}: {shown}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let rows = postgres.sql("SELECT count(*) FROM history_entries WHERE invocation = 'inv-shared'");
+    assert_eq!(rows, "2");
 
     // A quarantine ordered on A holds when the worker moves to B, and when A restarts.
     let mut admin = AdminClient::new(on_a.channel());
@@ -192,6 +214,38 @@ async fn servers_share_the_action_cache_and_the_workers_records() {
     let stored = postgres
         .sql("SELECT record->'standing'->>'standing' FROM worker_records WHERE name = 'roaming'");
     assert_eq!(stored, "quarantined");
+}
+
+/// The shared history keeps to its bounds: past `[history] max_invocations`, the
+/// least recently heard of goes from the table too (trimmed at start-up, and every
+/// ten minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_history_keeps_to_its_bounds() {
+    let postgres = Postgres::start();
+    let config = config_file(&format!(
+        "[state]\nbackend = \"postgres\"\nurl = \"{}\"\nconnect_timeout = \"5s\"\n\
+         [history]\nmax_invocations = 1\n",
+        postgres.url
+    ));
+    let mut farm = Farm::server(&free_address(), &["--config", &config]);
+    let remote = farm.remote("").await;
+    for invocation in ["inv-first", "inv-second"] {
+        let action = Digest::of(invocation.as_bytes());
+        common::cache_hit(&remote, &action, invocation).await;
+    }
+    let invocations = "SELECT string_agg(DISTINCT invocation, ',') FROM history_entries";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while postgres.sql(invocations) != "inv-first,inv-second" {
+        assert!(Instant::now() < deadline, "{}", postgres.sql(invocations));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    farm.restart();
+    assert_eq!(postgres.sql(invocations), "inv-second");
+    let listed = common::http_get(&farm.metrics_url.replace("/metrics", "/invocations"));
+    assert!(
+        listed.contains("inv-second") && !listed.contains("inv-first"),
+        "{listed}"
+    );
 }
 
 /// A worker given both servers' addresses moves to the other when its server dies,
@@ -541,7 +595,7 @@ async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_resta
 async fn a_schema_newer_than_the_binary_is_refused() {
     let postgres = Postgres::start();
     drop(server(&postgres)); // migrates
-    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "3");
+    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "4");
     postgres.sql("INSERT INTO paddock_schema (version) VALUES (99)");
     let output = common::output_within(
         std::process::Command::new(paddock_bin())
@@ -559,7 +613,7 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 3"),
+        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 4"),
         "{stderr}"
     );
 }

@@ -549,7 +549,7 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
     };
     use prost::Message;
 
-    let farm = Farm::start(&[]);
+    let mut farm = Farm::start(&[]);
     let remote = Remote::connect(&farm.url, "").await.unwrap();
     let mut bes = PublishBuildEventClient::new(remote.channel());
     let event = |invocation: &str, sequence: i64, payload: bep::BuildEvent| {
@@ -720,5 +720,24 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
     assert!(
         archive.contains("/page.html") && archive.contains("ustar"),
         "{archive}"
+    );
+
+    // The history outlives the server: an action served from the cache within the
+    // invocation, and its build report, are still shown after a restart.
+    let action = paddock_reapi::Digest::of(b"an action served within inv-web-1");
+    common::cache_hit(&remote, &action, "inv-web-1").await;
+    let page = get_with_host(&address, &address, "/invocation/inv-web-1");
+    assert!(page.contains(&action.hash_hex()[..12]), "{page}");
+    farm.restart();
+    let address = farm
+        .metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let page = get_with_host(&address, &address, "/invocation/inv-web-1");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("TESTS_FAILED") && page.contains(&action.hash_hex()[..12]),
+        "the history was lost in the restart: {page}"
     );
 }

@@ -619,3 +619,40 @@ pub fn metric(page: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Serves `action` from the ActionCache within `invocation`: caches an empty result
+/// for it, then asks for it with the RequestMetadata a tool sends, so that the
+/// history notes a cache hit.
+pub async fn cache_hit(remote: &Remote, action: &paddock_reapi::Digest, invocation: &str) {
+    use paddock_reapi::proto::re::{
+        ActionResult, GetActionResultRequest, RequestMetadata, UpdateActionResultRequest,
+    };
+    use prost::Message;
+    remote
+        .action_cache()
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(ActionResult::default()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut asked = tonic::Request::new(GetActionResultRequest {
+        action_digest: Some(action.to_proto()),
+        ..Default::default()
+    });
+    let metadata = RequestMetadata {
+        tool_invocation_id: invocation.into(),
+        action_mnemonic: "Genrule".into(),
+        ..Default::default()
+    };
+    asked.metadata_mut().insert_bin(
+        "build.bazel.remote.execution.v2.requestmetadata-bin",
+        tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
+    );
+    remote
+        .action_cache()
+        .get_action_result(asked)
+        .await
+        .unwrap();
+}

@@ -29,8 +29,8 @@ pub struct Config {
 }
 
 /// What the server remembers of recent builds for its web pages: invocations, the
-/// actions each served, and the build events Bazel sent. Kept in the server's memory;
-/// the oldest go first when a bound is reached.
+/// actions each served, and the build events Bazel sent. Kept where `[state]` says
+/// (the data directory, or the database); the oldest go first when a bound is reached.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {

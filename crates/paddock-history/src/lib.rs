@@ -10,7 +10,11 @@
 //! history lives in the server's memory; it is a view for people, never an input to
 //! a decision about caching or scheduling.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod entry;
+mod file;
+mod keeping;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +23,11 @@ use paddock_reapi::proto::re::{ActionResult, RequestMetadata};
 use paddock_reapi::Digest;
 use parking_lot::Mutex;
 use prost::Message;
+use serde::{Deserialize, Serialize};
+
+pub use entry::{ActionEntry, BuildEntry, Entry, HealthEntry, QueueDepth};
+pub use file::HistoryFile;
+pub use keeping::{keep, HistoryStore, HistoryStoreError};
 
 /// The minutes of throughput and queue depth kept: a day.
 const MINUTES_KEPT: usize = 24 * 60;
@@ -26,6 +35,8 @@ const MINUTES_KEPT: usize = 24 * 60;
 const STANDING_CHANGES_KEPT: usize = 1000;
 /// Samples of each worker's health kept (one a minute): an hour.
 const HEALTH_SAMPLES_KEPT: usize = 60;
+/// Changes waiting to be handed to the store at most; past it, the oldest go.
+const UNSAVED_KEPT: usize = 100_000;
 /// Executions remembered per instance and mnemonic as candidates for "the same
 /// action, earlier".
 const EXECUTIONS_KEPT_PER_MNEMONIC: usize = 10_000;
@@ -39,7 +50,7 @@ pub const MAX_TEXT: usize = 4096;
 const MAX_RESULT_KEPT: usize = 64 << 10;
 
 /// How an action was served.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// Run on a worker; the command exited with this code.
     Executed { exit_code: i32 },
@@ -91,7 +102,7 @@ pub struct ActionRecord {
 }
 
 /// A target Bazel reported.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetState {
     pub kind: String,
     /// `None` until Bazel says whether it built.
@@ -99,7 +110,7 @@ pub struct TargetState {
 }
 
 /// A test Bazel reported.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestState {
     /// Bazel's word: `PASSED`, `FAILED`, `FLAKY`, `TIMEOUT`, …
     pub status: String,
@@ -112,7 +123,7 @@ pub struct TestState {
 }
 
 /// What Bazel's build events told of an invocation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BuildReport {
     pub command: String,
     pub patterns: Vec<String>,
@@ -193,7 +204,7 @@ pub struct Minute {
 }
 
 /// A worker's change of standing.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StandingChange {
     pub worker: String,
     pub from: String,
@@ -203,7 +214,7 @@ pub struct StandingChange {
 }
 
 /// One sample of a worker's health window: outcomes and failures in it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthSample {
     pub outcomes: u64,
     pub failures: u64,
@@ -212,6 +223,8 @@ pub struct HealthSample {
 /// The history. Cheap to share; every method takes the lock briefly.
 pub struct History {
     config: HistoryConfig,
+    /// Whether changes are collected for a store.
+    journaled: bool,
     inner: Mutex<Inner>,
 }
 
@@ -230,6 +243,13 @@ struct Inner {
     minutes: VecDeque<Minute>,
     standing: VecDeque<StandingChange>,
     health: BTreeMap<String, VecDeque<HealthSample>>,
+    /// Changes made here and not yet taken for the store (when journaled).
+    unsaved: VecDeque<Entry>,
+    /// Invocations whose build report changed since changes were last taken: the
+    /// report is taken whole then, so a burst of events makes one entry.
+    changed_builds: HashSet<Key>,
+    /// Changes dropped because the store fell too far behind.
+    unsaved_lost: u64,
 }
 
 fn unix_minute(at: SystemTime) -> u64 {
@@ -273,19 +293,43 @@ fn kept(result: Arc<ActionResult>) -> Arc<ActionResult> {
 }
 
 impl Inner {
-    fn minute(&mut self, at: SystemTime) -> &mut Minute {
+    /// The minute of `at`, kept in order: a change that arrives late (another
+    /// server's, or one read back) lands in its own minute. `None` for a minute
+    /// older than a day before the newest.
+    fn minute(&mut self, at: SystemTime) -> Option<&mut Minute> {
         let minute = unix_minute(at);
-        if self.minutes.back().is_none_or(|m| m.minute < minute) {
+        let newest = self.minutes.back().map_or(0, |m| m.minute);
+        if minute > newest || self.minutes.is_empty() {
             self.minutes.push_back(Minute {
                 minute,
                 ..Minute::default()
             });
-            while self.minutes.len() > MINUTES_KEPT {
+            while self
+                .minutes
+                .front()
+                .is_some_and(|m| m.minute + MINUTES_KEPT as u64 <= minute)
+            {
                 self.minutes.pop_front();
             }
+            return self.minutes.back_mut();
         }
-        // A clock stepping back lands in the latest minute rather than reordering.
-        self.minutes.back_mut().expect("a minute was just ensured")
+        if minute + MINUTES_KEPT as u64 <= newest {
+            return None;
+        }
+        let index = match self.minutes.binary_search_by_key(&minute, |m| m.minute) {
+            Ok(index) => index,
+            Err(index) => {
+                self.minutes.insert(
+                    index,
+                    Minute {
+                        minute,
+                        ..Minute::default()
+                    },
+                );
+                index
+            }
+        };
+        self.minutes.get_mut(index)
     }
 
     fn forget(&mut self, key: &Key) {
@@ -339,29 +383,25 @@ impl Inner {
         }
     }
 
-    fn invocation(
-        &mut self,
-        config: &HistoryConfig,
-        key: &Key,
-        now: SystemTime,
-    ) -> &mut Invocation {
+    fn invocation(&mut self, config: &HistoryConfig, key: &Key, at: SystemTime) -> &mut Invocation {
         if !self.invocations.contains_key(key) {
             self.invocations.insert(
                 key.clone(),
                 Invocation {
                     id: key.1.clone(),
                     identity: key.0.clone(),
-                    first_seen: Some(now),
+                    first_seen: Some(at),
                     ..Invocation::default()
                 },
             );
-            self.trim(config, now, key);
+            self.trim(config, SystemTime::now(), key);
         }
         let invocation = self
             .invocations
             .get_mut(key)
             .expect("the invocation was just ensured");
-        invocation.last_seen = Some(now);
+        invocation.first_seen = invocation.first_seen.min(Some(at));
+        invocation.last_seen = invocation.last_seen.max(Some(at));
         invocation
     }
 
@@ -371,6 +411,122 @@ impl Inner {
             .actions
             .get(*index)
             .map(Arc::as_ref)
+    }
+
+    fn apply(&mut self, config: &HistoryConfig, entry: &Entry) {
+        match entry {
+            Entry::Action(e) => self.apply_action(config, e),
+            Entry::Build(e) => {
+                let key = (e.identity.clone(), e.invocation.clone());
+                let invocation = self.invocation(config, &key, e.at);
+                invocation.build = Some(e.report.clone());
+                name_tool(invocation);
+            }
+            Entry::Standing(change) => {
+                // Servers sharing the workers' records each see the same change.
+                let seen =
+                    self.standing.iter().rev().take(100).any(|c| {
+                        (&c.worker, &c.to, c.at) == (&change.worker, &change.to, change.at)
+                    });
+                if seen {
+                    return;
+                }
+                self.standing.push_back(change.clone());
+                while self.standing.len() > STANDING_CHANGES_KEPT {
+                    self.standing.pop_front();
+                }
+            }
+            Entry::QueueDepth(e) => {
+                if let Some(minute) = self.minute(e.at) {
+                    let deepest = minute.queued.entry(e.pool.clone()).or_default();
+                    *deepest = (*deepest).max(e.queued);
+                }
+            }
+            Entry::Health(e) => {
+                let samples = self.health.entry(e.worker.clone()).or_default();
+                samples.push_back(e.sample);
+                while samples.len() > HEALTH_SAMPLES_KEPT {
+                    samples.pop_front();
+                }
+            }
+        }
+    }
+
+    fn apply_action(&mut self, config: &HistoryConfig, e: &ActionEntry) {
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(minute) = self.minute(e.at) {
+            match &e.outcome {
+                Outcome::Cached => minute.cached += 1,
+                o if o.failed() => minute.failed += 1,
+                _ => minute.executed += 1,
+            }
+        }
+        let key = (e.identity.clone(), e.invocation.clone());
+        let invocation = self.invocation(config, &key, e.at);
+        if invocation.instance.is_empty() {
+            invocation.instance = e.instance.clone();
+        }
+        if invocation.tool.is_empty() {
+            invocation.tool = e.tool.clone();
+        }
+        match &e.outcome {
+            Outcome::Cached => invocation.cached += 1,
+            o if o.failed() => invocation.failed += 1,
+            _ => invocation.executed += 1,
+        }
+        if invocation.actions.len() >= config.max_actions_per_invocation {
+            invocation.dropped += 1;
+            return;
+        }
+        let index = invocation.actions.len();
+        invocation.actions.push(Arc::new(ActionRecord {
+            seq,
+            digest: e.digest,
+            instance: e.instance.clone(),
+            identity: e.identity.clone(),
+            invocation: e.invocation.clone(),
+            mnemonic: e.mnemonic.clone(),
+            target: e.target.clone(),
+            outcome: e.outcome.clone(),
+            at: e.at,
+            result: e.result.clone(),
+        }));
+        if let Outcome::Executed { .. } = e.outcome {
+            let executions = self
+                .executions
+                .entry((e.instance.clone(), e.mnemonic.clone()))
+                .or_default();
+            executions.push_back((key.clone(), index));
+            if executions.len() > EXECUTIONS_KEPT_PER_MNEMONIC {
+                executions.pop_front();
+            }
+        }
+        self.by_action
+            .entry(e.digest)
+            .or_default()
+            .entry(key)
+            .or_default()
+            .push(index);
+    }
+
+    /// Keeps a change made here for the store.
+    fn unsaved(&mut self, entry: Entry) {
+        if self.unsaved.len() >= UNSAVED_KEPT {
+            self.unsaved.pop_front();
+            self.unsaved_lost += 1;
+        }
+        self.unsaved.push_back(entry);
+    }
+}
+
+/// Bazel's build events name its version; its RequestMetadata may not.
+fn name_tool(invocation: &mut Invocation) {
+    let Some(report) = &invocation.build else {
+        return;
+    };
+    if !report.tool_version.is_empty() && !invocation.tool.contains(&report.tool_version) {
+        invocation.tool = format!("bazel {}", clip(&report.tool_version, MAX_NAME));
     }
 }
 
@@ -385,10 +541,95 @@ fn invocation_key(asker: &Asker) -> Key {
 }
 
 impl History {
+    /// A history kept in memory only.
     pub fn new(config: HistoryConfig) -> History {
         History {
             config,
+            journaled: false,
             inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// A history whose changes are collected for a store ([`keep`] hands them over).
+    pub fn journaled(config: HistoryConfig) -> History {
+        History {
+            journaled: true,
+            ..History::new(config)
+        }
+    }
+
+    /// The bounds it keeps to.
+    pub fn config(&self) -> &HistoryConfig {
+        &self.config
+    }
+
+    /// Applies changes read from a store (at start-up, or another server's), in
+    /// their order; those too old for the bounds are passed over.
+    pub fn restore(&self, entries: impl IntoIterator<Item = Entry>) {
+        let now = SystemTime::now();
+        let mut inner = self.inner.lock();
+        for entry in entries {
+            if self.keeps(&entry, now) {
+                inner.apply(&self.config, &entry);
+            }
+        }
+    }
+
+    /// The changes made here since the last call, oldest first (build reports as
+    /// they now stand), and how many were dropped because nobody took them in time.
+    pub fn take_unsaved(&self) -> (Vec<Entry>, u64) {
+        let mut inner = self.inner.lock();
+        let changed = std::mem::take(&mut inner.changed_builds);
+        let now = SystemTime::now();
+        for key in changed {
+            let Some(report) = inner.invocations.get(&key).and_then(|i| i.build.clone()) else {
+                continue;
+            };
+            inner.unsaved(Entry::Build(BuildEntry {
+                at: now,
+                identity: key.0,
+                invocation: key.1,
+                report,
+            }));
+        }
+        let lost = std::mem::take(&mut inner.unsaved_lost);
+        (inner.unsaved.drain(..).collect(), lost)
+    }
+
+    /// How long entries of each kind are kept at most, by [`Entry::kind`].
+    pub fn retention(&self) -> [(&'static str, Duration); 5] {
+        let max_age = self.config.max_age.get();
+        [
+            ("action", max_age),
+            ("build", max_age),
+            ("standing", max_age),
+            ("queue_depth", Duration::from_secs(60 * MINUTES_KEPT as u64)),
+            (
+                "health",
+                Duration::from_secs(60 * HEALTH_SAMPLES_KEPT as u64),
+            ),
+        ]
+    }
+
+    /// Whether an entry is still young enough for its kind's [`History::retention`].
+    pub fn keeps(&self, entry: &Entry, now: SystemTime) -> bool {
+        let age = now.duration_since(entry.at()).unwrap_or_default();
+        self.retention()
+            .iter()
+            .any(|(kind, kept_for)| *kind == entry.kind() && age <= *kept_for)
+    }
+
+    /// Whether `identity`'s invocation `id` is kept.
+    pub fn holds(&self, identity: &str, id: &str) -> bool {
+        let key = (identity.to_owned(), id.to_owned());
+        self.inner.lock().invocations.contains_key(&key)
+    }
+
+    fn change(&self, entry: Entry) {
+        let mut inner = self.inner.lock();
+        inner.apply(&self.config, &entry);
+        if self.journaled {
+            inner.unsaved(entry);
         }
     }
 
@@ -400,9 +641,7 @@ impl History {
         outcome: Outcome,
         result: Option<Arc<ActionResult>>,
     ) {
-        let now = SystemTime::now();
-        let key = invocation_key(asker);
-        let result = result.map(kept);
+        let (identity, invocation) = invocation_key(asker);
         let outcome = match outcome {
             Outcome::Failed { code, message } => Outcome::Failed {
                 code,
@@ -410,66 +649,25 @@ impl History {
             },
             other => other,
         };
-        let mnemonic = clip(&asker.metadata.action_mnemonic, MAX_NAME);
-        let mut inner = self.inner.lock();
-        inner.seq += 1;
-        let seq = inner.seq;
-        let minute = inner.minute(now);
-        match &outcome {
-            Outcome::Cached => minute.cached += 1,
-            o if o.failed() => minute.failed += 1,
-            _ => minute.executed += 1,
-        }
-        let max_actions = self.config.max_actions_per_invocation;
-        let invocation = inner.invocation(&self.config, &key, now);
-        if invocation.instance.is_empty() {
-            invocation.instance = asker.instance.clone();
-        }
-        if invocation.tool.is_empty() {
-            if let Some(tool) = &asker.metadata.tool_details {
-                let tool = format!("{} {}", tool.tool_name, tool.tool_version);
-                invocation.tool = clip(tool.trim(), MAX_NAME);
-            }
-        }
-        match &outcome {
-            Outcome::Cached => invocation.cached += 1,
-            o if o.failed() => invocation.failed += 1,
-            _ => invocation.executed += 1,
-        }
-        if invocation.actions.len() >= max_actions {
-            invocation.dropped += 1;
-            return;
-        }
-        let index = invocation.actions.len();
-        invocation.actions.push(Arc::new(ActionRecord {
-            seq,
-            digest,
+        let tool = match &asker.metadata.tool_details {
+            Some(tool) => clip(
+                format!("{} {}", tool.tool_name, tool.tool_version).trim(),
+                MAX_NAME,
+            ),
+            None => String::new(),
+        };
+        self.change(Entry::Action(ActionEntry {
+            at: SystemTime::now(),
+            identity,
+            invocation,
             instance: asker.instance.clone(),
-            identity: asker.identity.clone(),
-            invocation: key.1.clone(),
-            mnemonic: mnemonic.clone(),
+            tool,
+            digest,
+            mnemonic: clip(&asker.metadata.action_mnemonic, MAX_NAME),
             target: clip(&asker.metadata.target_id, MAX_TEXT),
-            outcome: outcome.clone(),
-            at: now,
-            result,
+            outcome,
+            result: result.map(kept),
         }));
-        if let Outcome::Executed { .. } = outcome {
-            let executions = inner
-                .executions
-                .entry((asker.instance.clone(), mnemonic))
-                .or_default();
-            executions.push_back((key.clone(), index));
-            if executions.len() > EXECUTIONS_KEPT_PER_MNEMONIC {
-                executions.pop_front();
-            }
-        }
-        inner
-            .by_action
-            .entry(digest)
-            .or_default()
-            .entry(key)
-            .or_default()
-            .push(index);
     }
 
     /// Applies what a build event says to `identity`'s invocation `invocation`.
@@ -502,9 +700,9 @@ impl History {
             }
             report.dropped += 1;
         }
-        // Bazel's build events name its version; its RequestMetadata may not.
-        if !report.tool_version.is_empty() && !entry.tool.contains(&report.tool_version) {
-            entry.tool = format!("bazel {}", clip(&report.tool_version, MAX_NAME));
+        name_tool(entry);
+        if self.journaled {
+            inner.changed_builds.insert(key);
         }
     }
 
@@ -624,12 +822,22 @@ impl History {
     }
 
     /// The queue depth each pool had, noted once in a while by whoever watches the
-    /// scheduler; the deepest in a minute is kept.
+    /// scheduler; the deepest in a minute is kept (and journaled when it deepens).
     pub fn queue_depth(&self, pool: &str, queued: u64) {
-        let mut inner = self.inner.lock();
-        let minute = inner.minute(SystemTime::now());
-        let deepest = minute.queued.entry(pool.to_owned()).or_default();
-        *deepest = (*deepest).max(queued);
+        let at = SystemTime::now();
+        let deeper = {
+            let mut inner = self.inner.lock();
+            inner
+                .minute(at)
+                .is_some_and(|m| m.queued.get(pool).is_none_or(|&deepest| queued > deepest))
+        };
+        if deeper {
+            self.change(Entry::QueueDepth(QueueDepth {
+                at,
+                pool: pool.to_owned(),
+                queued,
+            }));
+        }
     }
 
     /// The last `count` minutes, oldest first.
@@ -641,11 +849,7 @@ impl History {
 
     /// Notes a worker's change of standing.
     pub fn standing_changed(&self, change: StandingChange) {
-        let mut inner = self.inner.lock();
-        inner.standing.push_back(change);
-        while inner.standing.len() > STANDING_CHANGES_KEPT {
-            inner.standing.pop_front();
-        }
+        self.change(Entry::Standing(change));
     }
 
     /// Changes of standing, most recent first, for `worker` or for all.
@@ -663,12 +867,11 @@ impl History {
 
     /// Notes a sample of a worker's health window.
     pub fn health_sample(&self, worker: &str, sample: HealthSample) {
-        let mut inner = self.inner.lock();
-        let samples = inner.health.entry(worker.to_owned()).or_default();
-        samples.push_back(sample);
-        while samples.len() > HEALTH_SAMPLES_KEPT {
-            samples.pop_front();
-        }
+        self.change(Entry::Health(HealthEntry {
+            at: SystemTime::now(),
+            worker: worker.to_owned(),
+            sample,
+        }));
     }
 
     /// A worker's health samples, oldest first.
@@ -781,6 +984,52 @@ mod tests {
         let earlier = history.earlier_executions("main", "CppCompile", later, |_, _| true, 10);
         assert_eq!(earlier.len(), 1);
         assert_eq!(earlier[0].digest, digest(1));
+    }
+
+    #[test]
+    fn late_changes_land_in_their_own_minute_and_shared_changes_count_once() {
+        let history = History::new(HistoryConfig::default());
+        let now = SystemTime::now();
+        let served = |at, outcome| {
+            Entry::Action(ActionEntry {
+                at,
+                identity: "alice".into(),
+                invocation: "i".into(),
+                instance: "main".into(),
+                tool: String::new(),
+                digest: digest(1),
+                mnemonic: String::new(),
+                target: String::new(),
+                outcome,
+                result: None,
+            })
+        };
+        let earlier = now - Duration::from_secs(180);
+        history.restore([
+            served(now, Outcome::Cached),
+            served(earlier, Outcome::Executed { exit_code: 0 }),
+        ]);
+        let minutes = history.minutes(10);
+        assert_eq!(minutes.len(), 2);
+        assert!(minutes[0].minute < minutes[1].minute);
+        assert_eq!((minutes[0].executed, minutes[1].cached), (1, 1));
+        assert_eq!(get(&history, "i").unwrap().first_seen, Some(earlier));
+        // Too old for the bounds: passed over.
+        history.restore([served(
+            now - Duration::from_secs(8 * 24 * 3600),
+            Outcome::Cached,
+        )]);
+        assert_eq!(get(&history, "i").unwrap().cached, 1);
+
+        let change = StandingChange {
+            worker: "w".into(),
+            from: "active".into(),
+            to: "quarantined".into(),
+            reason: "canaries failed".into(),
+            at: now,
+        };
+        history.restore([Entry::Standing(change.clone()), Entry::Standing(change)]);
+        assert_eq!(history.standing_changes(None, 10).len(), 1);
     }
 
     #[test]

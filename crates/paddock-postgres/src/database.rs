@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_action_cache_and_workers.sql"),
     include_str!("migrations/0002_shared_queue.sql"),
     include_str!("migrations/0003_cas_index.sql"),
+    include_str!("migrations/0004_history.sql"),
 ];
 
 /// Taken while migrating, so that servers starting together migrate once.

@@ -4,7 +4,8 @@
 //! ([`PgActionCache`], hash-partitioned by action digest) and the workers' health
 //! records and name bindings ([`PgRecords`]), the queue servers share
 //! ([`PgQueue`]: executions, operations, invocations), and the index of blobs in
-//! the object store ([`PgBlobIndex`]).
+//! the object store ([`PgBlobIndex`]), and the history of recent builds that the
+//! web pages show ([`PgHistory`]).
 //!
 //! TLS to the database is rustls, checked against `state.tls_ca_file` or the
 //! system's roots. Every statement runs within `state.statement_timeout`; a database that cannot be
@@ -14,6 +15,7 @@
 mod action_cache;
 mod cas_index;
 mod database;
+mod history;
 mod queue;
 mod records;
 mod tls;
@@ -21,5 +23,6 @@ mod tls;
 pub use action_cache::PgActionCache;
 pub use cas_index::PgBlobIndex;
 pub use database::{maintain, Database, DatabaseError};
+pub use history::PgHistory;
 pub use queue::{PgQueue, QueueSettings};
 pub use records::PgRecords;

@@ -1,6 +1,6 @@
 //! Watching the scheduler for the pages: each second, the workers' standings (a
 //! change is noted with the scheduler's reason and time) and each pool's queue
-//! depth; each minute, each worker's health window.
+//! depth; each minute, each connected worker's health window.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -53,7 +53,9 @@ pub async fn watch(
             history.queue_depth(&pool.pool, pool.queued as u64);
         }
         if looks.is_multiple_of(HEALTH_EVERY) {
-            for worker in &workers {
+            // Sampled by the server the worker is connected to: servers sharing state
+            // know every worker's record, and one sample a minute is enough.
+            for worker in workers.iter().filter(|w| w.connected) {
                 let r = worker.recent;
                 history.health_sample(
                     &worker.name,

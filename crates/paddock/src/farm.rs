@@ -13,9 +13,11 @@ use paddock_client::LocalServer;
 use paddock_config::{
     Config, RunnerKind, SandboxConfig, StateBackend, StorageBackend, WorkerConfig,
 };
-use paddock_history::History;
+use paddock_history::{History, HistoryFile, HistoryStore};
 use paddock_objstore::ObjectStoreBlobs;
-use paddock_postgres::{Database, PgActionCache, PgBlobIndex, PgQueue, PgRecords, QueueSettings};
+use paddock_postgres::{
+    Database, PgActionCache, PgBlobIndex, PgHistory, PgQueue, PgRecords, QueueSettings,
+};
 use paddock_sandbox::Zygote;
 use paddock_scheduler::{
     Bounds, ExecutionJournal, Lasting, RecordStore, Scheduler, SharedQueue, StateFile,
@@ -40,6 +42,8 @@ struct State {
     shared: Option<Arc<dyn SharedQueue>>,
     /// The index of the object store's blobs, in the database servers share.
     blob_index: Option<Arc<dyn BlobIndex>>,
+    /// Where the history of recent builds is kept.
+    history: Arc<dyn HistoryStore>,
 }
 
 impl State {
@@ -50,6 +54,7 @@ impl State {
                 action_cache: None,
                 shared: None,
                 blob_index: None,
+                history: Arc::new(HistoryFile::in_directory(data_dir)),
             }),
             StateBackend::Postgres => {
                 let database = Database::connect(&config.state)
@@ -74,6 +79,7 @@ impl State {
                         database.clone(),
                         config.storage.blob_lease.get(),
                     ))),
+                    history: Arc::new(PgHistory::new(database.clone())),
                     records: Arc::new(PgRecords::new(database)),
                     action_cache: Some(Arc::new(action_cache)),
                     shared: Some(Arc::new(queue)),
@@ -96,6 +102,8 @@ struct Farm {
     scheduler: Scheduler,
     /// The pages on the metrics port.
     web: Arc<Web>,
+    /// Where the history the pages show is kept.
+    history_store: Arc<dyn HistoryStore>,
     /// Connections of workers in this process, when there are any.
     local: Option<mpsc::Receiver<DuplexStream>>,
 }
@@ -170,7 +178,17 @@ impl Farm {
             },
         )
         .await?;
-        let history = Arc::new(History::new(config.history.clone()));
+        let history = Arc::new(History::journaled(config.history.clone()));
+        history.restore(
+            state
+                .history
+                .load()
+                .await
+                .with_context(|| format!("reading the history in {}", state.history.describe()))?,
+        );
+        if let Err(error) = state.history.trim(&history).await {
+            tracing::warn!(%error, "the history's store could not drop what its bounds no longer keep");
+        }
         let storage = Storage {
             cas,
             action_cache,
@@ -212,6 +230,7 @@ impl Farm {
                 .map_or(Duration::from_secs(5), |t| t.reload_interval.get()),
             callers: Callers::Authenticated(authenticator),
             web,
+            history_store: state.history,
             client_routes: paddock_server::client_routes(cache.clone(), &storage, &scheduler),
             worker_routes: paddock_server::worker_routes(cache, &scheduler),
             scheduler,
@@ -269,6 +288,11 @@ impl Farm {
             self.scheduler.clone(),
             stop.clone().cancelled_owned(),
         ));
+        let keeping = tokio::spawn(paddock_history::keep(
+            self.web.history(),
+            self.history_store,
+            stop.clone().cancelled_owned(),
+        ));
         let timers = tokio::spawn(self.scheduler.clone().run());
         let scheduler = self.scheduler;
         let stopping = stop.clone();
@@ -321,6 +345,7 @@ impl Farm {
         }
         let _ = pages.await;
         let _ = watching.await;
+        let _ = keeping.await;
         served.context("serving gRPC to clients")?;
         workers_served.context("serving gRPC to workers")
     }

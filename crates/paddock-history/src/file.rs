@@ -1,0 +1,318 @@
+//! The history in a file under the data directory, for a server that shares no
+//! database: a header line, then one JSON [`Entry`] per line, appended in batches
+//! (one write and one `fdatasync` each). At start-up and whenever it has grown well
+//! past what the bounds keep (or an hour has passed), it is rewritten with only
+//! what is kept, beside itself and renamed, so a crash leaves the old file or the
+//! new one. A torn last line (the process died mid-write) is dropped, as is any line
+//! this Paddock cannot read: the history is a view, and the rest of it is still
+//! worth showing.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::keeping::{HistoryStore, HistoryStoreError};
+use crate::{Entry, History};
+
+/// The header's key; its value is the format's version.
+const HEADER: &str = "paddock_history";
+/// The format this Paddock writes; it reads no newer one.
+const VERSION: u64 = 1;
+/// The file is rewritten once it has this many lines more than twice what was kept
+/// at the last rewrite...
+const REWRITE_AFTER: usize = 10_000;
+/// ...or when the last rewrite is this old, so that what ages out goes.
+const REWRITE_EVERY: Duration = Duration::from_secs(3600);
+/// Who builds what is the server's to know: the file is its user's alone.
+const MODE: u32 = 0o600;
+
+/// The history's file.
+pub struct HistoryFile {
+    path: PathBuf,
+    state: Arc<Mutex<FileState>>,
+}
+
+#[derive(Default)]
+struct FileState {
+    /// Lines in the file, less the header.
+    lines: usize,
+    /// Lines kept at the last rewrite.
+    kept: usize,
+    rewritten: Option<Instant>,
+}
+
+impl HistoryFile {
+    /// The history file in `directory` (the data directory).
+    pub fn in_directory(directory: &Path) -> HistoryFile {
+        HistoryFile {
+            path: directory.join("history.jsonl"),
+            state: Arc::default(),
+        }
+    }
+
+    fn error(path: &Path, error: std::io::Error) -> HistoryStoreError {
+        HistoryStoreError::File {
+            path: path.to_owned(),
+            error,
+        }
+    }
+
+    /// The entries in the file (none if there is no file).
+    fn read(path: &Path) -> Result<Vec<Entry>, HistoryStoreError> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(HistoryFile::error(path, e)),
+        };
+        let mut lines = BufReader::new(file).lines();
+        let header = match lines.next() {
+            None => return Ok(Vec::new()),
+            Some(line) => line.map_err(|e| HistoryFile::error(path, e))?,
+        };
+        let version = serde_json::from_str::<serde_json::Value>(&header)
+            .ok()
+            .and_then(|v| v.get(HEADER).and_then(serde_json::Value::as_u64));
+        match version {
+            Some(v) if v > VERSION => {
+                return Err(HistoryStoreError::Newer {
+                    path: path.to_owned(),
+                    version: v,
+                })
+            }
+            Some(_) => {}
+            None => {
+                return Err(HistoryFile::error(
+                    path,
+                    std::io::Error::other("it does not start with a history header"),
+                ))
+            }
+        }
+        let mut entries = Vec::new();
+        let mut unreadable = 0usize;
+        for line in lines {
+            let line = line.map_err(|e| HistoryFile::error(path, e))?;
+            match Entry::from_json(&line) {
+                Some(entry) => entries.push(entry),
+                None => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                unreadable,
+                "lines of the history file could not be read and were passed over"
+            );
+        }
+        Ok(entries)
+    }
+
+    /// Writes `entries` as the whole file, beside it first.
+    fn rewrite(path: &Path, entries: &[&Entry]) -> std::io::Result<()> {
+        let beside = path.with_extension("jsonl.new");
+        let mut text = format!("{{\"{HEADER}\":{VERSION}}}\n");
+        for entry in entries {
+            text.push_str(&entry.to_json());
+            text.push('\n');
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(MODE)
+            .open(&beside)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&beside, path)?;
+        if let Some(directory) = path.parent() {
+            File::open(directory)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl HistoryStore for HistoryFile {
+    async fn load(&self) -> Result<Vec<Entry>, HistoryStoreError> {
+        let path = self.path.clone();
+        let entries = tokio::task::spawn_blocking(move || HistoryFile::read(&path))
+            .await
+            .expect("reading the history does not panic")?;
+        self.state.lock().lines = entries.len();
+        Ok(entries)
+    }
+
+    async fn append(&self, entries: &[Entry]) -> Result<(), HistoryStoreError> {
+        let mut text = String::new();
+        for entry in entries {
+            text.push_str(&entry.to_json());
+            text.push('\n');
+        }
+        let (path, state, count) = (self.path.clone(), self.state.clone(), entries.len());
+        tokio::task::spawn_blocking(move || {
+            let mut state = state.lock();
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(MODE)
+                .open(&path)
+                .map_err(|e| HistoryFile::error(&path, e))?;
+            let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
+            if empty {
+                text.insert_str(0, &format!("{{\"{HEADER}\":{VERSION}}}\n"));
+            }
+            file.write_all(text.as_bytes())
+                .and_then(|()| file.sync_data())
+                .map_err(|e| HistoryFile::error(&path, e))?;
+            state.lines += count;
+            Ok(())
+        })
+        .await
+        .expect("appending to the history does not panic")
+    }
+
+    async fn news(&self) -> Result<Vec<Entry>, HistoryStoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn trim(&self, history: &Arc<History>) -> Result<(), HistoryStoreError> {
+        let due = {
+            let state = self.state.lock();
+            state.lines > 2 * state.kept + REWRITE_AFTER
+                || state
+                    .rewritten
+                    .is_none_or(|at| at.elapsed() >= REWRITE_EVERY)
+        };
+        if !due {
+            return Ok(());
+        }
+        let (path, state, history) = (self.path.clone(), self.state.clone(), history.clone());
+        tokio::task::spawn_blocking(move || {
+            // Appends wait: nothing is written between the reading and the renaming.
+            let mut state = state.lock();
+            let entries = HistoryFile::read(&path)?;
+            let now = SystemTime::now();
+            // A build report stands for the ones before it.
+            let last_build: HashMap<(&str, &str), usize> = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| matches!(e, Entry::Build(_)))
+                .filter_map(|(n, e)| Some((e.invocation()?, n)))
+                .collect();
+            let kept: Vec<&Entry> = entries
+                .iter()
+                .enumerate()
+                .filter(|(n, entry)| {
+                    history.keeps(entry, now)
+                        && match (entry, entry.invocation()) {
+                            (Entry::Build(_), Some(key)) => last_build.get(&key) == Some(n),
+                            (_, Some((identity, id))) => history.holds(identity, id),
+                            (_, None) => true,
+                        }
+                })
+                .map(|(_, entry)| entry)
+                .collect();
+            HistoryFile::rewrite(&path, &kept).map_err(|e| HistoryFile::error(&path, e))?;
+            state.lines = kept.len();
+            state.kept = kept.len();
+            state.rewritten = Some(Instant::now());
+            Ok(())
+        })
+        .await
+        .expect("rewriting the history does not panic")
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Asker, Outcome};
+    use paddock_config::HistoryConfig;
+    use paddock_reapi::proto::re::RequestMetadata;
+    use paddock_reapi::Digest;
+
+    fn asker(invocation: &str) -> Asker {
+        Asker {
+            instance: "main".into(),
+            identity: "alice".into(),
+            metadata: RequestMetadata {
+                tool_invocation_id: invocation.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn the_history_outlives_the_process_and_the_file_keeps_to_the_bounds() {
+        let directory = tempfile::tempdir().unwrap();
+        let config = HistoryConfig {
+            max_invocations: 2,
+            ..HistoryConfig::default()
+        };
+        let history = Arc::new(History::journaled(config.clone()));
+        let file = HistoryFile::in_directory(directory.path());
+        for (n, id) in ["a", "b", "c"].iter().enumerate() {
+            history.action(&asker(id), Digest::of(&[n as u8]), Outcome::Cached, None);
+        }
+        for exit in ["RUNNING", "SUCCESS"] {
+            history.build_event("c", "alice", |r| r.exit = Some(exit.into()));
+            let (unsaved, lost) = history.take_unsaved();
+            assert_eq!(lost, 0);
+            file.append(&unsaved).await.unwrap();
+        }
+        // A torn last line, as a crash mid-write leaves.
+        let path = directory.path().join("history.jsonl");
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"kind\":\"act")
+            .unwrap();
+
+        let again = Arc::new(History::journaled(config));
+        let file = HistoryFile::in_directory(directory.path());
+        again.restore(file.load().await.unwrap());
+        let (listed, total) = again.invocations(|_, _| true, 0, 10);
+        assert_eq!(total, 2);
+        assert_eq!(listed[0].id, "c");
+        assert_eq!(listed[0].exit.as_deref(), Some("SUCCESS"));
+        assert!(!again.holds("alice", "a"));
+
+        // The rewrite keeps the two invocations' actions and the last report only.
+        file.trim(&again).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1 + 2 + 1, "{text}");
+        assert!(
+            text.contains("SUCCESS") && !text.contains("RUNNING"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_newer_format_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::write(
+            directory.path().join("history.jsonl"),
+            "{\"paddock_history\":99}\n",
+        )
+        .unwrap();
+        let error = HistoryFile::in_directory(directory.path())
+            .load()
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            HistoryStoreError::Newer { version: 99, .. }
+        ));
+    }
+}
