@@ -646,11 +646,7 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 
     // With no [auth], the pages are open on loopback, and show what the events said.
-    let address = farm
-        .metrics_url
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_owned();
+    let address = pages_address(&farm);
     let page = get_with_host(&address, &address, "/invocation/inv-web-1");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
@@ -729,15 +725,19 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
     let page = get_with_host(&address, &address, "/invocation/inv-web-1");
     assert!(page.contains(&action.hash_hex()[..12]), "{page}");
     farm.restart();
-    let address = farm
-        .metrics_url
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_owned();
+    let address = pages_address(&farm);
     let page = get_with_host(&address, &address, "/invocation/inv-web-1");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(
         page.contains("TESTS_FAILED") && page.contains(&action.hash_hex()[..12]),
         "the history was lost in the restart: {page}"
     );
+}
+
+/// Where `farm` serves its pages: the metrics port's host and port.
+fn pages_address(farm: &Farm) -> String {
+    farm.metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned()
 }

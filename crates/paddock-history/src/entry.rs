@@ -4,6 +4,7 @@
 //! (one per line in a file, one per row in a database); results inside them are
 //! their protobuf encoding, in base64.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -113,6 +114,25 @@ impl Entry {
     pub fn from_json(text: &str) -> Option<Entry> {
         serde_json::from_str(text).ok()
     }
+}
+
+/// `entries` less the build reports that a later one among them replaces.
+pub fn without_replaced(entries: &[Entry]) -> Vec<&Entry> {
+    let newest: HashMap<(&str, &str), usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Entry::Build(_)))
+        .filter_map(|(n, e)| Some((e.invocation()?, n)))
+        .collect();
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(n, e)| match (e, e.invocation()) {
+            (Entry::Build(_), Some(key)) => newest.get(&key) == Some(n),
+            _ => true,
+        })
+        .map(|(_, e)| e)
+        .collect()
 }
 
 mod digest_text {

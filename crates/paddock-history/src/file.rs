@@ -7,7 +7,6 @@
 //! this Paddock cannot read: the history is a view, and the rest of it is still
 //! worth showing.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -198,25 +197,14 @@ impl HistoryStore for HistoryFile {
             let mut state = state.lock();
             let entries = HistoryFile::read(&path)?;
             let now = SystemTime::now();
-            // A build report stands for the ones before it.
-            let last_build: HashMap<(&str, &str), usize> = entries
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| matches!(e, Entry::Build(_)))
-                .filter_map(|(n, e)| Some((e.invocation()?, n)))
-                .collect();
-            let kept: Vec<&Entry> = entries
-                .iter()
-                .enumerate()
-                .filter(|(n, entry)| {
+            let kept: Vec<&Entry> = crate::without_replaced(&entries)
+                .into_iter()
+                .filter(|entry| {
                     history.keeps(entry, now)
-                        && match (entry, entry.invocation()) {
-                            (Entry::Build(_), Some(key)) => last_build.get(&key) == Some(n),
-                            (_, Some((identity, id))) => history.holds(identity, id),
-                            (_, None) => true,
-                        }
+                        && entry
+                            .invocation()
+                            .is_none_or(|(identity, id)| history.holds(identity, id))
                 })
-                .map(|(_, entry)| entry)
                 .collect();
             HistoryFile::rewrite(&path, &kept).map_err(|e| HistoryFile::error(&path, e))?;
             state.lines = kept.len();
@@ -236,21 +224,10 @@ impl HistoryStore for HistoryFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Asker, Outcome};
+    use crate::tests::asker;
+    use crate::Outcome;
     use paddock_config::HistoryConfig;
-    use paddock_reapi::proto::re::RequestMetadata;
     use paddock_reapi::Digest;
-
-    fn asker(invocation: &str) -> Asker {
-        Asker {
-            instance: "main".into(),
-            identity: "alice".into(),
-            metadata: RequestMetadata {
-                tool_invocation_id: invocation.into(),
-                ..Default::default()
-            },
-        }
-    }
 
     #[tokio::test]
     async fn the_history_outlives_the_process_and_the_file_keeps_to_the_bounds() {

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-pub use entry::{ActionEntry, BuildEntry, Entry, HealthEntry, QueueDepth};
+pub use entry::{without_replaced, ActionEntry, BuildEntry, Entry, HealthEntry, QueueDepth};
 pub use file::HistoryFile;
 pub use keeping::{keep, HistoryStore, HistoryStoreError};
 
@@ -886,11 +886,11 @@ impl History {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use paddock_config::Span;
 
-    fn asker(invocation: &str) -> Asker {
+    pub(crate) fn asker(invocation: &str) -> Asker {
         Asker {
             instance: "main".into(),
             identity: "alice".into(),

@@ -5,7 +5,7 @@
 //! are asked for again for a minute before they are taken as rows that never were.
 //! A build report replaces its invocation's earlier row in the same transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -148,29 +148,18 @@ impl HistoryStore for PgHistory {
 
     async fn append(&self, entries: &[Entry]) -> Result<(), HistoryStoreError> {
         // A batch carries one report per invocation: the newest.
-        let newest_build: HashMap<(&str, &str), usize> = entries
+        let written = paddock_history::without_replaced(entries);
+        let (replaced_identities, replaced_invocations): (Vec<&str>, Vec<&str>) = written
             .iter()
-            .enumerate()
-            .filter(|(_, e)| matches!(e, Entry::Build(_)))
-            .filter_map(|(n, e)| Some((e.invocation()?, n)))
-            .collect();
-        let written: Vec<&Entry> = entries
-            .iter()
-            .enumerate()
-            .filter(|(n, e)| match (e, e.invocation()) {
-                (Entry::Build(_), Some(key)) => newest_build.get(&key) == Some(n),
-                _ => true,
-            })
-            .map(|(_, e)| e)
-            .collect();
+            .filter(|e| matches!(e, Entry::Build(_)))
+            .filter_map(|e| e.invocation())
+            .unzip();
         let db = &self.database;
         let mut client = db.client().await.map_err(|e| self.unavailable(e))?;
         let tx = db
             .timed(client.transaction())
             .await
             .map_err(|e| self.unavailable(e))?;
-        let (replaced_identities, replaced_invocations): (Vec<&str>, Vec<&str>) =
-            newest_build.keys().copied().unzip();
         if !replaced_identities.is_empty() {
             db.timed(tx.execute(
                 "DELETE FROM history_entries h
