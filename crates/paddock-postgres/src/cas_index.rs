@@ -1,6 +1,8 @@
 //! The index of blobs in the object store (`cas_blobs`), shared by every server, and
 //! the bookkeeping of its collections (`cas_collecting`).
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,6 +11,7 @@ use paddock_reapi::Digest;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use crate::cas_filter;
 use crate::database::{Database, DatabaseError};
 
 /// Taken by the server collecting, so that one collects at a time.
@@ -26,15 +29,21 @@ pub struct PgBlobIndex {
     /// A lease is renewed only when it is older than this, so that hot blobs cost
     /// reads, not writes; collection allows for it.
     renewal: Duration,
+    /// What the index surely lacks, kept up to date by a task of its own.
+    filter: cas_filter::Shared,
 }
 
 impl PgBlobIndex {
     /// An index whose leases last `lease` (renewed once they are
-    /// [`paddock_cas::lease_renewal`] old).
+    /// [`paddock_cas::lease_renewal`] old). Starts the task that keeps its filter
+    /// of listed blobs, which ends when the index is dropped.
     pub fn new(database: Database, lease: Duration) -> PgBlobIndex {
+        let filter = cas_filter::Shared::default();
+        tokio::spawn(cas_filter::keep(database.clone(), Arc::downgrade(&filter)));
         PgBlobIndex {
             database,
             renewal: paddock_cas::lease_renewal(lease),
+            filter,
         }
     }
 }
@@ -118,17 +127,63 @@ impl PgBlobIndex {
 /// cores), since 10,000 index probes take one core several milliseconds.
 const LOOKUP_SLICE: usize = 2_500;
 
+impl PgBlobIndex {
+    /// Which of `digests` are listed: probed in slices at once.
+    async fn probed(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        let slices = futures::future::try_join_all(
+            digests.chunks(LOOKUP_SLICE).map(|slice| self.listed(slice)),
+        )
+        .await?;
+        Ok(slices.into_iter().flatten().collect())
+    }
+}
+
 #[async_trait]
 impl BlobIndex for PgBlobIndex {
     async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
         if digests.is_empty() {
             return Ok(Vec::new());
         }
-        let slices = futures::future::try_join_all(
-            digests.chunks(LOOKUP_SLICE).map(|slice| self.listed(slice)),
-        )
-        .await?;
-        let found: std::collections::HashSet<Digest> = slices.into_iter().flatten().collect();
+        // The digests the filter may hold are probed; of the others, only those
+        // listed at or above its horizon can be listed, and those rows are few.
+        let (probe, horizon) = match cas_filter::split(&self.filter, digests) {
+            Some((maybe, horizon)) if maybe.len() < digests.len() => (maybe, Some(horizon)),
+            _ => (digests.to_vec(), None),
+        };
+        let recently = async {
+            match horizon {
+                Some(horizon) => cas_filter::recent(&self.database, horizon, self.renewal)
+                    .await
+                    .map_err(unavailable),
+                None => Ok(Some(Vec::new())),
+            }
+        };
+        let (probed, recent) = futures::try_join!(self.probed(&probe), recently)?;
+        let mut found: HashSet<Digest> = probed.into_iter().collect();
+        match recent {
+            Some(rows) => {
+                let asked: HashSet<&Digest> = digests.iter().collect();
+                let mut stale = Vec::new();
+                for (digest, is_stale) in rows.into_iter().filter(|(d, _)| asked.contains(d)) {
+                    found.insert(digest);
+                    if is_stale {
+                        stale.push(digest);
+                    }
+                }
+                // Found is used: the lease is renewed as a probe would have.
+                self.touch(&stale).await?;
+            }
+            None => {
+                // More listed lately than is worth reading: probe the rest.
+                let probed: HashSet<&Digest> = probe.iter().collect();
+                let rest: Vec<Digest> = digests
+                    .iter()
+                    .filter(|d| !probed.contains(d))
+                    .copied()
+                    .collect();
+                found.extend(self.probed(&rest).await?);
+            }
+        }
         Ok(digests
             .iter()
             .filter(|d| !found.contains(d))

@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_shared_queue.sql"),
     include_str!("migrations/0003_cas_index.sql"),
     include_str!("migrations/0004_history.sql"),
+    include_str!("migrations/0005_cas_admitted.sql"),
 ];
 
 /// Taken while migrating, so that servers starting together migrate once.

@@ -13,6 +13,7 @@
 //! in `paddock_database_up`, and is used again as soon as it answers.
 
 mod action_cache;
+mod cas_filter;
 mod cas_index;
 mod database;
 mod history;
