@@ -55,7 +55,12 @@ async fn a_blob_written_through_one_server_is_found_and_read_through_another() {
     missing.sort_by_key(|d| *d.hash());
     let mut unheard = unheard;
     unheard.sort_by_key(|d| *d.hash());
-    assert!(missing == unheard, "{} of {} reported missing", missing.len(), unheard.len());
+    assert!(
+        missing == unheard,
+        "{} of {} reported missing",
+        missing.len(),
+        unheard.len()
+    );
     let (fresh, fresh_data) = blob(77);
     ra.write_blob(&fresh, fresh_data).await.unwrap();
     assert!(rb.find_missing(&[fresh]).await.unwrap().is_empty());

@@ -53,6 +53,8 @@ pub struct CasBenchReport {
     pub read_mib_s: Vec<f64>,
     pub batch_update_blobs_s: f64,
     pub find_missing: Latencies,
+    /// FindMissingBlobs of as many digests that nobody uploaded: all missing.
+    pub find_missing_absent: Latencies,
     pub get_action_result: Latencies,
 }
 
@@ -172,6 +174,30 @@ pub async fn cas(
     }
     let find_missing = Latencies::of(samples);
 
+    // As many digests nobody uploaded: a server that remembers what it found listed
+    // has nothing to remember of these, so each call asks its store (or index).
+    let request = FindMissingBlobsRequest {
+        instance_name: remote.instance().to_owned(),
+        blob_digests: (0..options.small_blobs)
+            .map(|_| Digest::of(random_bytes(32).as_ref()).to_proto())
+            .collect(),
+        digest_function: 0,
+    };
+    let mut samples = Vec::new();
+    for _ in 0..options.find_missing_calls {
+        let started = Instant::now();
+        let missing = cas.find_missing_blobs(request.clone()).await?.into_inner();
+        samples.push(started.elapsed());
+        if missing.missing_blob_digests.len() != options.small_blobs {
+            return Err(ClientError::Protocol(format!(
+                "{} of {} digests nobody uploaded are reported missing",
+                missing.missing_blob_digests.len(),
+                options.small_blobs
+            )));
+        }
+    }
+    let find_missing_absent = Latencies::of(samples);
+
     let action = Digest::of(random_bytes(64).as_ref());
     let result = ActionResult {
         output_files: digests
@@ -220,6 +246,7 @@ pub async fn cas(
         read_mib_s,
         batch_update_blobs_s,
         find_missing,
+        find_missing_absent,
         get_action_result: Latencies::of(samples),
     })
 }
@@ -263,6 +290,15 @@ impl fmt::Display for CasBenchReport {
             ms(self.find_missing.p50),
             ms(self.find_missing.p99),
             self.find_missing.count
+        )?;
+        writeln!(
+            f,
+            "  FindMissingBlobs, {} never uploaded:  first {}  p50 {}  p99 {}  ({} calls)",
+            o.small_blobs,
+            ms(self.find_missing_absent.first),
+            ms(self.find_missing_absent.p50),
+            ms(self.find_missing_absent.p99),
+            self.find_missing_absent.count
         )?;
         write!(
             f,
