@@ -24,13 +24,19 @@ use crate::{Entry, History};
 const HEADER: &str = "paddock_history";
 /// The format this Paddock writes; it reads no newer one.
 const VERSION: u64 = 1;
-/// The file is rewritten once it has this many lines more than twice what was kept
-/// at the last rewrite...
+/// The file is rewritten once it has this many lines (or bytes) more than twice
+/// what was kept at the last rewrite...
 const REWRITE_AFTER: usize = 10_000;
+const REWRITE_AFTER_BYTES: u64 = 64 << 20;
 /// ...or when the last rewrite is this old, so that what ages out goes.
 const REWRITE_EVERY: Duration = Duration::from_secs(3600);
 /// Who builds what is the server's to know: the file is its user's alone.
 const MODE: u32 = 0o600;
+
+/// The file's first line.
+fn header() -> String {
+    format!("{{\"{HEADER}\":{VERSION}}}\n")
+}
 
 /// The history's file.
 pub struct HistoryFile {
@@ -44,6 +50,9 @@ struct FileState {
     lines: usize,
     /// Lines kept at the last rewrite.
     kept: usize,
+    /// Bytes in the file, and kept at the last rewrite.
+    bytes: u64,
+    kept_bytes: u64,
     rewritten: Option<Instant>,
 }
 
@@ -70,12 +79,13 @@ impl HistoryFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(HistoryFile::error(path, e)),
         };
-        let mut lines = BufReader::new(file).lines();
+        // Lines are read as bytes: a torn line may end inside a character.
+        let mut lines = BufReader::new(file).split(b'\n');
         let header = match lines.next() {
             None => return Ok(Vec::new()),
             Some(line) => line.map_err(|e| HistoryFile::error(path, e))?,
         };
-        let version = serde_json::from_str::<serde_json::Value>(&header)
+        let version = serde_json::from_slice::<serde_json::Value>(&header)
             .ok()
             .and_then(|v| v.get(HEADER).and_then(serde_json::Value::as_u64));
         match version {
@@ -97,7 +107,7 @@ impl HistoryFile {
         let mut unreadable = 0usize;
         for line in lines {
             let line = line.map_err(|e| HistoryFile::error(path, e))?;
-            match Entry::from_json(&line) {
+            match std::str::from_utf8(&line).ok().and_then(Entry::from_json) {
                 Some(entry) => entries.push(entry),
                 None => unreadable += 1,
             }
@@ -112,10 +122,10 @@ impl HistoryFile {
         Ok(entries)
     }
 
-    /// Writes `entries` as the whole file, beside it first.
-    fn rewrite(path: &Path, entries: &[&Entry]) -> std::io::Result<()> {
+    /// Writes `entries` as the whole file, beside it first; its length.
+    fn rewrite(path: &Path, entries: &[&Entry]) -> std::io::Result<u64> {
         let beside = path.with_extension("jsonl.new");
-        let mut text = format!("{{\"{HEADER}\":{VERSION}}}\n");
+        let mut text = header();
         for entry in entries {
             text.push_str(&entry.to_json());
             text.push('\n');
@@ -132,7 +142,7 @@ impl HistoryFile {
         if let Some(directory) = path.parent() {
             File::open(directory)?.sync_all()?;
         }
-        Ok(())
+        Ok(text.len() as u64)
     }
 }
 
@@ -143,7 +153,10 @@ impl HistoryStore for HistoryFile {
         let entries = tokio::task::spawn_blocking(move || HistoryFile::read(&path))
             .await
             .expect("reading the history does not panic")?;
-        self.state.lock().lines = entries.len();
+        let bytes = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let mut state = self.state.lock();
+        state.lines = entries.len();
+        state.bytes = bytes;
         Ok(entries)
     }
 
@@ -156,20 +169,31 @@ impl HistoryStore for HistoryFile {
         let (path, state, count) = (self.path.clone(), self.state.clone(), entries.len());
         tokio::task::spawn_blocking(move || {
             let mut state = state.lock();
+            let error = |e| HistoryFile::error(&path, e);
             let mut file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .mode(MODE)
                 .open(&path)
-                .map_err(|e| HistoryFile::error(&path, e))?;
-            let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
-            if empty {
-                text.insert_str(0, &format!("{{\"{HEADER}\":{VERSION}}}\n"));
+                .map_err(error)?;
+            let mut length = file.metadata().map_err(error)?.len();
+            if length == 0 {
+                // The header goes alone and lasting, so that no crash tears it.
+                file.write_all(header().as_bytes())
+                    .and_then(|()| file.sync_data())
+                    .map_err(error)?;
+                length = header().len() as u64;
             }
-            file.write_all(text.as_bytes())
-                .and_then(|()| file.sync_data())
-                .map_err(|e| HistoryFile::error(&path, e))?;
+            let written = file
+                .write_all(text.as_bytes())
+                .and_then(|()| file.sync_data());
+            if let Err(e) = written {
+                // Nothing of a failed batch stays: it is handed over again whole.
+                let _ = file.set_len(length);
+                return Err(error(e));
+            }
             state.lines += count;
+            state.bytes += text.len() as u64;
             Ok(())
         })
         .await
@@ -184,6 +208,7 @@ impl HistoryStore for HistoryFile {
         let due = {
             let state = self.state.lock();
             state.lines > 2 * state.kept + REWRITE_AFTER
+                || state.bytes > 2 * state.kept_bytes + REWRITE_AFTER_BYTES
                 || state
                     .rewritten
                     .is_none_or(|at| at.elapsed() >= REWRITE_EVERY)
@@ -206,9 +231,12 @@ impl HistoryStore for HistoryFile {
                             .is_none_or(|(identity, id)| history.holds(identity, id))
                 })
                 .collect();
-            HistoryFile::rewrite(&path, &kept).map_err(|e| HistoryFile::error(&path, e))?;
+            let bytes =
+                HistoryFile::rewrite(&path, &kept).map_err(|e| HistoryFile::error(&path, e))?;
             state.lines = kept.len();
             state.kept = kept.len();
+            state.bytes = bytes;
+            state.kept_bytes = bytes;
             state.rewritten = Some(Instant::now());
             Ok(())
         })
@@ -243,17 +271,17 @@ mod tests {
         }
         for exit in ["RUNNING", "SUCCESS"] {
             history.build_event("c", "alice", |r| r.exit = Some(exit.into()));
-            let (unsaved, lost) = history.take_unsaved();
+            let (unsaved, lost) = history.take_unsaved(false);
             assert_eq!(lost, 0);
             file.append(&unsaved).await.unwrap();
         }
-        // A torn last line, as a crash mid-write leaves.
+        // A torn last line, as a crash mid-write leaves, cut inside a character.
         let path = directory.path().join("history.jsonl");
         OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap()
-            .write_all(b"{\"kind\":\"act")
+            .write_all(b"{\"kind\":\"action\",\"target\":\"\xe2\x80")
             .unwrap();
 
         let again = Arc::new(History::journaled(config));

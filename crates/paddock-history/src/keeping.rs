@@ -21,13 +21,16 @@ const EVERY: Duration = Duration::from_secs(1);
 const TRIM_EVERY: Duration = Duration::from_secs(600);
 /// Changes kept for a store that cannot take them, at most; past it the oldest go.
 const PENDING_KEPT: usize = 100_000;
+/// Changes handed to the store at once: each batch is kept whole or not at all, so
+/// a failure part way through a backlog never stores a change twice.
+const BATCH: usize = 1_000;
 
 /// Where the history outlives the process.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
     /// Every change kept, oldest first, to rebuild the history at start-up.
     async fn load(&self) -> Result<Vec<Entry>, HistoryStoreError>;
-    /// Keeps `entries` (made here), in order.
+    /// Keeps `entries` (made here), in order: all of them, or none on an error.
     async fn append(&self, entries: &[Entry]) -> Result<(), HistoryStoreError>;
     /// Changes other servers sharing the store made since the last call, in order
     /// (never any, for a store with one writer).
@@ -75,7 +78,7 @@ pub async fn keep(
             _ = tick.tick() => false,
             _ = &mut shutdown => true,
         };
-        let (unsaved, lost) = history.take_unsaved();
+        let (unsaved, lost) = history.take_unsaved(stopping);
         let mut lost = lost;
         pending.extend(unsaved);
         if pending.len() > PENDING_KEPT {
@@ -91,12 +94,15 @@ pub async fn keep(
             );
         }
         let mut result = Ok(());
-        if !pending.is_empty() {
-            result = store.append(&pending).await;
-            if result.is_ok() {
-                pending.clear();
+        let mut stored = 0;
+        for batch in pending.chunks(BATCH) {
+            result = store.append(batch).await;
+            if result.is_err() {
+                break;
             }
+            stored += batch.len();
         }
+        pending.drain(..stored);
         if stopping {
             if let Err(error) = result {
                 tracing::warn!(%error, unsaved = pending.len(), "the history's last changes were not kept");

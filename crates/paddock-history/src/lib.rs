@@ -16,7 +16,7 @@ mod keeping;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use paddock_config::HistoryConfig;
 use paddock_reapi::proto::re::{ActionResult, RequestMetadata};
@@ -37,6 +37,11 @@ const STANDING_CHANGES_KEPT: usize = 1000;
 const HEALTH_SAMPLES_KEPT: usize = 60;
 /// Changes waiting to be handed to the store at most; past it, the oldest go.
 const UNSAVED_KEPT: usize = 100_000;
+/// How often an unfinished build's report is taken for the store at most.
+const BUILD_SAVED_EVERY: Duration = Duration::from_secs(30);
+/// How far ahead of this server's clock a change may be dated and still be taken:
+/// a server whose clock runs far ahead must not push every minute out of the charts.
+pub const FUTURE_SLACK: Duration = Duration::from_secs(300);
 /// Executions remembered per instance and mnemonic as candidates for "the same
 /// action, earlier".
 const EXECUTIONS_KEPT_PER_MNEMONIC: usize = 10_000;
@@ -245,9 +250,12 @@ struct Inner {
     health: BTreeMap<String, VecDeque<HealthSample>>,
     /// Changes made here and not yet taken for the store (when journaled).
     unsaved: VecDeque<Entry>,
-    /// Invocations whose build report changed since changes were last taken: the
-    /// report is taken whole then, so a burst of events makes one entry.
+    /// Invocations whose build report changed since it was last taken: the report
+    /// is taken whole, at most every [`BUILD_SAVED_EVERY`] unless it is finished,
+    /// so that a long build's events make few entries.
     changed_builds: HashSet<Key>,
+    /// When each invocation's report was last taken.
+    builds_saved: HashMap<Key, Instant>,
     /// Changes dropped because the store fell too far behind.
     unsaved_lost: u64,
 }
@@ -576,8 +584,9 @@ impl History {
     }
 
     /// The changes made here since the last call, oldest first (build reports as
-    /// they now stand), and how many were dropped because nobody took them in time.
-    pub fn take_unsaved(&self) -> (Vec<Entry>, u64) {
+    /// they now stand: finished ones, and others at most every 30 s, or all of
+    /// them when `all`), and how many were dropped because nobody took them in time.
+    pub fn take_unsaved(&self, all: bool) -> (Vec<Entry>, u64) {
         let mut inner = self.inner.lock();
         let changed = std::mem::take(&mut inner.changed_builds);
         let now = SystemTime::now();
@@ -585,12 +594,33 @@ impl History {
             let Some(report) = inner.invocations.get(&key).and_then(|i| i.build.clone()) else {
                 continue;
             };
+            let due = all
+                || report.exit.is_some()
+                || inner
+                    .builds_saved
+                    .get(&key)
+                    .is_none_or(|at| at.elapsed() >= BUILD_SAVED_EVERY);
+            if !due {
+                inner.changed_builds.insert(key);
+                continue;
+            }
+            inner.builds_saved.insert(key.clone(), Instant::now());
             inner.unsaved(Entry::Build(BuildEntry {
                 at: now,
                 identity: key.0,
                 invocation: key.1,
                 report,
             }));
+        }
+        if inner.builds_saved.len() > self.config.max_invocations.max(1) * 2 {
+            let invocations = &inner.invocations;
+            let live: HashSet<Key> = inner
+                .builds_saved
+                .keys()
+                .filter(|k| invocations.contains_key(*k))
+                .cloned()
+                .collect();
+            inner.builds_saved.retain(|k, _| live.contains(k));
         }
         let lost = std::mem::take(&mut inner.unsaved_lost);
         (inner.unsaved.drain(..).collect(), lost)
@@ -612,7 +642,15 @@ impl History {
     }
 
     /// Whether an entry is still young enough for its kind's [`History::retention`].
+    /// Entries dated well ahead of this server's clock are not kept either.
     pub fn keeps(&self, entry: &Entry, now: SystemTime) -> bool {
+        if entry
+            .at()
+            .duration_since(now)
+            .is_ok_and(|ahead| ahead > FUTURE_SLACK)
+        {
+            return false;
+        }
         let age = now.duration_since(entry.at()).unwrap_or_default();
         self.retention()
             .iter()
@@ -625,8 +663,20 @@ impl History {
         self.inner.lock().invocations.contains_key(&key)
     }
 
-    fn change(&self, entry: Entry) {
+    fn change(&self, mut entry: Entry) {
         let mut inner = self.inner.lock();
+        if let Entry::Action(e) = &mut entry {
+            // Past the bound an action is only counted: its result is not kept, in
+            // memory or in the store.
+            let key = (e.identity.clone(), e.invocation.clone());
+            let full = inner
+                .invocations
+                .get(&key)
+                .is_some_and(|i| i.actions.len() >= self.config.max_actions_per_invocation);
+            if full {
+                e.result = None;
+            }
+        }
         inner.apply(&self.config, &entry);
         if self.journaled {
             inner.unsaved(entry);
@@ -1030,6 +1080,32 @@ pub(crate) mod tests {
         };
         history.restore([Entry::Standing(change.clone()), Entry::Standing(change)]);
         assert_eq!(history.standing_changes(None, 10).len(), 1);
+    }
+
+    #[test]
+    fn unfinished_reports_are_saved_at_most_every_half_minute_and_the_future_is_refused() {
+        let history = History::journaled(HistoryConfig::default());
+        let builds = |(entries, _): (Vec<Entry>, u64)| {
+            entries
+                .iter()
+                .filter(|e| matches!(e, Entry::Build(_)))
+                .count()
+        };
+        history.build_event("b", "alice", |r| r.command = "build".into());
+        assert_eq!(builds(history.take_unsaved(false)), 1);
+        history.build_event("b", "alice", |r| r.patterns.push("//...".into()));
+        assert_eq!(builds(history.take_unsaved(false)), 0, "too soon");
+        assert_eq!(builds(history.take_unsaved(true)), 1, "all, when stopping");
+        history.build_event("b", "alice", |r| r.exit = Some("SUCCESS".into()));
+        assert_eq!(builds(history.take_unsaved(false)), 1, "finished");
+
+        let ahead = SystemTime::now() + Duration::from_secs(3600);
+        history.restore([Entry::QueueDepth(QueueDepth {
+            at: ahead,
+            pool: "p".into(),
+            queued: 9,
+        })]);
+        assert!(history.minutes(10).iter().all(|m| m.queued.is_empty()));
     }
 
     #[test]

@@ -28,6 +28,12 @@ const BITS_PER_DIGEST: u64 = 10;
 const PROBES: u64 = 7;
 /// The least a filter is sized for: 1 Mi digests, 1.25 MiB.
 const MIN_CAPACITY: u64 = 1 << 20;
+/// The most: 128 Mi digests, 160 MiB. Past it the filter fills and answers "may
+/// hold" more often, which costs probes, not wrong answers.
+const MAX_CAPACITY: u64 = 1 << 27;
+/// Rows one refresh reads at most. Past it (a long transaction holding the horizon
+/// back) the rows read are added but the horizon stays, and lookups read more.
+const REFRESH_MAX: i64 = 100_000;
 /// How often the filter is brought up to date.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// Rows read per statement while building.
@@ -49,7 +55,7 @@ pub(crate) struct ListedFilter {
 
 impl ListedFilter {
     fn new(capacity: u64, horizon: i64) -> ListedFilter {
-        let capacity = capacity.max(MIN_CAPACITY);
+        let capacity = capacity.clamp(MIN_CAPACITY, MAX_CAPACITY);
         let words = (capacity * BITS_PER_DIGEST).div_ceil(64);
         ListedFilter {
             bits: vec![0; words as usize],
@@ -72,6 +78,11 @@ impl ListedFilter {
     }
 
     fn insert(&mut self, digest: &Digest) {
+        // Rows read again (while a long transaction holds the horizon back) are not
+        // counted twice towards the rebuild.
+        if self.may_hold(digest) {
+            return;
+        }
         for bit in self.positions(digest).collect::<Vec<_>>() {
             self.bits[bit / 64] |= 1 << (bit % 64);
         }
@@ -141,8 +152,9 @@ pub(crate) async fn recent(
     ))
 }
 
-/// A filter of the whole table, read in pages of keys.
-async fn build(database: &Database) -> Result<ListedFilter, DatabaseError> {
+/// A filter of the whole table, read in pages of keys, sized for twice what the
+/// table is estimated to hold or `known` (what the last filter held), whichever is more.
+async fn build(database: &Database, known: u64) -> Result<ListedFilter, DatabaseError> {
     let client = database.client().await?;
     // The horizon is taken first: every transaction below it had finished, so the
     // rows it listed are in every page read after.
@@ -157,7 +169,7 @@ async fn build(database: &Database) -> Result<ListedFilter, DatabaseError> {
         .first()
         .map(|r| (r.get(0), r.get(1)))
         .ok_or_else(|| DatabaseError::Query("no answer to the horizon".into()))?;
-    let mut filter = ListedFilter::new(estimate.max(0) as u64 * 2, horizon);
+    let mut filter = ListedFilter::new((estimate.max(0) as u64).max(known) * 2, horizon);
     let mut after: (Vec<u8>, i64) = (Vec::new(), -1);
     loop {
         let rows = database
@@ -192,9 +204,9 @@ async fn refresh(database: &Database, filter: &Shared) -> Result<(), DatabaseErr
             &format!(
                 "WITH h AS (SELECT {HORIZON} AS horizon)
                  SELECT h.horizon, b.hash, b.size
-                 FROM h LEFT JOIN cas_blobs b ON b.admitted >= $1::text::xid8"
+                 FROM h LEFT JOIN cas_blobs b ON b.admitted >= $1::text::xid8 LIMIT $2"
             ),
-            &[&horizon.to_string()],
+            &[&horizon.to_string(), &(REFRESH_MAX + 1)],
         )
         .await?;
     let mut guard = filter.write();
@@ -207,8 +219,10 @@ async fn refresh(database: &Database, filter: &Shared) -> Result<(), DatabaseErr
             filter.insert(&d);
         }
     }
-    if let Some(row) = rows.first() {
-        filter.horizon = row.get(0);
+    if rows.len() as i64 <= REFRESH_MAX {
+        if let Some(row) = rows.first() {
+            filter.horizon = row.get(0);
+        }
     }
     Ok(())
 }
@@ -221,12 +235,9 @@ pub(crate) async fn keep(database: Database, filter: Weak<RwLock<Option<ListedFi
         let Some(shared) = filter.upgrade() else {
             return;
         };
-        let full = shared
-            .read()
-            .as_ref()
-            .is_none_or(|f| f.entries > f.capacity);
-        let done = if full {
-            build(&database)
+        let held = shared.read().as_ref().map(|f| (f.entries, f.capacity));
+        let done = if held.is_none_or(|(entries, capacity)| entries > capacity) {
+            build(&database, held.map_or(0, |(entries, _)| entries))
                 .await
                 .map(|built| *shared.write() = Some(built))
         } else {

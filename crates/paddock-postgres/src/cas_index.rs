@@ -175,13 +175,14 @@ impl BlobIndex for PgBlobIndex {
                 let asked: HashSet<&Digest> = digests.iter().collect();
                 let mut stale = Vec::new();
                 for (digest, is_stale) in rows.into_iter().filter(|(d, _)| asked.contains(d)) {
-                    found.insert(digest);
-                    if is_stale {
-                        stale.push(digest);
+                    match is_stale {
+                        false => _ = found.insert(digest),
+                        true => stale.push(digest),
                     }
                 }
-                // Found is used: the lease is renewed as a probe would have.
-                self.touch(&stale).await?;
+                // A stale lease is renewed, and the blob found, only as a probe
+                // does it: locked, so that a collection cannot take it between.
+                found.extend(self.probed(&stale).await?);
             }
             None => {
                 // More listed lately than is worth reading: probe the rest.

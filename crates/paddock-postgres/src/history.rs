@@ -216,12 +216,14 @@ impl HistoryStore for PgHistory {
         let max_invocations = history.config().max_invocations.max(1) as i64;
         let db = &self.database;
         let client = db.client().await.map_err(|e| self.unavailable(e))?;
+        // Rows dated well ahead (a server whose clock ran ahead) are no one's to keep.
+        let ahead = now + paddock_history::FUTURE_SLACK;
         db.execute(
             &client,
             "DELETE FROM history_entries h
              USING unnest($1::text[], $2::timestamptz[]) AS k(kind, cutoff)
-             WHERE h.kind = k.kind AND h.at < k.cutoff",
-            &[&kinds, &cutoffs],
+             WHERE h.kind = k.kind AND (h.at < k.cutoff OR h.at > $3)",
+            &[&kinds, &cutoffs, &ahead],
         )
         .await
         .map_err(|e| self.unavailable(e))?;
@@ -230,7 +232,8 @@ impl HistoryStore for PgHistory {
             "DELETE FROM history_entries h
              USING (SELECT identity, invocation FROM history_entries
                     WHERE invocation IS NOT NULL
-                    GROUP BY identity, invocation ORDER BY max(at) DESC OFFSET $1) old
+                    GROUP BY identity, invocation
+                    ORDER BY max(at) DESC, identity, invocation OFFSET $1) old
              WHERE h.identity = old.identity AND h.invocation = old.invocation",
             &[&max_invocations],
         )

@@ -288,10 +288,12 @@ impl Farm {
             self.scheduler.clone(),
             stop.clone().cancelled_owned(),
         ));
+        // The history is handed over last, once nothing more can change it.
+        let served_all = CancellationToken::new();
         let keeping = tokio::spawn(paddock_history::keep(
             self.web.history(),
             self.history_store,
-            stop.clone().cancelled_owned(),
+            served_all.clone().cancelled_owned(),
         ));
         let timers = tokio::spawn(self.scheduler.clone().run());
         let scheduler = self.scheduler;
@@ -345,6 +347,7 @@ impl Farm {
         }
         let _ = pages.await;
         let _ = watching.await;
+        served_all.cancel();
         let _ = keeping.await;
         served.context("serving gRPC to clients")?;
         workers_served.context("serving gRPC to workers")
