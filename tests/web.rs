@@ -720,10 +720,33 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
 
     // The history outlives the server: an action served from the cache within the
     // invocation, and its build report, are still shown after a restart.
-    let action = paddock_reapi::Digest::of(b"an action served within inv-web-1");
+    use paddock_reapi::proto::re::{Action, Command};
+    let (command, command_blob) = paddock_reapi::Digest::of_message(&Command {
+        arguments: vec!["echo".into(), "restarted".into()],
+        ..Default::default()
+    });
+    let (action, action_blob) = paddock_reapi::Digest::of_message(&Action {
+        command_digest: Some(command.to_proto()),
+        input_root_digest: Some(dir_digest.to_proto()),
+        ..Default::default()
+    });
+    remote
+        .upload(vec![
+            (command, command_blob.into()),
+            (action, action_blob.into()),
+        ])
+        .await
+        .unwrap();
     common::cache_hit(&remote, &action, "inv-web-1").await;
     let page = get_with_host(&address, &address, "/invocation/inv-web-1");
     assert!(page.contains(&action.hash_hex()[..12]), "{page}");
+    // A link to the action's record, as a bookmark keeps it across the restart.
+    let start = page
+        .find(&format!("/action/{}", action.hash_hex()))
+        .expect("a link to the action");
+    let link = &page[start..];
+    let link = link[..link.find('"').unwrap()].replace("&amp;", "&");
+    assert!(link.contains("at="), "{link}");
     farm.restart();
     let address = pages_address(&farm);
     let page = get_with_host(&address, &address, "/invocation/inv-web-1");
@@ -731,6 +754,13 @@ async fn build_events_are_validated_acknowledged_and_shown_and_open_pages_stay_o
     assert!(
         page.contains("TESTS_FAILED") && page.contains(&action.hash_hex()[..12]),
         "the history was lost in the restart: {page}"
+    );
+    // The link still names the same record, and the action page shows it.
+    let shown = get_with_host(&address, &address, &link);
+    assert!(shown.starts_with("HTTP/1.1 200"), "{shown}");
+    assert!(
+        shown.contains("href=\"/invocation/inv-web-1\""),
+        "the record is not shown: {shown}"
     );
 }
 

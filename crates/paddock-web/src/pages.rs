@@ -217,13 +217,23 @@ fn tree_href(digest: &Digest, instance: &str, path: &str) -> String {
     )
 }
 
+/// A record's time, as links name it: the same on every server and after a
+/// restart, unlike the order in which one process took the records.
+fn record_time(record: &ActionRecord) -> u128 {
+    record
+        .at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
 fn action_href(record: &ActionRecord) -> String {
     format!(
-        "/action/{}/{}?instance={}&seq={}",
+        "/action/{}/{}?instance={}&at={}",
         record.digest.hash_hex(),
         record.digest.size(),
         enc(&record.instance),
-        record.seq
+        record_time(record)
     )
 }
 
@@ -1086,9 +1096,9 @@ impl Page<'_> {
             .into_iter()
             .filter(|r| self.may_see(&r.identity, &r.instance))
             .collect();
-        let wanted_seq: Option<u64> = query.get("seq").and_then(|s| s.parse().ok());
-        let record = match wanted_seq {
-            Some(seq) => records.iter().find(|r| r.seq == seq),
+        let wanted: Option<u128> = query.get("at").and_then(|s| s.parse().ok());
+        let record = match wanted {
+            Some(at) => records.iter().find(|r| record_time(r) == at),
             None => records.last(),
         }
         .cloned();
