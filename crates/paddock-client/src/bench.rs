@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use paddock_reapi::proto::re::{
-    ActionResult, ExecutedActionMetadata, FindMissingBlobsRequest, GetActionResultRequest,
-    OutputFile, UpdateActionResultRequest,
+    content_addressable_storage_client::ContentAddressableStorageClient, ActionResult,
+    ExecutedActionMetadata, FindMissingBlobsRequest, GetActionResultRequest, OutputFile,
+    UpdateActionResultRequest,
 };
 use paddock_reapi::Digest;
 use rand::RngCore;
 
+use crate::transport::Transport;
 use crate::{ClientError, Remote};
 
 /// What the CAS benchmark measures, and how much of it.
@@ -158,21 +160,15 @@ pub async fn cas(
         blob_digests: digests.iter().map(Digest::to_proto).collect(),
         digest_function: 0,
     };
-    let requests = vec![request; options.find_missing_calls];
     let mut cas = reader.cas();
-    let mut samples = Vec::new();
-    for request in requests {
-        let started = Instant::now();
-        let missing = cas.find_missing_blobs(request).await?.into_inner();
-        samples.push(started.elapsed());
-        if !missing.missing_blob_digests.is_empty() {
-            return Err(ClientError::Protocol(format!(
-                "{} freshly uploaded blobs are reported missing",
-                missing.missing_blob_digests.len()
-            )));
-        }
-    }
-    let find_missing = Latencies::of(samples);
+    let find_missing = time_find_missing(
+        &mut cas,
+        &request,
+        options.find_missing_calls,
+        0,
+        "freshly uploaded blobs",
+    )
+    .await?;
 
     // As many digests nobody uploaded: a server that remembers what it found listed
     // has nothing to remember of these, so each call asks its store (or index).
@@ -183,20 +179,14 @@ pub async fn cas(
             .collect(),
         digest_function: 0,
     };
-    let mut samples = Vec::new();
-    for _ in 0..options.find_missing_calls {
-        let started = Instant::now();
-        let missing = cas.find_missing_blobs(request.clone()).await?.into_inner();
-        samples.push(started.elapsed());
-        if missing.missing_blob_digests.len() != options.small_blobs {
-            return Err(ClientError::Protocol(format!(
-                "{} of {} digests nobody uploaded are reported missing",
-                missing.missing_blob_digests.len(),
-                options.small_blobs
-            )));
-        }
-    }
-    let find_missing_absent = Latencies::of(samples);
+    let find_missing_absent = time_find_missing(
+        &mut cas,
+        &request,
+        options.find_missing_calls,
+        options.small_blobs,
+        "digests nobody uploaded",
+    )
+    .await?;
 
     let action = Digest::of(random_bytes(64).as_ref());
     let result = ActionResult {
@@ -251,6 +241,34 @@ pub async fn cas(
     })
 }
 
+/// Times `calls` FindMissingBlobs of `request`; each must report `missing` digests
+/// missing (`what` names them in the error).
+async fn time_find_missing(
+    cas: &mut ContentAddressableStorageClient<Transport>,
+    request: &FindMissingBlobsRequest,
+    calls: usize,
+    missing: usize,
+    what: &str,
+) -> Result<Latencies, ClientError> {
+    let request_len = request.blob_digests.len();
+    let mut samples = Vec::new();
+    for _ in 0..calls {
+        // Copied before the clock starts: the figure is the server's and the wire's.
+        let request = request.clone();
+        let started = Instant::now();
+        let answer = cas.find_missing_blobs(request).await?.into_inner();
+        samples.push(started.elapsed());
+        let reported = answer.missing_blob_digests.len();
+        if reported != missing {
+            return Err(ClientError::Protocol(format!(
+                "{reported} of {} {what} are reported missing, not {missing}",
+                request_len
+            )));
+        }
+    }
+    Ok(Latencies::of(samples))
+}
+
 impl fmt::Display for CasBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.options;
@@ -282,24 +300,19 @@ impl fmt::Display for CasBenchReport {
             "  BatchUpdateBlobs, {} blobs of {} B:  {:.0} blobs/s",
             o.small_blobs, o.small_blob_size, self.batch_update_blobs_s
         )?;
-        writeln!(
-            f,
-            "  FindMissingBlobs, {} digests:  first {}  p50 {}  p99 {}  ({} calls)",
-            o.small_blobs,
-            ms(self.find_missing.first),
-            ms(self.find_missing.p50),
-            ms(self.find_missing.p99),
-            self.find_missing.count
-        )?;
-        writeln!(
-            f,
-            "  FindMissingBlobs, {} never uploaded:  first {}  p50 {}  p99 {}  ({} calls)",
-            o.small_blobs,
-            ms(self.find_missing_absent.first),
-            ms(self.find_missing_absent.p50),
-            ms(self.find_missing_absent.p99),
-            self.find_missing_absent.count
-        )?;
+        let find_missing = |f: &mut fmt::Formatter<'_>, what: &str, l: &Latencies| {
+            writeln!(
+                f,
+                "  FindMissingBlobs, {} {what}:  first {}  p50 {}  p99 {}  ({} calls)",
+                o.small_blobs,
+                ms(l.first),
+                ms(l.p50),
+                ms(l.p99),
+                l.count
+            )
+        };
+        find_missing(f, "digests", &self.find_missing)?;
+        find_missing(f, "never uploaded", &self.find_missing_absent)?;
         write!(
             f,
             "  GetActionResult:  p50 {}  p99 {}  max {}  ({} calls)",

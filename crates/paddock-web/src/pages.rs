@@ -1409,16 +1409,29 @@ fn decoded(kind: Kind, bytes: &[u8], instance: &str) -> Result<Markup, String> {
 }
 
 impl Page<'_> {
+    /// The digest a CAS page names (`what` says which, in errors), and the instance
+    /// it is read on, which the caller must be allowed to read.
+    fn cas_blob(
+        &self,
+        hash: &str,
+        size: &str,
+        query: &HashMap<String, String>,
+        what: &str,
+    ) -> Result<(Digest, String), PageError> {
+        let digest = Digest::parse_parts(hash, size)
+            .map_err(|e| PageError::BadRequest(format!("{what}: {e}")))?;
+        let instance = query.get("instance").cloned().unwrap_or_default();
+        self.need_cas(&instance)?;
+        Ok((digest, instance))
+    }
+
     pub async fn tree(
         &self,
         hash: &str,
         size: &str,
         query: &HashMap<String, String>,
     ) -> Result<Markup, PageError> {
-        let digest = Digest::parse_parts(hash, size)
-            .map_err(|e| PageError::BadRequest(format!("the directory digest: {e}")))?;
-        let instance = query.get("instance").cloned().unwrap_or_default();
-        self.need_cas(&instance)?;
+        let (digest, instance) = self.cas_blob(hash, size, query, "the directory digest")?;
         let path = query.get("path").cloned().unwrap_or_default();
         let directory: Directory =
             blob::message(self.web.cas.as_ref(), &digest, "Directory").await?;
@@ -1452,10 +1465,7 @@ impl Page<'_> {
         size: &str,
         query: &HashMap<String, String>,
     ) -> Result<Answer, PageError> {
-        let digest = Digest::parse_parts(hash, size)
-            .map_err(|e| PageError::BadRequest(format!("the directory digest: {e}")))?;
-        let instance = query.get("instance").cloned().unwrap_or_default();
-        self.need_cas(&instance)?;
+        let (digest, _) = self.cas_blob(hash, size, query, "the directory digest")?;
         // Archives are built in memory whole: a few at a time, as downloads are.
         let _turn = self.web.downloading.acquire().await;
         let top = format!("tree-{}", &digest.hash_hex()[..12]);
@@ -1473,10 +1483,7 @@ impl Page<'_> {
         size: &str,
         query: &HashMap<String, String>,
     ) -> Result<Answer, PageError> {
-        let digest = Digest::parse_parts(hash, size)
-            .map_err(|e| PageError::BadRequest(format!("the digest: {e}")))?;
-        let instance = query.get("instance").cloned().unwrap_or_default();
-        self.need_cas(&instance)?;
+        let (digest, instance) = self.cas_blob(hash, size, query, "the digest")?;
         let view = query.get("view").map(String::as_str).unwrap_or("auto");
         if view == "raw" {
             // Downloads are held in memory whole: a few at a time.
