@@ -137,6 +137,9 @@ async fn a_blob_written_through_one_server_is_found_and_read_through_another() {
     // A blob the index lists but the bucket lost is never served, and is repaired.
     let (lost, lost_data) = blob(5000);
     ra.batch_update(vec![(lost, lost_data)]).await.unwrap();
+    // C learns of it as listed with a fresh lease (its refresh, once a second), as
+    // A did by writing it: both trust it from memory until told otherwise.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let object = s3
         .objects()
         .into_iter()
@@ -150,6 +153,16 @@ async fn a_blob_written_through_one_server_is_found_and_read_through_another() {
         rb.find_missing(&[lost]).await.unwrap(),
         vec![lost],
         "the index forgot the lost blob"
+    );
+    assert_eq!(
+        ra.find_missing(&[lost]).await.unwrap(),
+        vec![lost],
+        "A, which wrote it, knows at once that B unlisted it"
+    );
+    assert_eq!(
+        rc.find_missing(&[lost]).await.unwrap(),
+        vec![lost],
+        "C, which saw it listed, knows at once that B unlisted it"
     );
 }
 

@@ -595,7 +595,7 @@ async fn two_servers_share_the_queue_through_a_server_crash_and_a_database_resta
 async fn a_schema_newer_than_the_binary_is_refused() {
     let postgres = Postgres::start();
     drop(server(&postgres)); // migrates
-    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "5");
+    assert_eq!(postgres.sql("SELECT max(version) FROM paddock_schema"), "6");
     postgres.sql("INSERT INTO paddock_schema (version) VALUES (99)");
     let output = common::output_within(
         std::process::Command::new(paddock_bin())
@@ -613,7 +613,7 @@ async fn a_schema_newer_than_the_binary_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
-        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 5"),
+        stderr.contains("version 99") && stderr.contains("newer than this Paddock's 6"),
         "{stderr}"
     );
 }

@@ -17,12 +17,16 @@
 //! upload that the index goes on to list.
 //!
 //! Leases are renewed only once they are a renewal interval old
-//! ([`lease_renewal`]), and collection leaves that much slack, which buys two
-//! things. Renewals are batched: uses are noted in memory and written once a
-//! second (sooner for leases under 20 s), within the slack. And the layer remembers, for one renewal interval, the blobs it has
-//! seen listed (or listed itself): within that time no collection anywhere can
-//! take them, so `find_missing` answers for them from memory and asks the index
-//! only about the rest.
+//! ([`lease_renewal`]), which buys two things. Renewals are batched: uses are
+//! noted in memory and written once a second (sooner for leases under 20 s). And
+//! the layer remembers, for one renewal interval, the blobs it has seen listed
+//! (or listed itself): within that time no collection anywhere can take them, so
+//! `find_missing` answers for them without probing the index, only checking that
+//! no server unlisted them meanwhile ([`BlobIndex::unlisted_lately`]), and notes
+//! their use (those whose trust ran out while the index was asked are looked up
+//! after all). A lease answered for that way is at most two intervals old, so
+//! collection leaves two and a half intervals past the lease: a lease holds in
+//! full even if the server stops before writing the renewals it noted.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -57,6 +61,11 @@ pub trait BlobIndex: Send + Sync + 'static {
     /// Unlists a blob the store turned out not to hold.
     async fn forget(&self, digest: &Digest) -> Result<(), StoreError>;
 
+    /// Those of `digests` that any server unlisted with [`BlobIndex::forget`]
+    /// within a renewal interval and a margin (or all, if the index cannot tell):
+    /// blobs trusted from memory are looked up again.
+    async fn unlisted_lately(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError>;
+
     /// Unlists the next batch of at most `batch` blobs to collect, least recently
     /// used first, none used within `lease`, only as many as bring the listed total
     /// under `capacity`, and marks them as being deleted; also hands back the
@@ -75,7 +84,8 @@ pub trait BlobIndex: Send + Sync + 'static {
 }
 
 /// How stale a lease may grow before a use renews it: a tenth of the lease, at most
-/// a minute. Collection allows for it.
+/// a minute. Collection allows for two and a half times that (see the module's
+/// documentation).
 pub fn lease_renewal(lease: Duration) -> Duration {
     (lease / 10).min(Duration::from_secs(60))
 }
@@ -97,9 +107,9 @@ const COLLECT_BATCH: usize = 1_000;
 const DELETE_CONCURRENCY: usize = 16;
 /// How many listed blobs the layer remembers.
 const KNOWN_CAPACITY: usize = 1 << 20;
-/// Uses noted before they are written; beyond it, further ones wait for the next
-/// write (their leases were renewed a renewal interval ago at most, so they have
-/// most of a lease left).
+/// Uses noted before they are written; beyond it, further ones are not (the leases
+/// answered for hold in full anyway, as collection allows for them; the blobs'
+/// next lookups renew them).
 const RENEWALS_CAPACITY: usize = 1 << 20;
 /// Leases renewed by one statement.
 const RENEWAL_BATCH: usize = 10_000;
@@ -121,11 +131,12 @@ struct Known {
 }
 
 impl Known {
-    fn remember(&self, digests: impl IntoIterator<Item = Digest>) {
-        let now = Instant::now();
+    /// Notes `digests` seen listed, with leases renewed within the renewal
+    /// interval, as of `at`.
+    fn remember(&self, at: Instant, digests: impl IntoIterator<Item = Digest>) {
         let mut seen = self.seen.lock();
         for digest in digests {
-            seen.replace(digest, now);
+            seen.replace(digest, at);
         }
         while seen.len() > KNOWN_CAPACITY {
             seen.pop_front();
@@ -139,14 +150,15 @@ impl Known {
         }
     }
 
-    /// Those of `digests` not seen listed within the trust interval.
-    fn unknown(&self, digests: &[Digest]) -> Vec<Digest> {
+    /// Splits `digests` into those seen listed within the trust interval and the
+    /// rest.
+    fn split(&self, digests: &[Digest]) -> (Vec<Digest>, Vec<Digest>) {
+        self.split_owned(digests.iter().copied())
+    }
+
+    fn split_owned(&self, digests: impl Iterator<Item = Digest>) -> (Vec<Digest>, Vec<Digest>) {
         let seen = self.seen.lock();
-        digests
-            .iter()
-            .filter(|d| seen.get(d).is_none_or(|at| at.elapsed() >= self.trust))
-            .copied()
-            .collect()
+        digests.partition(|d| seen.get(d).is_some_and(|at| at.elapsed() < self.trust))
     }
 }
 
@@ -187,7 +199,7 @@ impl Indexed {
                 }
             }
         });
-        // Noted uses wait at most half the slack collection leaves for them.
+        // Noted uses are written within half a renewal interval.
         let period = (lease_renewal(self.collection.lease) / 2)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let layer = Arc::downgrade(self);
@@ -204,22 +216,28 @@ impl Indexed {
         });
     }
 
-    /// Renews the leases of the uses noted since the last time.
+    /// Renews the leases of the uses noted since the last time; those it could not
+    /// are tried again next time.
     async fn write_renewals(&self) {
         let due: Vec<Digest> = std::mem::take(&mut *self.renewals.lock())
             .into_iter()
             .collect();
-        for batch in due.chunks(RENEWAL_BATCH) {
+        for (at, batch) in due.chunks(RENEWAL_BATCH).enumerate() {
             if let Err(e) = self.index.touch(batch).await {
-                tracing::warn!(blobs = batch.len(), error = %e, "could not renew blobs' leases; they are renewed at their next use");
+                tracing::warn!(blobs = due.len() - at * RENEWAL_BATCH, error = %e, "could not renew blobs' leases; trying again shortly");
+                self.note_uses(&due[at * RENEWAL_BATCH..]);
                 return;
             }
         }
     }
 
-    fn note_use(&self, digest: &Digest) {
+    /// Notes uses whose leases are to be renewed (up to [`RENEWALS_CAPACITY`]).
+    fn note_uses<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) {
         let mut renewals = self.renewals.lock();
-        if renewals.len() < RENEWALS_CAPACITY {
+        for digest in digests {
+            if renewals.len() >= RENEWALS_CAPACITY {
+                return;
+            }
             renewals.insert(*digest);
         }
     }
@@ -286,32 +304,49 @@ impl Indexed {
 #[async_trait]
 impl BlobStore for Indexed {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
-        let unknown = self.known.unknown(digests);
-        if unknown.len() < digests.len() {
-            let unknown: HashSet<&Digest> = unknown.iter().collect();
-            let mut renewals = self.renewals.lock();
-            for digest in digests.iter().filter(|d| !unknown.contains(d)) {
-                if renewals.len() >= RENEWALS_CAPACITY {
-                    break;
-                }
-                renewals.insert(*digest);
+        // Taken before the index is asked: a lease the index finds fresh was at
+        // least as fresh then, and is trusted for one renewal interval from then.
+        let asked = Instant::now();
+        let (known, unknown) = self.known.split(digests);
+        // Blobs remembered are checked against other servers' unlistings; the
+        // index renews the leases of those it lists.
+        let unlisted = async {
+            match known.is_empty() {
+                true => Ok(Vec::new()),
+                false => self.index.unlisted_lately(&known).await,
             }
+        };
+        let lookup = async {
+            match unknown.is_empty() {
+                true => Ok(Vec::new()),
+                false => self.index.missing(&unknown).await,
+            }
+        };
+        let (unlisted, mut missing) = futures::try_join!(unlisted, lookup)?;
+        // Those unlisted (forgotten here), and those whose trust ran out while the
+        // index was asked, are looked up after all.
+        self.known.forget(&unlisted);
+        let (known, again) = self.known.split_owned(known.into_iter());
+        if !again.is_empty() {
+            missing.extend(self.index.missing(&again).await?);
         }
-        if unknown.is_empty() {
-            return Ok(Vec::new());
-        }
-        // The index renews the leases of those it lists.
-        let missing = self.index.missing(&unknown).await?;
+        self.note_uses(&known);
         let absent: HashSet<&Digest> = missing.iter().collect();
-        self.known
-            .remember(unknown.iter().filter(|d| !absent.contains(d)).copied());
+        self.known.remember(
+            asked,
+            unknown
+                .iter()
+                .chain(&again)
+                .filter(|d| !absent.contains(d))
+                .copied(),
+        );
         Ok(missing)
     }
 
     async fn read(&self, digest: &Digest, offset: u64) -> Result<Option<BlobStream>, StoreError> {
         match self.store.read(digest, offset).await? {
             Some(stream) => {
-                self.note_use(digest);
+                self.note_uses([digest]);
                 Ok(Some(stream))
             }
             None => {
@@ -323,9 +358,10 @@ impl BlobStore for Indexed {
     }
 
     async fn write(&self, digest: &Digest) -> Result<Box<dyn BlobSink>, StoreError> {
+        let asked = Instant::now();
         if self.index.prepare_write(digest).await? {
             if self.store.find_missing(&[*digest]).await?.is_empty() {
-                self.known.remember([*digest]);
+                self.known.remember(asked, [*digest]);
                 return Ok(Box::new(AlreadyStored { written: 0 }));
             }
             tracing::warn!(%digest, "the CAS index listed a blob its store did not hold; storing it again");
@@ -351,7 +387,7 @@ impl BlobStore for Indexed {
     }
 
     async fn renew(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.note_use(digest);
+        self.note_uses([digest]);
         Ok(())
     }
 }
@@ -376,8 +412,9 @@ impl BlobSink for Admitting {
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.inner.commit().await?;
+        let asked = Instant::now();
         self.index.admit(&self.digest).await?;
-        self.known.remember([self.digest]);
+        self.known.remember(asked, [self.digest]);
         Ok(())
     }
 }

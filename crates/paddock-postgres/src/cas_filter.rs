@@ -11,14 +11,16 @@
 //! by a transaction at or above the horizon, which [`recent`] reads at request
 //! time. Rows deleted since (collections, repairs) stay in the filter: they cost a
 //! probe, never a wrong answer. The filter is rebuilt once more digests went in
-//! than it was sized for.
+//! than it was sized for. What the refreshes read also tells which leases are
+//! fresh ([`FreshLeases`]).
 
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Weak;
+use std::time::{Duration, Instant};
 
 use paddock_reapi::Digest;
 use parking_lot::RwLock;
 
+use crate::cas_fresh::FreshLeases;
 use crate::database::{Database, DatabaseError};
 
 /// Bits per digest the filter is sized for (with [`PROBES`], about 1% false
@@ -96,20 +98,39 @@ impl ListedFilter {
     }
 }
 
-/// The filter as lookups see it: `None` until the first build is done.
-pub(crate) type Shared = Arc<RwLock<Option<ListedFilter>>>;
+/// What the refreshes learn, as lookups see it.
+pub(crate) struct Listing {
+    /// `None` until the first build is done.
+    filter: RwLock<Option<ListedFilter>>,
+    fresh: FreshLeases,
+}
 
-/// Splits `digests` into those the index may list (to probe) and those it surely
-/// did not below the horizon, with the horizon; `None` while there is no filter.
-pub(crate) fn split(filter: &Shared, digests: &[Digest]) -> Option<(Vec<Digest>, i64)> {
-    let filter = filter.read();
-    let filter = filter.as_ref()?;
-    let maybe = digests
-        .iter()
-        .filter(|d| filter.may_hold(d))
-        .copied()
-        .collect();
-    Some((maybe, filter.horizon))
+impl Listing {
+    /// For leases renewed once `renewal` old.
+    pub(crate) fn new(renewal: Duration) -> Listing {
+        Listing {
+            filter: RwLock::new(None),
+            fresh: FreshLeases::new(renewal),
+        }
+    }
+
+    /// Splits `digests` into those the index may list (to probe) and those it
+    /// surely did not below the horizon, with the horizon; `None` while there is no
+    /// filter.
+    pub(crate) fn split(&self, digests: &[Digest]) -> Option<(Vec<Digest>, i64)> {
+        let filter = self.filter.read();
+        let filter = filter.as_ref()?;
+        let maybe = digests
+            .iter()
+            .filter(|d| filter.may_hold(d))
+            .copied()
+            .collect();
+        Some((maybe, filter.horizon))
+    }
+
+    pub(crate) fn fresh(&self) -> &FreshLeases {
+        &self.fresh
+    }
 }
 
 fn digest(hash: &[u8], size: i64) -> Option<Digest> {
@@ -122,24 +143,21 @@ fn digest(hash: &[u8], size: i64) -> Option<Digest> {
 /// The oldest transaction running now: every one below it has finished.
 const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::int8";
 
+/// How long ago a row's lease was renewed, in seconds by the database's clock.
+const LEASE_AGE: &str = "extract(epoch FROM now() - b.last_access)::float8";
+
 /// Digests listed by transactions at or above `horizon` (at most [`RECENT_MAX`],
-/// `None` past it), each with whether its lease is older than `renewal`.
+/// `None` past it), each with the age of its lease in seconds.
 pub(crate) async fn recent(
     database: &Database,
     horizon: i64,
-    renewal: Duration,
-) -> Result<Option<Vec<(Digest, bool)>>, DatabaseError> {
+) -> Result<Option<Vec<(Digest, f64)>>, DatabaseError> {
     let client = database.client().await?;
     let rows = database
         .query(
             &client,
-            "SELECT hash, size, last_access < now() - make_interval(secs => $2)
-             FROM cas_blobs WHERE admitted >= $1::text::xid8 LIMIT $3",
-            &[
-                &horizon.to_string(),
-                &renewal.as_secs_f64(),
-                &(RECENT_MAX + 1),
-            ],
+            &format!("SELECT hash, size, {LEASE_AGE} FROM cas_blobs b WHERE admitted >= $1::text::xid8 LIMIT $2"),
+            &[&horizon.to_string(), &(RECENT_MAX + 1)],
         )
         .await?;
     if rows.len() as i64 > RECENT_MAX {
@@ -154,7 +172,11 @@ pub(crate) async fn recent(
 
 /// A filter of the whole table, read in pages of keys, sized for twice what the
 /// table is estimated to hold or `known` (what the last filter held), whichever is more.
-async fn build(database: &Database, known: u64) -> Result<ListedFilter, DatabaseError> {
+async fn build(
+    database: &Database,
+    known: u64,
+    fresh: &FreshLeases,
+) -> Result<ListedFilter, DatabaseError> {
     let client = database.client().await?;
     // The horizon is taken first: every transaction below it had finished, so the
     // rows it listed are in every page read after.
@@ -172,19 +194,25 @@ async fn build(database: &Database, known: u64) -> Result<ListedFilter, Database
     let mut filter = ListedFilter::new((estimate.max(0) as u64).max(known) * 2, horizon);
     let mut after: (Vec<u8>, i64) = (Vec::new(), -1);
     loop {
+        let sent = Instant::now();
         let rows = database
             .query(
                 &client,
-                "SELECT hash, size FROM cas_blobs WHERE (hash, size) > ($1, $2)
-                 ORDER BY hash, size LIMIT $3",
+                &format!(
+                    "SELECT hash, size, {LEASE_AGE} FROM cas_blobs b WHERE (hash, size) > ($1, $2)
+                     ORDER BY hash, size LIMIT $3"
+                ),
                 &[&after.0, &after.1, &BUILD_PAGE],
             )
             .await?;
-        for row in &rows {
-            if let Some(d) = digest(row.get(0), row.get(1)) {
-                filter.insert(&d);
-            }
+        let read: Vec<(Digest, f64)> = rows
+            .iter()
+            .filter_map(|r| Some((digest(r.get(0), r.get(1))?, r.get(2))))
+            .collect();
+        for (d, _) in &read {
+            filter.insert(d);
         }
+        fresh.learn(sent, read);
         match rows.last() {
             Some(last) if rows.len() as i64 == BUILD_PAGE => after = (last.get(0), last.get(1)),
             _ => return Ok(filter),
@@ -193,57 +221,74 @@ async fn build(database: &Database, known: u64) -> Result<ListedFilter, Database
 }
 
 /// Adds the rows listed at or above the filter's horizon, and moves the horizon.
-async fn refresh(database: &Database, filter: &Shared) -> Result<(), DatabaseError> {
-    let Some(horizon) = filter.read().as_ref().map(|f| f.horizon) else {
+async fn refresh(database: &Database, listing: &Listing) -> Result<(), DatabaseError> {
+    let Some(horizon) = listing.filter.read().as_ref().map(|f| f.horizon) else {
         return Ok(());
     };
     let client = database.client().await?;
+    let sent = Instant::now();
     let rows = database
         .query(
             &client,
             &format!(
                 "WITH h AS (SELECT {HORIZON} AS horizon)
-                 SELECT h.horizon, b.hash, b.size
+                 SELECT h.horizon, b.hash, b.size, {LEASE_AGE}
                  FROM h LEFT JOIN cas_blobs b ON b.admitted >= $1::text::xid8 LIMIT $2"
             ),
             &[&horizon.to_string(), &(REFRESH_MAX + 1)],
         )
         .await?;
-    let mut guard = filter.write();
-    let Some(filter) = guard.as_mut() else {
-        return Ok(());
-    };
-    for row in &rows {
-        let (hash, size): (Option<&[u8]>, Option<i64>) = (row.get(1), row.get(2));
-        if let Some(d) = hash.zip(size).and_then(|(h, s)| digest(h, s)) {
-            filter.insert(&d);
+    let read: Vec<(Digest, f64)> = rows
+        .iter()
+        .filter_map(|row| {
+            let (hash, size, age): (Option<&[u8]>, Option<i64>, Option<f64>) =
+                (row.get(1), row.get(2), row.get(3));
+            Some((digest(hash?, size?)?, age?))
+        })
+        .collect();
+    {
+        let mut guard = listing.filter.write();
+        let Some(filter) = guard.as_mut() else {
+            return Ok(());
+        };
+        for (d, _) in &read {
+            filter.insert(d);
+        }
+        if rows.len() as i64 <= REFRESH_MAX {
+            if let Some(row) = rows.first() {
+                filter.horizon = row.get(0);
+            }
         }
     }
-    if rows.len() as i64 <= REFRESH_MAX {
-        if let Some(row) = rows.first() {
-            filter.horizon = row.get(0);
-        }
-    }
+    listing.fresh.learn(sent, read);
     Ok(())
 }
 
 /// Builds the filter, then keeps it up to date (rebuilding it once it holds more
 /// than it was sized for) for as long as the index it serves exists.
-pub(crate) async fn keep(database: Database, filter: Weak<RwLock<Option<ListedFilter>>>) {
+pub(crate) async fn keep(database: Database, listing: Weak<Listing>) {
     let mut failing = false;
     loop {
-        let Some(shared) = filter.upgrade() else {
+        let Some(listing) = listing.upgrade() else {
             return;
         };
-        let held = shared.read().as_ref().map(|f| (f.entries, f.capacity));
+        let held = listing
+            .filter
+            .read()
+            .as_ref()
+            .map(|f| (f.entries, f.capacity));
         let done = if held.is_none_or(|(entries, capacity)| entries > capacity) {
-            build(&database, held.map_or(0, |(entries, _)| entries))
-                .await
-                .map(|built| *shared.write() = Some(built))
+            build(
+                &database,
+                held.map_or(0, |(entries, _)| entries),
+                &listing.fresh,
+            )
+            .await
+            .map(|built| *listing.filter.write() = Some(built))
         } else {
-            refresh(&database, &shared).await
+            refresh(&database, &listing).await
         };
-        drop(shared);
+        drop(listing);
         match done {
             Err(error) if !failing => {
                 tracing::warn!(%error, "the filter of listed blobs cannot be brought up to date; lookups probe the index");

@@ -11,7 +11,7 @@ use paddock_reapi::Digest;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use crate::cas_filter;
+use crate::cas_filter::{self, Listing};
 use crate::database::{Database, DatabaseError};
 
 /// Taken by the server collecting, so that one collects at a time.
@@ -23,14 +23,23 @@ const ABANDONED_AFTER_SECONDS: f64 = 300.0;
 /// How long a writer waits for a collection to delete the blob it writes.
 const COLLECTION_WAIT: Duration = Duration::from_secs(60);
 
+/// Beyond the renewal interval, how far back lookups look for unlisted blobs: more
+/// than an unlisting takes to commit once its row is deleted.
+const UNLISTED_MARGIN: Duration = Duration::from_secs(300);
+
+/// Unlisted blobs a lookup reads at most; past it (the bucket lost many blobs at
+/// once), every blob trusted from memory is probed.
+const UNLISTED_MAX: i64 = 10_000;
+
 #[derive(Clone)]
 pub struct PgBlobIndex {
     database: Database,
     /// A lease is renewed only when it is older than this, so that hot blobs cost
     /// reads, not writes; collection allows for it.
     renewal: Duration,
-    /// What the index surely lacks, kept up to date by a task of its own.
-    filter: cas_filter::Shared,
+    /// What the index surely lacks, and which leases are fresh, kept up to date
+    /// by a task of its own.
+    listing: Arc<Listing>,
 }
 
 impl PgBlobIndex {
@@ -38,12 +47,13 @@ impl PgBlobIndex {
     /// [`paddock_cas::lease_renewal`] old). Starts the task that keeps its filter
     /// of listed blobs, which ends when the index is dropped.
     pub fn new(database: Database, lease: Duration) -> PgBlobIndex {
-        let filter = cas_filter::Shared::default();
-        tokio::spawn(cas_filter::keep(database.clone(), Arc::downgrade(&filter)));
+        let renewal = paddock_cas::lease_renewal(lease);
+        let listing = Arc::new(Listing::new(renewal));
+        tokio::spawn(cas_filter::keep(database.clone(), Arc::downgrade(&listing)));
         PgBlobIndex {
             database,
-            renewal: paddock_cas::lease_renewal(lease),
-            filter,
+            renewal,
+            listing,
         }
     }
 }
@@ -70,6 +80,28 @@ fn digest(row: &Row) -> Option<Digest> {
 }
 
 impl PgBlobIndex {
+    /// How far back, in seconds, unlisted blobs are looked for: a blob is trusted
+    /// from memory for at most a renewal interval after the statement that found
+    /// it listed, and an unlisting that statement missed was logged (as its row
+    /// was deleted) no earlier than a little before that statement began; the
+    /// margin covers that little.
+    fn unlisted_window(&self) -> f64 {
+        self.renewal.as_secs_f64() + UNLISTED_MARGIN.as_secs_f64()
+    }
+
+    /// The blobs unlisted lately (see [`PgBlobIndex::unlisted_window`]); `None`
+    /// if there are more than [`UNLISTED_MAX`].
+    async fn unlisted(&self) -> Result<Option<HashSet<Digest>>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT hash, size FROM cas_unlisted
+                 WHERE at > now() - make_interval(secs => $1) LIMIT $2",
+                &[&self.unlisted_window(), &(UNLISTED_MAX + 1)],
+            )
+            .await?;
+        Ok((rows.len() as i64 <= UNLISTED_MAX).then(|| rows.iter().filter_map(digest).collect()))
+    }
+
     /// Runs one statement on a connection from the pool.
     async fn query(
         &self,
@@ -154,47 +186,68 @@ impl BlobIndex for PgBlobIndex {
         if digests.is_empty() {
             return Ok(Vec::new());
         }
-        // The digests the filter may hold are probed; of the others, only those
-        // listed at or above its horizon can be listed, and those rows are few.
-        let (probe, horizon) = match cas_filter::split(&self.filter, digests) {
+        // Digests the filter lacks can only have been listed at or above its
+        // horizon, and those rows are few; of the others, those whose leases are
+        // fresh are listed unless unlisted since; the rest are probed.
+        let (maybe, horizon) = match self.listing.split(digests) {
             Some((maybe, horizon)) if maybe.len() < digests.len() => (maybe, Some(horizon)),
             _ => (digests.to_vec(), None),
         };
+        let outside: Vec<Digest> = match horizon {
+            Some(_) => {
+                let maybe: HashSet<&Digest> = maybe.iter().collect();
+                digests
+                    .iter()
+                    .filter(|d| !maybe.contains(d))
+                    .copied()
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let (fresh, probe) = self.listing.fresh().split(maybe);
         let recently = async {
             match horizon {
-                Some(horizon) => cas_filter::recent(&self.database, horizon, self.renewal)
+                Some(horizon) => cas_filter::recent(&self.database, horizon)
                     .await
                     .map_err(unavailable),
                 None => Ok(Some(Vec::new())),
             }
         };
-        let (probed, recent) = futures::try_join!(self.probed(&probe), recently)?;
+        let unlisted = async {
+            match fresh.is_empty() {
+                true => Ok(Vec::new()),
+                false => self.unlisted_lately(&fresh).await,
+            }
+        };
+        let (probed, recent, unlisted) =
+            futures::try_join!(self.probed(&probe), recently, unlisted)?;
         let mut found: HashSet<Digest> = probed.into_iter().collect();
+        // Probed after all: fresh leases of blobs unlisted since, or that stopped
+        // being fresh while the statements ran.
+        let unlisted: HashSet<Digest> = unlisted.into_iter().collect();
+        let (mut again, listed): (Vec<Digest>, Vec<Digest>) =
+            fresh.into_iter().partition(|d| unlisted.contains(d));
+        let (listed, stale) = self.listing.fresh().split(listed);
+        found.extend(listed);
+        again.extend(stale);
         match recent {
             Some(rows) => {
-                let asked: HashSet<&Digest> = digests.iter().collect();
-                let mut stale = Vec::new();
-                for (digest, is_stale) in rows.into_iter().filter(|(d, _)| asked.contains(d)) {
-                    match is_stale {
+                let outside: HashSet<&Digest> = outside.iter().collect();
+                let renewal = self.renewal.as_secs_f64();
+                for (digest, age) in rows.into_iter().filter(|(d, _)| outside.contains(d)) {
+                    match age > renewal {
+                        // A stale lease is renewed, and the blob found, only as a
+                        // probe does it: locked, so that a collection cannot take
+                        // it between.
+                        true => again.push(digest),
                         false => _ = found.insert(digest),
-                        true => stale.push(digest),
                     }
                 }
-                // A stale lease is renewed, and the blob found, only as a probe
-                // does it: locked, so that a collection cannot take it between.
-                found.extend(self.probed(&stale).await?);
             }
-            None => {
-                // More listed lately than is worth reading: probe the rest.
-                let probed: HashSet<&Digest> = probe.iter().collect();
-                let rest: Vec<Digest> = digests
-                    .iter()
-                    .filter(|d| !probed.contains(d))
-                    .copied()
-                    .collect();
-                found.extend(self.probed(&rest).await?);
-            }
+            // More listed lately than is worth reading: probe them all.
+            None => again.extend(outside),
         }
+        found.extend(self.probed(&again).await?);
         Ok(digests
             .iter()
             .filter(|d| !found.contains(d))
@@ -261,10 +314,34 @@ impl BlobIndex for PgBlobIndex {
         .await
     }
 
+    async fn unlisted_lately(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        Ok(match self.unlisted().await? {
+            Some(unlisted) => digests
+                .iter()
+                .filter(|d| unlisted.contains(d))
+                .copied()
+                .collect(),
+            None => digests.to_vec(),
+        })
+    }
+
     async fn forget(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.listing.fresh().forget(digest);
+        // Logged, for other servers that trust the blob's fresh lease; the log's
+        // rows older than any such trust go meanwhile.
         self.execute(
-            "DELETE FROM cas_blobs WHERE hash = $1 AND size = $2",
-            &[&digest.hash().as_slice(), &(digest.size() as i64)],
+            "WITH gone AS (
+                 DELETE FROM cas_blobs WHERE hash = $1 AND size = $2 RETURNING hash, size
+             ), logged AS (
+                 INSERT INTO cas_unlisted (hash, size, at)
+                 SELECT hash, size, clock_timestamp() FROM gone
+             )
+             DELETE FROM cas_unlisted WHERE at < now() - make_interval(secs => $3)",
+            &[
+                &digest.hash().as_slice(),
+                &(digest.size() as i64),
+                &(self.unlisted_window() * 2.0),
+            ],
         )
         .await
     }
@@ -300,8 +377,12 @@ impl BlobIndex for PgBlobIndex {
             .map_err(unavailable)?
             .get(0);
         let excess = total.saturating_sub(i64::try_from(capacity).unwrap_or(i64::MAX));
-        // Leases are renewed only once they are this stale: allow for it.
-        let cutoff = (lease + self.renewal).as_secs_f64();
+        // Leases are renewed only once a renewal interval old, and blobs found
+        // listed are answered without a probe for another interval (their
+        // renewals noted, written later): allow for both, and half an interval for
+        // the answers on their way, so that a lease holds in full even if the
+        // server that owed the renewal stopped before writing it.
+        let cutoff = (lease + self.renewal * 5 / 2).as_secs_f64();
         let chosen = if excess > 0 {
             db.timed(tx.query(
                 "WITH oldest AS (

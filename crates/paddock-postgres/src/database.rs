@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_cas_index.sql"),
     include_str!("migrations/0004_history.sql"),
     include_str!("migrations/0005_cas_admitted.sql"),
+    include_str!("migrations/0006_cas_unlisted.sql"),
 ];
 
 /// Taken while migrating, so that servers starting together migrate once.

@@ -14,6 +14,7 @@
 
 mod action_cache;
 mod cas_filter;
+mod cas_fresh;
 mod cas_index;
 mod database;
 mod history;
