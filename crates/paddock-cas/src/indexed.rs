@@ -24,9 +24,11 @@
 //! `find_missing` answers for them without probing the index, only checking that
 //! no server unlisted them meanwhile ([`BlobIndex::unlisted_lately`]), and notes
 //! their use (those whose trust ran out while the index was asked are looked up
-//! after all). A lease answered for that way is at most two intervals old, so
-//! collection leaves two and a half intervals past the lease: a lease holds in
-//! full even if the server stops before writing the renewals it noted.
+//! after all, so the trust holds when the answer is made). A lease answered for
+//! that way is at most two intervals old, so collection leaves two and a half
+//! intervals past the lease (the half for the statements of a lookup that found a
+//! lease fresh when it began): a lease holds in full even if the server stops
+//! before writing the renewals it noted.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -44,8 +46,8 @@ use crate::blob::{BlobSink, BlobStore, BlobStream, StoreError, StoredBlob};
 /// Blobs a store holds durably, with when each was last used.
 #[async_trait]
 pub trait BlobIndex: Send + Sync + 'static {
-    /// The digests among `digests` the index does not list; it renews the lease of
-    /// those it does.
+    /// The digests among `digests` the index does not list. Of those it lists, it
+    /// renews the leases that are stale (over a renewal interval old).
     async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError>;
 
     /// Renews the leases of those of `digests` that are listed.
@@ -323,23 +325,28 @@ impl BlobStore for Indexed {
             }
         };
         let (unlisted, mut missing) = futures::try_join!(unlisted, lookup)?;
-        // Those unlisted (forgotten here), and those whose trust ran out while the
-        // index was asked, are looked up after all.
         self.known.forget(&unlisted);
-        let (known, again) = self.known.split_owned(known.into_iter());
-        if !again.is_empty() {
+        let gone: HashSet<&Digest> = unlisted.iter().collect();
+        let mut trusted: Vec<Digest> = known.into_iter().filter(|d| !gone.contains(d)).collect();
+        // Those unlisted, and those whose trust ran out while the index was asked,
+        // are looked up after all, until the trust of the rest is checked with no
+        // wait before the answer.
+        let mut again = unlisted;
+        let mut looked_up = unknown;
+        loop {
+            let (still, expired) = self.known.split_owned(trusted.into_iter());
+            trusted = still;
+            again.extend(expired);
+            if again.is_empty() {
+                break;
+            }
             missing.extend(self.index.missing(&again).await?);
+            looked_up.append(&mut again);
         }
-        self.note_uses(&known);
+        self.note_uses(&trusted);
         let absent: HashSet<&Digest> = missing.iter().collect();
-        self.known.remember(
-            asked,
-            unknown
-                .iter()
-                .chain(&again)
-                .filter(|d| !absent.contains(d))
-                .copied(),
-        );
+        self.known
+            .remember(asked, looked_up.into_iter().filter(|d| !absent.contains(d)));
         Ok(missing)
     }
 

@@ -3,7 +3,7 @@
 //!
 //! A probe of such a row would find it and leave its lease as it is (leases are
 //! renewed only once a renewal interval old), and no collection can take it within
-//! that time (collection leaves a lease and two renewal intervals), so FindMissingBlobs
+//! that time (collection leaves a lease and more), so FindMissingBlobs
 //! answers for these blobs without probing the table, which is most of its cost
 //! for blobs this server has never seen. A row is deleted within its lease only
 //! when a server finds the store lost the blob; each such deletion is logged in

@@ -222,14 +222,12 @@ impl BlobIndex for PgBlobIndex {
         let (probed, recent, unlisted) =
             futures::try_join!(self.probed(&probe), recently, unlisted)?;
         let mut found: HashSet<Digest> = probed.into_iter().collect();
-        // Probed after all: fresh leases of blobs unlisted since, or that stopped
-        // being fresh while the statements ran.
+        // Probed after all: fresh leases of blobs unlisted since, stale rows
+        // listed lately, and (until the rest are checked with no wait before the
+        // answer) fresh leases that stopped being fresh while statements ran.
         let unlisted: HashSet<Digest> = unlisted.into_iter().collect();
-        let (mut again, listed): (Vec<Digest>, Vec<Digest>) =
+        let (mut again, mut fresh): (Vec<Digest>, Vec<Digest>) =
             fresh.into_iter().partition(|d| unlisted.contains(d));
-        let (listed, stale) = self.listing.fresh().split(listed);
-        found.extend(listed);
-        again.extend(stale);
         match recent {
             Some(rows) => {
                 let outside: HashSet<&Digest> = outside.iter().collect();
@@ -247,7 +245,16 @@ impl BlobIndex for PgBlobIndex {
             // More listed lately than is worth reading: probe them all.
             None => again.extend(outside),
         }
-        found.extend(self.probed(&again).await?);
+        loop {
+            let (still, expired) = self.listing.fresh().split(fresh);
+            fresh = still;
+            again.extend(expired);
+            if again.is_empty() {
+                break;
+            }
+            found.extend(self.probed(&std::mem::take(&mut again)).await?);
+        }
+        found.extend(fresh);
         Ok(digests
             .iter()
             .filter(|d| !found.contains(d))
@@ -380,8 +387,9 @@ impl BlobIndex for PgBlobIndex {
         // Leases are renewed only once a renewal interval old, and blobs found
         // listed are answered without a probe for another interval (their
         // renewals noted, written later): allow for both, and half an interval for
-        // the answers on their way, so that a lease holds in full even if the
-        // server that owed the renewal stopped before writing it.
+        // the statements of a lookup that found a lease fresh when it began, so
+        // that a lease holds in full even if the server that owed the renewal
+        // stopped before writing it.
         let cutoff = (lease + self.renewal * 5 / 2).as_secs_f64();
         let chosen = if excess > 0 {
             db.timed(tx.query(
