@@ -154,11 +154,7 @@ impl Known {
 
     /// Splits `digests` into those seen listed within the trust interval and the
     /// rest.
-    fn split(&self, digests: &[Digest]) -> (Vec<Digest>, Vec<Digest>) {
-        self.split_owned(digests.iter().copied())
-    }
-
-    fn split_owned(&self, digests: impl Iterator<Item = Digest>) -> (Vec<Digest>, Vec<Digest>) {
+    fn split(&self, digests: impl Iterator<Item = Digest>) -> (Vec<Digest>, Vec<Digest>) {
         let seen = self.seen.lock();
         digests.partition(|d| seen.get(d).is_some_and(|at| at.elapsed() < self.trust))
     }
@@ -309,7 +305,7 @@ impl BlobStore for Indexed {
         // Taken before the index is asked: a lease the index finds fresh was at
         // least as fresh then, and is trusted for one renewal interval from then.
         let asked = Instant::now();
-        let (known, unknown) = self.known.split(digests);
+        let (known, unknown) = self.known.split(digests.iter().copied());
         // Blobs remembered are checked against other servers' unlistings; the
         // index renews the leases of those it lists.
         let unlisted = async {
@@ -334,7 +330,7 @@ impl BlobStore for Indexed {
         let mut again = unlisted;
         let mut looked_up = unknown;
         loop {
-            let (still, expired) = self.known.split_owned(trusted.into_iter());
+            let (still, expired) = self.known.split(trusted.into_iter());
             trusted = still;
             again.extend(expired);
             if again.is_empty() {

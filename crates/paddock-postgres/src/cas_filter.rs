@@ -117,15 +117,11 @@ impl Listing {
     /// Splits `digests` into those the index may list (to probe) and those it
     /// surely did not below the horizon, with the horizon; `None` while there is no
     /// filter.
-    pub(crate) fn split(&self, digests: &[Digest]) -> Option<(Vec<Digest>, i64)> {
+    pub(crate) fn split(&self, digests: &[Digest]) -> Option<(Vec<Digest>, Vec<Digest>, i64)> {
         let filter = self.filter.read();
         let filter = filter.as_ref()?;
-        let maybe = digests
-            .iter()
-            .filter(|d| filter.may_hold(d))
-            .copied()
-            .collect();
-        Some((maybe, filter.horizon))
+        let (maybe, outside) = digests.iter().partition(|d| filter.may_hold(d));
+        Some((maybe, outside, filter.horizon))
     }
 
     pub(crate) fn fresh(&self) -> &FreshLeases {
@@ -152,10 +148,8 @@ pub(crate) async fn recent(
     database: &Database,
     horizon: i64,
 ) -> Result<Option<Vec<(Digest, f64)>>, DatabaseError> {
-    let client = database.client().await?;
     let rows = database
-        .query(
-            &client,
+        .rows(
             &format!("SELECT hash, size, {LEASE_AGE} FROM cas_blobs b WHERE admitted >= $1::text::xid8 LIMIT $2"),
             &[&horizon.to_string(), &(RECENT_MAX + 1)],
         )
@@ -225,11 +219,9 @@ async fn refresh(database: &Database, listing: &Listing) -> Result<(), DatabaseE
     let Some(horizon) = listing.filter.read().as_ref().map(|f| f.horizon) else {
         return Ok(());
     };
-    let client = database.client().await?;
     let sent = Instant::now();
     let rows = database
-        .query(
-            &client,
+        .rows(
             &format!(
                 "WITH h AS (SELECT {HORIZON} AS horizon)
                  SELECT h.horizon, b.hash, b.size, {LEASE_AGE}

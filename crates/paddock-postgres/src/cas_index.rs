@@ -108,9 +108,7 @@ impl PgBlobIndex {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        let db = &self.database;
-        let client = db.client().await.map_err(unavailable)?;
-        db.query(&client, sql, params).await.map_err(unavailable)
+        self.database.rows(sql, params).await.map_err(unavailable)
     }
 
     /// As [`PgBlobIndex::query`], for a statement whose rows are not wanted.
@@ -189,20 +187,11 @@ impl BlobIndex for PgBlobIndex {
         // Digests the filter lacks can only have been listed at or above its
         // horizon, and those rows are few; of the others, those whose leases are
         // fresh are listed unless unlisted since; the rest are probed.
-        let (maybe, horizon) = match self.listing.split(digests) {
-            Some((maybe, horizon)) if maybe.len() < digests.len() => (maybe, Some(horizon)),
-            _ => (digests.to_vec(), None),
-        };
-        let outside: Vec<Digest> = match horizon {
-            Some(_) => {
-                let maybe: HashSet<&Digest> = maybe.iter().collect();
-                digests
-                    .iter()
-                    .filter(|d| !maybe.contains(d))
-                    .copied()
-                    .collect()
+        let (maybe, outside, horizon) = match self.listing.split(digests) {
+            Some((maybe, outside, horizon)) if !outside.is_empty() => {
+                (maybe, outside, Some(horizon))
             }
-            None => Vec::new(),
+            _ => (digests.to_vec(), Vec::new(), None),
         };
         let (fresh, probe) = self.listing.fresh().split(maybe);
         let recently = async {

@@ -225,6 +225,16 @@ impl Database {
         self.timed(client.query(&statement, params)).await
     }
 
+    /// As [`Database::query`], on a connection from the pool.
+    pub(crate) async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, DatabaseError> {
+        let client = self.client().await?;
+        self.query(&client, sql, params).await
+    }
+
     /// As [`Database::query`], for a statement whose rows are not wanted: how
     /// many it changed.
     pub(crate) async fn execute(

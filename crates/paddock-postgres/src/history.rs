@@ -84,13 +84,8 @@ impl PgHistory {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, HistoryStoreError> {
-        let client = self
-            .database
-            .client()
-            .await
-            .map_err(|e| self.unavailable(e))?;
         self.database
-            .query(&client, sql, params)
+            .rows(sql, params)
             .await
             .map_err(|e| self.unavailable(e))
     }

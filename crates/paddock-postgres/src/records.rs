@@ -63,13 +63,8 @@ impl PgRecords {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, SavedStateError> {
-        let client = self
-            .database
-            .client()
-            .await
-            .map_err(|e| self.unavailable(e))?;
         self.database
-            .timed(client.query(sql, params))
+            .rows(sql, params)
             .await
             .map_err(|e| self.unavailable(e))
     }
